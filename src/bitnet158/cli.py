@@ -1,0 +1,191 @@
+"""`bitnet158 <verb>`: a thin shell over the library. Each verb imports its module lazily; a user
+mistake (BitNetError) prints one line and exits 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_RUNS = "runs"
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="model size preset (tiny, small, 700m, 1.3b, 3b, 2b4t)")
+    p.add_argument("--mode", default="b158", help="b158 (ternary), b1 (binary) or fp (the twin)")
+    p.add_argument("--activation", help="swiglu (default) or relu2 (2B4T)")
+    p.add_argument("--norm-placement", help="subln (2B4T block norms, default) or inner (FAQ: RMSNorm in BitLinear)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help=".txt/.jsonl/.parquet files or folders "
+                   "(default: the embedded corpus: Python's own docs and standard library)")
+    p.add_argument("--max-bytes", type=int, help="cap the default corpus's training text at this many bytes")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary to train (default: the preset's)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, help="stage-1 peak LR (default by mode: high for b1.58/b1)")
+    p.add_argument("--lr-stage2", type=float, help="stage-2 peak LR (default 2/3 of --lr)")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--schedule", default="auto", help="auto (two-stage for b1.58/b1, cosine for fp), two-stage, cosine")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    _threads(args.threads)
+    run_demo(out=args.out, steps=args.steps, progress=not args.quiet)
+    return 0
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from . import checkpoint
+    from .config import TrainConfig, preset
+    from .errors import ConfigError
+    from .train.prepare import prepare_data
+    from .train.trainer import train
+
+    _threads(args.threads)
+    out = Path(args.out or f"{DEFAULT_RUNS}/{args.preset}-{args.mode}")
+    overrides = {k: v for k, v in {"mode": args.mode, "activation": args.activation,
+                                   "norm_placement": args.norm_placement}.items() if v is not None}
+    cfg = preset(args.preset, **overrides)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                     grad_accum=args.grad_accum, lr=args.lr, lr_stage2=args.lr_stage2, warmup=args.warmup,
+                     weight_decay=args.weight_decay, schedule=args.schedule, eval_every=args.eval_every,
+                     save_every=args.save_every, seed=args.seed, device=args.device).validate()
+    tokenizer = None
+    if args.resume:
+        _, tokenizer = checkpoint.load(out)
+        if tokenizer is None:
+            raise ConfigError(f"{out}: the checkpoint has no tokenizer.json to resume with")
+    elif out.exists() and any(out.iterdir()):
+        if not args.force:
+            raise ConfigError(f"{out} already exists; pass --resume to continue it or --force to replace it")
+        import shutil
+        shutil.rmtree(out)
+    prepared = prepare_data(args.data, args.vocab_size or cfg.vocab_size, args.max_bytes, tokenizer=tokenizer)
+    cfg = dataclasses.replace(cfg, vocab_size=prepared.tokenizer.vocab_size,
+                              max_seq_len=max(cfg.max_seq_len, tc.seq_len))
+    result = train(cfg, tc, prepared.tokens.train, prepared.tokens.heldout, tokenizer=prepared.tokenizer,
+                   run_dir=out, resume=args.resume, progress=not args.quiet, desc=f"train {cfg.mode}")
+    print(f"held-out perplexity {result.final_perplexity:.2f} after {tc.steps} steps; checkpoint: {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from . import checkpoint
+    from .errors import CheckpointError
+    from .generate import stream_generate
+    from .sampling import SamplingConfig
+
+    _threads(args.threads)
+    model, tokenizer = checkpoint.load(args.checkpoint)
+    if tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint}: no tokenizer.json beside the weights")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty)
+    last = None
+    sys.stdout.write(args.prompt)
+    for last in stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.seed):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if last is not None and not args.quiet:
+        print(f"[{last.prompt_tokens} prompt tokens, {last.generated_tokens} generated, "
+              f"{last.tokens_per_second:.1f} tok/s, finish: {last.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import checkpoint
+
+    directory = checkpoint.resolve(args.checkpoint)
+    model, tokenizer = checkpoint.load(directory)
+    cfg, stats = model.config, model.stats()
+    size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    print(f"checkpoint      {directory}  ({size / 1e6:.1f} MB on disk)")
+    print(f"mode            {cfg.mode}  (linear weights: {stats['linear_weight_bits']:.2f} bits each)")
+    print(f"architecture    {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/"
+          f"{cfg.num_kv_heads} kv, ffn {cfg.intermediate_size} {cfg.activation}, norms {cfg.norm_placement}, "
+          f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings, context {cfg.max_seq_len}")
+    print(f"parameters      {stats['parameters']:,} total; {stats['linear_parameters']:,} in BitLinear "
+          f"layers ({stats['linear_weight_megabytes']:.2f} MB at {stats['linear_weight_bits']:.2f} bits); "
+          f"{stats['embedding_parameters']:,} embedding")
+    print(f"tokenizer       {tokenizer.vocab_size if tokenizer else 'none'}"
+          f"{' tokens (byte-level BPE)' if tokenizer else ''}")
+    return 0
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        from .errors import ConfigError
+        if n < 1:
+            raise ConfigError(f"--threads must be at least 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitnet158", description="1.58-bit BitNet models on a CPU")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("demo", help="train BitNet b1.58 and its FP twin on the embedded corpus and compare")
+    p.add_argument("--out", default=f"{DEFAULT_RUNS}/demo")
+    p.add_argument("--steps", type=int, help="training steps per model (default: sized for ~10 min)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a model")
+    _add_train_options(p)
+    p.add_argument("--out", help=f"run directory (default {DEFAULT_RUNS}/PRESET-MODE)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest step")
+    p.add_argument("--force", action="store_true", help="replace an existing run directory")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint (streams to the terminal)")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quiet", action="store_true", help="no statistics line")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="what a checkpoint holds: config, parameter counts, bits")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import BitNetError
+
+    try:
+        return args.func(args)
+    except BitNetError as e:
+        print(f"bitnet158: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bitnet158: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The BitNet decoder: LLaMA-like, pure math (no I/O, no printing).
+
+    x = embed_tokens(tokens)
+    per block (norm_placement="subln", the 2B4T topology, FORMATS §2.2):
+        h = x + o_proj(attn_sub_norm(Attn(RoPE(q_proj(n1)), RoPE(k_proj(n1)), v_proj(n1)))),  n1 = input_layernorm(x)
+        x = h + down_proj(ffn_sub_norm(act(gate_proj(n2)) * up_proj(n2))),                 n2 = post_attention_layernorm(h)
+    logits = lm_head(norm(x))            (lm_head = embed_tokens when tied)
+
+With norm_placement="inner" (the FAQ recipe) every BitLinear normalizes its own input and the
+block norms and sub-norms are absent. act is SiLU (SwiGLU, default) or ReLU² (2B4T). Module
+names follow Hugging Face's BitNet/LLaMA names so checkpoints map 1:1. RoPE uses HF's
+rotate_half convention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .layers import WEIGHT_BITS, BitLinear, RMSNorm
+
+
+def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_seq_len, head_dim] in the rotate_half layout (halves repeat)."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd]; cos/sin [T, hd]. rotate_half(x) = cat(-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def _linear(config: ModelConfig, d_in: int, d_out: int) -> BitLinear:
+    return BitLinear(d_in, d_out, mode=config.mode, norm=config.norm_placement == "inner",
+                     eps=config.norm_eps, act_quant=config.act_quant)
+
+
+def _subln(config: ModelConfig, dim: int) -> nn.Module:
+    return RMSNorm(dim, config.norm_eps) if config.norm_placement == "subln" else nn.Identity()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
+        d = config.hidden_size
+        self.q_proj = _linear(config, d, self.n_heads * self.hd)
+        self.k_proj = _linear(config, d, self.n_kv * self.hd)
+        self.v_proj = _linear(config, d, self.n_kv * self.hd)
+        self.attn_sub_norm = _subln(config, self.n_heads * self.hd)
+        self.o_proj = _linear(config, self.n_heads * self.hd, d)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.offset
+            k, v = cache.update(layer, k, v)
+        if past == 0 or T == 1:
+            # T == 1 attends to everything cached; past == 0 is a plain causal prefix.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+        else:  # a chunk appended to a non-empty cache: query i sees keys [0, past + i]
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        return self.o_proj(self.attn_sub_norm(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.relu2 = config.activation == "relu2"
+        self.gate_proj = _linear(config, d, f)
+        self.up_proj = _linear(config, d, f)
+        self.ffn_sub_norm = _subln(config, f)
+        self.down_proj = _linear(config, f, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x)
+        g = F.relu(g).square() if self.relu2 else F.silu(g)
+        return self.down_proj(self.ffn_sub_norm(g * self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = _subln(config, config.hidden_size)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = _subln(config, config.hidden_size)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x, cos, sin, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """forward(tokens [B, T], cache=None) -> logits [B, T, vocab] (fp32)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def init_buffers(self) -> None:
+        """Recompute the RoPE tables on the weights' device (after building on the meta device)."""
+        device = self.embed_tokens.weight.device
+        cos, sin = rope_tables(self.config, device="cpu")
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, 0.02) weights; the two projections that write into the residual stream are
+        scaled by 1/sqrt(2·layers) (GPT-2) so the stream's variance stays bounded with depth."""
+        if self.embed_tokens.weight.is_meta:
+            return
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for name, p in self.layers.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("weight"):
+                scaled = name.endswith(("o_proj.weight", "down_proj.weight"))
+                nn.init.normal_(p, std=std / (2 * self.config.num_layers) ** 0.5 if scaled else std)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T = tokens.shape
+        start = cache.offset if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"positions up to {start + T} exceed max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    def stats(self) -> dict[str, float]:
+        """Parameter counts and weight storage bits, for tables and `bitnet158 info`."""
+        quantized = sum(m.weight.numel() for m in self.modules() if isinstance(m, BitLinear))
+        total = sum(p.numel() for p in self.parameters())
+        embed = self.embed_tokens.weight.numel() + (self.lm_head.weight.numel() if self.lm_head is not None else 0)
+        bits = WEIGHT_BITS[self.config.mode]
+        return {
+            "parameters": total,
+            "linear_parameters": quantized,
+            "embedding_parameters": embed,
+            "linear_weight_bits": bits,
+            "linear_weight_megabytes": quantized * bits / 8 / 1e6,
+        }

@@ -1,0 +1,222 @@
+"""Byte-level BPE tokenizer: train on a corpus, save/load tokenizer.json, stream-decode.
+
+Why byte-level BPE: every string — emoji, CJK, source code, stray control characters — maps to
+tokens and back *exactly*, with no unknown token, because the base alphabet is the 256 bytes
+(GPT-2's ByteLevel scheme maps each byte to a printable character). The cost is that one
+character may span several tokens, which is why streaming output needs `StreamingDetokenizer`.
+
+The file format is the `tokenizers` library's tokenizer.json, so a checkpoint's tokenizer opens
+in any HF tool, and HF byte-level tokenizers (GPT-2, LLaMA 3, BitNet 2B4T) load here.
+
+>>> tok = Tokenizer.train(["def f(x):\\n    return x\\n"] * 20, vocab_size=300)
+>>> tok.decode(tok.encode("naïve ☕ 代码"))
+'naïve ☕ 代码'
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .errors import CheckpointError, ConfigError
+
+DEFAULT_EOS = "<|endoftext|>"
+# 256 byte symbols + the special tokens; below this BPE cannot even represent the alphabet.
+MIN_VOCAB = 256 + 1
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable-character table, the alphabet of ByteLevel BPE.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes are shifted to U+0100.. so no
+    token string contains whitespace or control characters.
+    """
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    table = {b: chr(b) for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shift)
+            shift += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class Tokenizer:
+    """A thin, typed wrapper over `tokenizers.Tokenizer` with the one special token we need (EOS).
+
+    Decoding keeps special tokens by default, so `decode(encode(s)) == s` for *every* string,
+    even one that happens to contain the literal text "<|endoftext|>".
+    """
+
+    def __init__(self, backend: _HFTokenizer, eos_token: str = DEFAULT_EOS):
+        eos_id = backend.token_to_id(eos_token)
+        if eos_id is None:
+            raise CheckpointError(f"tokenizer has no end-of-text token {eos_token!r}")
+        self.backend = backend
+        self.eos_token = eos_token
+        self.eos_id: int = eos_id
+        self._id_bytes: list[bytes] | None = None  # built lazily for streaming decode
+
+    # ----- construction -------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int,
+              special_tokens: Sequence[str] = (DEFAULT_EOS,), min_frequency: int = 2) -> "Tokenizer":
+        """Learn byte-level BPE merges from `texts` (the *training* documents only — never the
+        held-out ones, or held-out perplexity would flatter the model).
+
+        The initial alphabet is all 256 byte symbols, so bytes never seen in training (emoji in a
+        code-only corpus) still encode. The first special token is the EOS token.
+        """
+        if not special_tokens:
+            raise ConfigError("tokenizer: need at least one special token (the end-of-text token)")
+        if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
+            raise ConfigError(f"tokenizer: vocab_size must be at least {256 + len(special_tokens)} "
+                              f"(256 bytes + special tokens), got {vocab_size!r}")
+        backend = _HFTokenizer(models.BPE())
+        # add_prefix_space=False: no text is invented, which is what makes round trips exact.
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(special_tokens),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer)
+        return cls(backend, eos_token=special_tokens[0])
+
+    @classmethod
+    def from_str(cls, text: str, eos_token: str = DEFAULT_EOS) -> "Tokenizer":
+        """Parse tokenizer.json contents (as stored next to checkpoint weights)."""
+        return cls(_HFTokenizer.from_str(text), eos_token=eos_token)
+
+    def to_str(self) -> str:
+        return self.backend.to_str()
+
+    # ----- files ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write tokenizer.json atomically: temp file in the same folder, fsync, os.replace.
+
+        A crash mid-write leaves the old file (or none), never a truncated one. `path` may be a
+        folder, in which case the file is `path/tokenizer.json`.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_str().encode("utf-8")
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, eos_token: str = DEFAULT_EOS) -> "Tokenizer":
+        """Read a tokenizer.json (or a folder holding one); a one-line CheckpointError if missing
+        or unreadable."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: tokenizer file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+            json.loads(text)  # a clearer message than the Rust parser's for truncated files
+            backend = _HFTokenizer.from_str(text)
+        except Exception as exc:  # tokenizers raises plain Exception; json ValueError; decode errors
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{path}: not a valid tokenizer.json ({first_line})") from None
+        try:
+            return cls(backend, eos_token=eos_token)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+
+    # ----- encode / decode ------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included: the embedding table needs this many rows."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts in parallel (the Rust side uses all cores); same ids as `encode`."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one id stands for (special tokens: their UTF-8 text)."""
+        if self._id_bytes is None:
+            self._id_bytes = self._build_id_bytes()
+        return self._id_bytes[token_id]
+
+    def _build_id_bytes(self) -> list[bytes]:
+        special = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
+        table = [b""] * self.vocab_size
+        for token, i in self.backend.get_vocab(with_added_tokens=True).items():
+            if i in special:
+                table[i] = special[i].encode("utf-8")
+            elif all(c in _UNICODE_TO_BYTE for c in token):
+                table[i] = bytes(_UNICODE_TO_BYTE[c] for c in token)
+            else:  # not a byte-level vocabulary: fall back to the library's own decoding
+                table[i] = self.backend.decode([i], skip_special_tokens=False).encode("utf-8")
+        return table
+
+    def streaming_detokenizer(self) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, eos_id={self.eos_id})"
+
+
+class StreamingDetokenizer:
+    """Turn ids into text one at a time, emitting only complete characters.
+
+    A byte-level token may end in the middle of a multi-byte UTF-8 character (an emoji is 4
+    bytes, often 2–3 tokens). Decoding each token alone would print U+FFFD garbage; instead the
+    token's bytes go through an incremental UTF-8 decoder, which holds back an unfinished
+    sequence until the next token completes it. Cost is O(bytes of the token), not O(text).
+
+    >>> tok = Tokenizer.train(["abc"] * 10, vocab_size=260)
+    >>> d = tok.streaming_detokenizer()
+    >>> "".join(d.add(i) for i in tok.encode("é☕")) + d.finalize()
+    'é☕'
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.reset()
+
+    def reset(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        """Feed one id; return the newly completed text (possibly "")."""
+        return self._decoder.decode(self.tokenizer.token_bytes(token_id))
+
+    def finalize(self) -> str:
+        """Flush at the end of generation; an unfinished character becomes U+FFFD, as in `decode`."""
+        return self._decoder.decode(b"", final=True)

@@ -1,0 +1,157 @@
+"""The training loop: AdamW (β = 0.9, 0.95), the mode's schedule, gradient accumulation, periodic
+held-out perplexity, a progress bar, atomic step checkpoints and exact resume.
+
+Exactness of resume rests on three facts: the batch of a step is a pure function of (seed, step);
+the schedule is a pure function of the step; weights and AdamW moments are restored bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import checkpoint
+from ..config import ModelConfig, TrainConfig
+from ..errors import CheckpointError, ConfigError
+from ..model import Transformer
+from .data import batch_for_step, eval_windows
+from .schedule import lr_and_wd
+
+
+@dataclass
+class TrainResult:
+    model: Transformer
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per step
+    evals: list[dict[str, Any]] = field(default_factory=list)    # one row per evaluation
+    run_dir: Path | None = None
+    seconds: float = 0.0
+    tokens: int = 0
+
+    @property
+    def final_perplexity(self) -> float:
+        return self.evals[-1]["perplexity"] if self.evals else float("nan")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU on this machine")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}; use cpu or cuda")
+    return torch.device(name)
+
+
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on matrices (linear and embedding weights) only, never on norm gains."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "decay": True}, {"params": rest, "decay": False}]
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy (nats) over fixed held-out windows."""
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in range(0, inputs.shape[0], batch_size):
+        x, y = inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
+        logits = model(x)
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten().long(), reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return total / max(count, 1)
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, train_tokens: torch.Tensor,
+          heldout_tokens: torch.Tensor, *, tokenizer=None, run_dir: str | Path | None = None,
+          resume: bool = False, until: int | None = None, progress: bool = True, desc: str | None = None,
+          model: Transformer | None = None, on_step: Callable[[int, Transformer], None] | None = None,
+          ) -> TrainResult:
+    """Train a model (a new one from `model_config`, or `model` if given) and return it with its
+    loss history and held-out evaluations. `until` stops early (after saving a checkpoint there),
+    as a run cut off at that step would; `resume=True` continues from `run_dir`'s latest step.
+    `on_step(step, model)` runs before each step (conversion schedules use it)."""
+    tc = train_config.validate()
+    mc = model_config.validate()
+    device = resolve_device(tc.device)
+    if train_tokens.numel() <= tc.seq_len + 1:
+        raise ConfigError(f"the training text has {train_tokens.numel()} tokens, fewer than one "
+                          f"window of seq_len {tc.seq_len}; give more data or a smaller --seq-len")
+    if tc.seq_len > mc.max_seq_len:
+        raise ConfigError(f"seq_len {tc.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}")
+    run_dir = Path(run_dir) if run_dir is not None else None
+
+    torch.manual_seed(tc.seed)
+    if model is None:
+        model = Transformer(mc)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(model), lr=0.0, betas=(0.9, 0.95), eps=1e-8)
+    eval_x, eval_y = eval_windows(heldout_tokens, tc.seq_len, tc.eval_batches * tc.batch_size)
+
+    start, history, evals, elapsed = 0, [], [], 0.0
+    if resume:
+        if run_dir is None:
+            raise ConfigError("resume needs a run directory")
+        directory = checkpoint.resolve(run_dir)
+        loaded, _ = checkpoint.load(directory, device=device, with_tokenizer=False)
+        if loaded.config != mc:
+            raise CheckpointError(f"{directory}: its model config differs from the one asked for; "
+                                  "resume with the same preset and options")
+        model.load_state_dict(loaded.state_dict())
+        state = checkpoint.load_training_state(directory, model, optimizer)
+        start, history, evals = state["step"], state.get("history", []), state.get("evals", [])
+        elapsed = state.get("seconds", 0.0)
+
+    stop = min(tc.steps, until) if until is not None else tc.steps
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+    bar = tqdm(total=tc.steps, initial=start, desc=desc or f"train {mc.mode}", disable=not progress,
+               unit="step", dynamic_ncols=True, mininterval=1.0)
+    t_start = time.perf_counter()
+    for step in range(start, stop):
+        if on_step is not None:
+            on_step(step, model)
+        lr, wd = lr_and_wd(tc, mc.mode, step)
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"] = lr, (wd if group["decay"] else 0.0)
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for micro in range(tc.grad_accum):
+            x, y = batch_for_step(train_tokens, step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed)
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten().long()) / tc.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss_sum):
+            raise ConfigError(f"training diverged at step {step + 1} (loss {loss_sum}); lower --lr")
+        dt = time.perf_counter() - t0
+        history.append({"step": step + 1, "loss": loss_sum, "lr": lr, "weight_decay": wd})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+
+        done = step + 1
+        if done % tc.eval_every == 0 or done == tc.steps:
+            eval_loss = evaluate(model, eval_x, eval_y, tc.batch_size)
+            evals.append({"step": done, "loss": eval_loss, "perplexity": math.exp(eval_loss)})
+            bar.write(f"  step {done}: held-out loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}") \
+                if progress else None
+        if run_dir is not None and (done % tc.save_every == 0 or done == stop):
+            checkpoint.save_training_checkpoint(
+                run_dir, done, model, tokenizer, optimizer,
+                {"history": history, "evals": evals, "train_config": tc.to_dict(),
+                 "seconds": elapsed + time.perf_counter() - t_start}, keep=tc.keep_checkpoints)
+    bar.close()
+    seconds = elapsed + time.perf_counter() - t_start
+    return TrainResult(model=model, history=history, evals=evals, run_dir=run_dir, seconds=seconds,
+                       tokens=len(history) * tokens_per_step)
