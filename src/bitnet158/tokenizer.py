@@ -168,10 +168,11 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The exact bytes one id stands for (special tokens: their UTF-8 text)."""
+        """The exact bytes one id stands for (special tokens: their UTF-8 text). Ids past the
+        vocabulary (a model whose embedding is padded beyond its tokenizer) stand for nothing."""
         if self._id_bytes is None:
             self._id_bytes = self._build_id_bytes()
-        return self._id_bytes[token_id]
+        return self._id_bytes[token_id] if 0 <= token_id < len(self._id_bytes) else b""
 
     def _build_id_bytes(self) -> list[bytes]:
         special = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
