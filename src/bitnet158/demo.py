@@ -25,7 +25,7 @@ from .train.trainer import TrainResult, train
 DEMO_PRESET = "tiny"
 DEMO_VOCAB = 4096
 DEMO_MAX_BYTES = 6_000_000       # of the ~11 MB default corpus: plenty for the steps below
-DEMO_TRAIN = TrainConfig(steps=150, batch_size=16, seq_len=256, warmup=15, eval_every=50, save_every=50)
+DEMO_TRAIN = TrainConfig(steps=200, batch_size=16, seq_len=256, warmup=20, eval_every=50, save_every=50)
 DEMO_PROMPT = "def "
 DEMO_MODES = ("b158", "fp")
 
@@ -69,7 +69,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, data: list
         ppl = result.final_perplexity  # measured on the same held-out windows as the unigram floor
         stats = result.model.stats()
         sample = generate(result.model, tok, DEMO_PROMPT, max_tokens=sample_tokens,
-                          sampling=SamplingConfig(temperature=0.0, repetition_penalty=1.2))
+                          sampling=SamplingConfig(temperature=0.7, top_k=40, repetition_penalty=1.3), seed=0)
         rows.append(DemoRow(label, mode, ppl, stats["parameters"], stats["linear_parameters"],
                             stats["linear_weight_bits"], result.seconds, DEMO_PROMPT + sample))
 
@@ -77,7 +77,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, data: list
     log("")
     log(format_table(rows, unigram, tc, prepared.tokens.train.numel()))
     for row in rows:
-        log(f"\n--- sample from {row.name} (greedy, prompt {DEMO_PROMPT!r}) ---\n{row.sample}")
+        log(f"\n--- sample from {row.name} (temperature 0.7, top-k 40, seed 0, prompt {DEMO_PROMPT!r}) ---\n{row.sample}")
     log(f"\ncheckpoints: {', '.join(str(out / r.mode) for r in rows)}   total time {total / 60:.1f} min")
     return {"unigram_perplexity": unigram, "rows": [dataclasses.asdict(r) for r in rows], "seconds": total}
 
