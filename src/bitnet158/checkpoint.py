@@ -8,7 +8,10 @@ A model directory holds
 A training run directory holds step directories (`step-000200/`, each a model directory plus
 `trainer.safetensors` and `trainer.json`) and a `latest` file naming the newest. Each step
 directory appears in one rename, so a process killed mid-save leaves the previous one intact.
-`load()` accepts either kind of directory.
+A packed directory (`kind: "packed"`, written by `save_packed` / `bitnet158 pack`) holds the
+same three files; config.json adds `"packing": {"format": ..., "head": ...}` and the tensors are
+the packed runtime's (uint8 packed codes + fp32 scales per BitLinear, an int8 head). `load()`
+accepts every kind of directory.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def _config_document(model: Transformer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "model",
+    packing = getattr(model, "packing", None)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "packed" if packing else "model",
            "bitnet158_version": __version__, "model": model.config.to_dict()}
+    if packing:
+        doc["packing"] = packing.to_dict()
     doc.update(extra or {})
     return doc
 
@@ -52,6 +58,11 @@ def write_model_files(directory: Path, model: Transformer, tokenizer=None,
                       extra_config: dict[str, Any] | None = None) -> None:
     """Write config.json, model.safetensors (and tokenizer.json) into an existing directory."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    packing = getattr(model, "packing", None)
+    if packing is not None and packing.head == "fp16":  # the float head is stored at its precision
+        for name in ("embed_tokens.weight", "lm_head.weight"):
+            if name in state:
+                state[name] = state[name].to(torch.float16)
     (directory / WEIGHTS).write_bytes(safetensors_save(state, metadata={"format": FORMAT, "kind": "model"}))
     (directory / CONFIG).write_text(json.dumps(_config_document(model, extra_config), indent=2) + "\n")
     if tokenizer is not None:
@@ -114,10 +125,10 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{directory / CONFIG}: bad model config ({e})") from None
 
 
-def read_tensors(file: Path, expected: dict[str, tuple[torch.Size, bool]] | None = None,
+def read_tensors(file: Path, expected: dict[str, tuple[torch.Size, bool | torch.dtype]] | None = None,
                  ) -> dict[str, torch.Tensor]:
     """Read a safetensors file, checking names and shapes against `expected` (name → (shape,
-    must_be_float)); the first problem raises CheckpointError naming the tensor."""
+    must_be_float or an exact dtype)); the first problem raises CheckpointError naming the tensor."""
     if not file.exists():
         raise CheckpointError(f"{file}: missing")
     try:
@@ -135,6 +146,10 @@ def read_tensors(file: Path, expected: dict[str, tuple[torch.Size, bool]] | None
         if t.shape != shape:
             raise CheckpointError(f"{file}: tensor {name} has shape {list(t.shape)}, "
                                   f"the config expects {list(shape)}")
+        if isinstance(must_be_float, torch.dtype):  # packed tensors: exactly this dtype
+            if t.dtype != must_be_float:
+                raise CheckpointError(f"{file}: tensor {name} has dtype {t.dtype}, expected {must_be_float}")
+            must_be_float = t.is_floating_point()
         if must_be_float and not t.is_floating_point():
             raise CheckpointError(f"{file}: tensor {name} has dtype {t.dtype}, expected a float dtype")
         if must_be_float and not torch.isfinite(t).all():
@@ -153,10 +168,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", with_token
     """
     directory = resolve(path)
     config = load_config(directory)
+    doc = read_config_document(directory)
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {k: (v.shape, True) for k, v in model.state_dict().items()}
-    tensors = read_tensors(directory / WEIGHTS, expected)
+    if doc.get("kind") == "packed":
+        tensors = _read_packed_tensors(directory, model, doc)
+    else:
+        expected = {k: (v.shape, True) for k, v in model.state_dict().items()}
+        tensors = read_tensors(directory / WEIGHTS, expected)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.init_buffers()
     model.to(device)
@@ -165,6 +184,50 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", with_token
         from .tokenizer import Tokenizer
         tokenizer = Tokenizer.load(directory / TOKENIZER)
     return model, tokenizer
+
+
+def save_packed(model: Transformer, path: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Save a packed model (after `pack_`) as a packed directory; same atomicity as `save`."""
+    if getattr(model, "packing", None) is None:
+        raise CheckpointError("the model is not packed; call bitnet158.pack_(model) first")
+    return save(model, path, tokenizer, overwrite=overwrite)
+
+
+def _read_packed_tensors(directory: Path, model: Transformer, doc: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Build the packed skeleton on the meta device, then read and check every tensor against it:
+    names, shapes, exact dtypes, packed bytes that decode to valid codes, finite positive scales."""
+    from .formats import get_format
+    from .pack import PackConfig, PackedBitLinear, build_packed_skeleton
+
+    file = directory / WEIGHTS
+    try:
+        packing = PackConfig(**doc.get("packing", {})).validate()
+    except (TypeError, BitNetError) as e:
+        raise CheckpointError(f"{directory / CONFIG}: bad packing section ({e})") from None
+    build_packed_skeleton(model, packing)
+    float_head = {"fp16": torch.float16, "fp32": torch.float32}.get(packing.head)
+    expected: dict[str, tuple[torch.Size, bool | torch.dtype]] = {}
+    for name, t in model.state_dict().items():
+        if float_head is not None and name in ("embed_tokens.weight", "lm_head.weight"):
+            expected[name] = (t.shape, float_head)
+        else:
+            expected[name] = (t.shape, t.dtype if not t.is_floating_point() else True)
+    tensors = read_tensors(file, expected)
+    fmt = get_format(packing.format)
+    for name, module in model.named_modules():
+        if isinstance(module, PackedBitLinear):
+            scale = tensors[f"{name}.weight_scale"]
+            if not bool((scale > 0).all()):
+                raise CheckpointError(f"{file}: tensor {name}.weight_scale is {scale.item()}; scales must be positive")
+            bad = fmt.first_invalid_byte(tensors[f"{name}.packed"].numpy(), module.out_features, module.in_features)
+            if bad is not None:
+                raise CheckpointError(f"{file}: tensor {name}.packed: {bad}")
+    for name, t in tensors.items():
+        if name.endswith("row_scale") and not bool((t > 0).all()):
+            raise CheckpointError(f"{file}: tensor {name} holds a non-positive scale")
+        if float_head is not None and t.dtype == torch.float16:
+            tensors[name] = t.float()
+    return tensors
 
 
 # --- training checkpoints --------------------------------------------------------------------

@@ -89,6 +89,9 @@ def cmd_generate(args) -> int:
 
     _threads(args.threads)
     model, tokenizer = checkpoint.load(args.checkpoint)
+    if getattr(model, "packing", None) is not None and args.threads:
+        from . import kernels
+        kernels.set_num_threads(args.threads)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json beside the weights")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -105,6 +108,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    from . import checkpoint
+    from .errors import ConfigError
+    from .pack import PackConfig, pack_, packed_linear_bytes
+
+    config = PackConfig(format=args.format, head=args.head).validate()
+    model, tokenizer = checkpoint.load(args.checkpoint)
+    if getattr(model, "packing", None) is not None:
+        raise ConfigError(f"{args.checkpoint} is already packed ({model.packing.format})")
+    if model.config.mode == "fp":
+        raise ConfigError(f"{args.checkpoint} is a full-precision (fp) model; only b158 and b1 models pack")
+    linear_params = sum(m.weight.numel() for m in model.modules() if hasattr(m, "quantized_weight"))
+    pack_(model, config)
+    out = checkpoint.save_packed(model, args.out, tokenizer, overwrite=args.force)
+    size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
+    packed = packed_linear_bytes(model)
+    print(f"packed {linear_params:,} linear weights into {packed / 1e6:.2f} MB ({8 * packed / linear_params:.2f} "
+          f"bits each, {config.format}; fp16 would be {2 * linear_params / 1e6:.2f} MB), head {config.head}; "
+          f"{out} is {size / 1e6:.2f} MB")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    _threads(args.threads)
+    run_bench(args.checkpoint, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+              threads=args.threads)
+    return 0
+
+
 def cmd_info(args) -> int:
     from . import checkpoint
 
@@ -113,6 +147,11 @@ def cmd_info(args) -> int:
     cfg, stats = model.config, model.stats()
     size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
     print(f"checkpoint      {directory}  ({size / 1e6:.1f} MB on disk)")
+    packing = getattr(model, "packing", None)
+    if packing is not None:
+        from .pack import packed_linear_bytes
+        print(f"packed          format {packing.format}, head {packing.head}; linear weights "
+              f"{packed_linear_bytes(model) / 1e6:.2f} MB ({8 * packed_linear_bytes(model) / stats['linear_parameters']:.2f} bits each)")
     print(f"mode            {cfg.mode}  (linear weights: {stats['linear_weight_bits']:.2f} bits each)")
     print(f"architecture    {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/"
           f"{cfg.num_kv_heads} kv, ffn {cfg.intermediate_size} {cfg.activation}, norms {cfg.norm_placement}, "
@@ -166,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--quiet", action="store_true", help="no statistics line")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("pack", help="pack a b1.58/b1 checkpoint for the fast CPU runtime")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--format", default="i2", help="i2 (2 bits/weight, fastest) or base3 (1.6 bits/weight)")
+    p.add_argument("--head", default="int8", help="output head: int8 per row (default), fp16 or fp32")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("bench", help="prefill and decode speed of a checkpoint (packed or not)")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="what a checkpoint holds: config, parameter counts, bits")
     p.add_argument("checkpoint")

@@ -34,7 +34,7 @@ def generate_step(model, prompt: list[int], sampling: SamplingConfig | None = No
     model.eval()
     tokens = torch.tensor([prompt], dtype=torch.long, device=device)
     seen = torch.tensor(prompt, dtype=torch.long, device=device)
-    logits = model(tokens, cache)[0, -1]
+    logits = model(tokens, cache, last_only=True)[0, -1]
     for _ in range(max_tokens):
         token = int(sample(logits, sampling, seen, generator))
         yield token

@@ -146,7 +146,9 @@ class Transformer(nn.Module):
                 scaled = name.endswith(("o_proj.weight", "down_proj.weight"))
                 nn.init.normal_(p, std=std / (2 * self.config.num_layers) ** 0.5 if scaled else std)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab]; with last_only, [B, 1, vocab] for the last position (a prefill
+        that only needs the next token skips the head on every other position)."""
         B, T = tokens.shape
         start = cache.offset if cache is not None else 0
         if start + T > self.config.max_seq_len:
@@ -157,15 +159,24 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache, i)
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         x = self.norm(x)
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        if self.lm_head is None:  # tied: the embedding reads out
+            return F.linear(x, self.embed_tokens.weight).float()
+        return self.lm_head(x).float()
 
     def stats(self) -> dict[str, float]:
-        """Parameter counts and weight storage bits, for tables and `bitnet158 info`."""
-        quantized = sum(m.weight.numel() for m in self.modules() if isinstance(m, BitLinear))
-        total = sum(p.numel() for p in self.parameters())
-        embed = self.embed_tokens.weight.numel() + (self.lm_head.weight.numel() if self.lm_head is not None else 0)
+        """Parameter counts and weight storage bits, for tables and `bitnet158 info` (training-form
+        and packed models alike: counts come from the layer shapes, not the stored tensors)."""
+        from .pack import PackedBitLinear
+
+        cfg = self.config
+        quantized = sum(m.in_features * m.out_features for m in self.modules()
+                        if isinstance(m, (BitLinear, PackedBitLinear)))
+        embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
+        norms = sum(m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
+        total = quantized + embed + norms
         bits = WEIGHT_BITS[self.config.mode]
         return {
             "parameters": total,

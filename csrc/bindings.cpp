@@ -1,0 +1,166 @@
+// pybind11 bindings of bitnet158._C over raw numpy buffers (no torch headers: the extension builds
+// with plain g++ and is usable from numpy). torch tensors reach here zero-copy via .numpy().
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <atomic>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "formats.h"
+#include "int8_gemm.h"
+#include "ternary_dispatch.h"
+#include "threadpool.h"
+
+namespace py = pybind11;
+using namespace bn158;
+
+namespace {
+
+Format parse_format(const std::string& f) {
+    if (f == "i2") return Format::I2;
+    if (f == "base3") return Format::Base3;
+    if (f == "lut2") return Format::Lut2;
+    throw py::value_error("unknown packed format '" + f + "' (expected i2, base3 or lut2)");
+}
+
+py::array_t<int32_t> py_matmul(py::array x, py::array w, const std::string& fmt, int64_t N, int64_t K,
+                               py::object out_obj, const std::string& path, bool lut) {
+    const Format f = parse_format(fmt);
+    if (N < 1 || K < 1) throw py::value_error("N and K must be positive");
+    if (!x.dtype().is(py::dtype::of<int8_t>())) throw py::value_error("x must be an int8 array");
+    if (x.ndim() != 2 || x.shape(1) != K) throw py::value_error("x must have shape [M, K] with K = " + std::to_string(K));
+    if (!(x.flags() & py::array::c_style)) throw py::value_error("x must be C-contiguous");
+    if (!w.dtype().is(py::dtype::of<uint8_t>())) throw py::value_error("packed weights must be a uint8 array");
+    if (!(w.flags() & py::array::c_style)) throw py::value_error("packed weights must be contiguous");
+    const int64_t want = packed_nbytes(f, N, K);
+    if (w.size() != want)
+        throw py::value_error(fmt + " [" + std::to_string(N) + ", " + std::to_string(K) + "] needs " +
+                              std::to_string(want) + " packed bytes, got " + std::to_string(w.size()));
+    const int64_t M = x.shape(0);
+    py::array_t<int32_t> out;
+    if (out_obj.is_none()) {
+        out = py::array_t<int32_t>({M, N});
+    } else {
+        out = py::array_t<int32_t>::ensure(out_obj);
+        if (!out || !out_obj.cast<py::array>().dtype().is(py::dtype::of<int32_t>()) || out.ndim() != 2 ||
+            out.shape(0) != M || out.shape(1) != N || !(out.flags() & py::array::c_style) || !out.writeable())
+            throw py::value_error("out must be a writable C-contiguous int32 array of shape [M, N]");
+    }
+    const KernelTable* kt = &current_table();
+    if (!path.empty()) {
+        kt = table_by_name(path);
+        if (!kt) throw py::value_error("unknown kernel path '" + path + "'");
+        if (!path_supported(path.c_str())) throw py::value_error("kernel path '" + path + "' is not supported by this CPU");
+    }
+    if (M == 0) return out;
+    const int8_t* xp = static_cast<const int8_t*>(x.data());
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data());
+    int32_t* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        matmul(*kt, f, xp, M, K, wp, N, op, lut);
+    }
+    return out;
+}
+
+py::array_t<int32_t> py_int8_matmul(py::array x, py::array w, const std::string& path) {
+    if (!x.dtype().is(py::dtype::of<int8_t>()) || !w.dtype().is(py::dtype::of<int8_t>()))
+        throw py::value_error("int8_matmul needs int8 x and w");
+    if (x.ndim() != 2 || w.ndim() != 2 || x.shape(1) != w.shape(1))
+        throw py::value_error("int8_matmul needs x [M, K] and w [N, K]");
+    if (!(x.flags() & py::array::c_style) || !(w.flags() & py::array::c_style))
+        throw py::value_error("int8_matmul needs C-contiguous arrays");
+    const bool simd = path.empty() ? path_supported("avx2") : path != "scalar";
+    if (simd && !path_supported("avx2")) throw py::value_error("kernel path '" + path + "' is not supported by this CPU");
+    const int64_t M = x.shape(0), K = x.shape(1), N = w.shape(0);
+    py::array_t<int32_t> out({M, N});
+    const int8_t* xp = static_cast<const int8_t*>(x.data());
+    const int8_t* wp = static_cast<const int8_t*>(w.data());
+    int32_t* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        if (M > 0) int8_matmul(xp, M, K, wp, N, op, simd);
+    }
+    return out;
+}
+
+uint64_t py_read_sum(py::array buf, int nthreads) {
+    if (!buf.dtype().is(py::dtype::of<uint8_t>()) || !(buf.flags() & py::array::c_style))
+        throw py::value_error("buffer must be a contiguous uint8 array");
+    const uint8_t* p = static_cast<const uint8_t*>(buf.data());
+    const int64_t n = buf.size() / 128 * 128;
+    const int nth = std::max(1, std::min(nthreads, pool_threads()));
+    std::vector<uint64_t> part(size_t(nth), 0);
+    const bool avx2 = path_supported("avx2");
+    {
+        py::gil_scoped_release nogil;
+        pool_run(nth, [&](int i) {
+            const int64_t a = n / 128 * i / nth * 128, b = n / 128 * (i + 1) / nth * 128;
+            if (avx2) {
+                part[size_t(i)] = read_sum_avx2(p + a, b - a);
+            } else {
+                uint64_t s = 0;
+                const uint64_t* q = reinterpret_cast<const uint64_t*>(p + a);
+                for (int64_t k = 0; k < (b - a) / 8; ++k) s += q[k];
+                part[size_t(i)] = s;
+            }
+        });
+    }
+    uint64_t s = 0;
+    for (auto v : part) s += v;
+    return s;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "bitnet158 native ternary kernels (int8 activations x packed ternary weights -> int32)";
+    m.def("matmul", &py_matmul, py::arg("x"), py::arg("w"), py::arg("fmt"), py::arg("N"), py::arg("K"),
+          py::arg("out") = py::none(), py::arg("path") = "", py::arg("lut") = false,
+          "out[M, N] = x[M, K] (int8) @ W[N, K]^T with W packed; exact int32.");
+    m.def("int8_matmul", &py_int8_matmul, py::arg("x"), py::arg("w"), py::arg("path") = "",
+          "out[M, N] = x[M, K] (int8) @ w[N, K]^T (int8, in [-127, 127]); exact int32.");
+    m.def("packed_nbytes", [](const std::string& f, int64_t N, int64_t K) { return packed_nbytes(parse_format(f), N, K); });
+    m.def("cpu_features", [] {
+        const CpuFeatures& f = cpu_features();
+        py::dict d;
+        d["avx2"] = f.avx2;
+        d["fma"] = f.fma;
+        d["avx512f"] = f.avx512f;
+        d["avx512bw"] = f.avx512bw;
+        d["avx512vl"] = f.avx512vl;
+        d["avx512vnni"] = f.avx512vnni;
+        d["os_avx"] = f.os_avx;
+        d["os_avx512"] = f.os_avx512;
+        return d;
+    });
+    m.def("available_paths", [] {
+        py::list l;
+        for (const char* p : {"avx512vnni", "avx2", "scalar"})
+            if (path_supported(p)) l.append(p);
+        return l;
+    });
+    m.def("best_path", [] { return std::string(best_path()); });
+    m.def("path", [] { return std::string(current_table().name); });
+    m.def("set_path", [](const std::string& p) {
+        try {
+            set_path(p);
+        } catch (const std::invalid_argument& e) {
+            throw py::value_error(e.what());
+        }
+    });
+    m.def("has_lut", [](const std::string& p) {
+        const KernelTable* t = table_by_name(p);
+        return t && t->i2_lut;
+    });
+    m.def("set_num_threads", [](int n) {
+        if (n < 1) throw py::value_error("thread count must be >= 1");
+        py::gil_scoped_release nogil;
+        pool_set_threads(n);
+    });
+    m.def("get_num_threads", [] { return pool_threads(); });
+    m.def("read_sum", &py_read_sum, py::arg("buf"), py::arg("nthreads") = 1,
+          "Sum of a uint8 buffer as uint64 words (memory read-bandwidth probe).");
+}

@@ -1,0 +1,58 @@
+// Run-time CPU detection: cpuid says what the core implements, xgetbv says whether the OS saves
+// the wider registers. Both must agree before a path is offered. Evaluated once.
+#include <cpuid.h>
+#include <cstdint>
+#include <cstring>
+
+#include "formats.h"
+
+namespace bn158 {
+
+static uint64_t read_xcr0() {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (uint64_t(hi) << 32) | lo;
+}
+
+static CpuFeatures detect() {
+    CpuFeatures f;
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+    const bool osxsave = c & (1u << 27), avx = c & (1u << 28);
+    f.fma = c & (1u << 12);
+    if (osxsave && avx) {
+        const uint64_t xcr0 = read_xcr0();
+        f.os_avx = (xcr0 & 0x6) == 0x6;        // XMM and YMM state
+        f.os_avx512 = (xcr0 & 0xE6) == 0xE6;   // + opmask, ZMM_Hi256, Hi16_ZMM
+    }
+    if (__get_cpuid_max(0, nullptr) >= 7) {
+        __cpuid_count(7, 0, a, b, c, d);
+        f.avx2 = f.os_avx && (b & (1u << 5));
+        f.avx512f = f.os_avx512 && (b & (1u << 16));
+        f.avx512bw = f.os_avx512 && (b & (1u << 30));
+        f.avx512vl = f.os_avx512 && (b & (1u << 31));
+        f.avx512vnni = f.os_avx512 && (c & (1u << 11));
+    }
+    return f;
+}
+
+const CpuFeatures& cpu_features() {
+    static const CpuFeatures f = detect();
+    return f;
+}
+
+bool path_supported(const char* name) {
+    const CpuFeatures& f = cpu_features();
+    if (!std::strcmp(name, "scalar")) return true;
+    if (!std::strcmp(name, "avx2")) return f.avx2;
+    if (!std::strcmp(name, "avx512vnni")) return f.avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni;
+    return false;
+}
+
+const char* best_path() {
+    if (path_supported("avx512vnni")) return "avx512vnni";
+    if (path_supported("avx2")) return "avx2";
+    return "scalar";
+}
+
+}  // namespace bn158

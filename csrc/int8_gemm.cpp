@@ -1,0 +1,91 @@
+// int8 × int8 → int32 matmul for the packed model's output head (int8 per-row weights, int8
+// per-token activations). out[m, n] = sum_k x[m, k] * w[n, k], w row-major [N, K].
+//
+// AVX2 has no signed × signed byte multiply-add, so x·w = |x| · (w · sign(x)): vpsignb moves the
+// sign of x onto w, vpmaddubsw multiplies the unsigned |x| (≤ 128) with it. The weights are
+// quantized to [-127, 127] (never -128), so a pair sum is at most 2·128·127 = 32512 and the int16
+// stage cannot saturate; vpmaddwd then widens to int32.
+// Rows are processed 4 at a time and every activation row is run against them while the 4 rows
+// stay in L1; threads split the rows.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "int8_gemm.h"
+#include "threadpool.h"
+
+namespace bn158 {
+namespace {
+
+constexpr int64_t kRows = 4;
+
+void rows_scalar(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0,
+                 int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m) {
+            int32_t acc = 0;
+            for (int64_t k = 0; k < K; ++k) acc += int32_t(x[m * K + k]) * int32_t(w[n * K + k]);
+            out[m * N + n] = acc;
+        }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+inline int32_t hsum(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+void rows_avx2(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0,
+               int64_t n1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t kv = K / 32 * 32;
+    int64_t n = n0;
+    for (; n + kRows <= n1; n += kRows) {
+        const int8_t* wr = w + n * K;
+        for (int64_t m = 0; m < M; ++m) {
+            const int8_t* xm = x + m * K;
+            __m256i acc[kRows];
+            for (auto& a : acc) a = _mm256_setzero_si256();
+            for (int64_t k = 0; k < kv; k += 32) {
+                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
+                const __m256i ax = _mm256_abs_epi8(xv);
+#pragma GCC unroll 4
+                for (int r = 0; r < kRows; ++r) {
+                    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + r * K + k));
+                    const __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv));
+                    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, ones));
+                }
+            }
+            for (int r = 0; r < kRows; ++r) {
+                int32_t s = hsum(acc[r]);
+                for (int64_t k = kv; k < K; ++k) s += int32_t(xm[k]) * int32_t(wr[r * K + k]);
+                out[m * N + n + r] = s;
+            }
+        }
+    }
+    if (n < n1) rows_scalar(x, M, K, w, N, out, n, n1);
+}
+
+#pragma GCC pop_options
+
+}  // namespace
+
+void int8_matmul(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, bool simd) {
+    auto fn = simd ? rows_avx2 : rows_scalar;
+    const int64_t groups = (N + kRows - 1) / kRows;
+    const int nth = int(groups < pool_threads() ? groups : pool_threads());
+    if (nth <= 1) {
+        fn(x, M, K, w, N, out, 0, N);
+        return;
+    }
+    pool_run(nth, [&](int i) {
+        const int64_t n0 = groups * i / nth * kRows, n1 = groups * (i + 1) / nth * kRows;
+        fn(x, M, K, w, N, out, n0, n1 < N ? n1 : N);
+    });
+}
+
+}  // namespace bn158

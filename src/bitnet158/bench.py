@@ -1,0 +1,53 @@
+"""`bitnet158 bench CKPT`: prefill and decode speed of one checkpoint (packed or training-form)
+on random tokens, with the kernel path and thread count it ran with."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from . import checkpoint, kernels
+from .cache import KVCache
+from .errors import ConfigError
+
+
+@torch.no_grad()
+def time_model(model, prompt_tokens: int, decode_tokens: int, repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """Median seconds of a `prompt_tokens` prefill (last position's logits) and per decode step."""
+    cfg = model.config
+    if prompt_tokens < 1 or decode_tokens < 1:
+        raise ConfigError("--prompt-tokens and --decode-tokens must be at least 1")
+    if prompt_tokens + decode_tokens > cfg.max_seq_len:
+        raise ConfigError(f"{prompt_tokens} + {decode_tokens} tokens exceed the model's context {cfg.max_seq_len}")
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_tokens), generator=gen)
+    prefill, decode = [], []
+    for _ in range(repeats):
+        cache = KVCache(cfg, batch_size=1, max_len=prompt_tokens + decode_tokens)
+        t0 = time.perf_counter()
+        logits = model(prompt, cache, last_only=True)
+        prefill.append(time.perf_counter() - t0)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = model(token, cache)[:, -1].argmax(-1, keepdim=True)
+        decode.append((time.perf_counter() - t0) / decode_tokens)
+    return {"prefill_s": statistics.median(prefill), "decode_s": statistics.median(decode)}
+
+
+def run_bench(path: str, prompt_tokens: int = 128, decode_tokens: int = 64, threads: int | None = None,
+              log=print) -> dict[str, float]:
+    model, _ = checkpoint.load(path, with_tokenizer=False)
+    if threads:
+        kernels.set_num_threads(threads)
+    packing = getattr(model, "packing", None)
+    what = f"packed {packing.format}, head {packing.head}, kernel {kernels.current_path()}" if packing \
+        else f"training form ({model.config.mode}, torch fp32)"
+    t = time_model(model, prompt_tokens, decode_tokens)
+    log(f"{path}: {what}, {torch.get_num_threads()} torch threads / {kernels.get_num_threads()} kernel threads")
+    log(f"prefill {prompt_tokens} tokens: {t['prefill_s'] * 1e3:.1f} ms ({prompt_tokens / t['prefill_s']:,.0f} tokens/s)")
+    log(f"decode: {t['decode_s'] * 1e3:.2f} ms per token ({1 / t['decode_s']:,.1f} tokens/s)")
+    return t

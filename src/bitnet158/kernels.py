@@ -1,0 +1,213 @@
+"""Int8-activation × packed-ternary-weight matmul: the compiled extension, or a portable torch path.
+
+``ternary_matmul(x, packed, fmt, n, k)`` returns the exact int32 products ``x @ W.T`` for int8
+``x [M, K]`` and a ternary ``W [N, K]`` packed by :mod:`bitnet158.formats`. The scales are the
+caller's business (applied after the integer product, see :mod:`bitnet158.pack`).
+
+Paths, chosen once at import from the CPU's features (best first):
+
+- ``avx512vnni`` / ``avx2`` / ``scalar``: the C++ extension ``bitnet158._C`` (``csrc/``);
+- ``torch``: unpack to int8 codes and multiply in fp32 — exact while K·127 < 2²⁴ — used when the
+  extension is missing (one warning) and as an independent cross-check in tests.
+
+Environment overrides (read at import; ``set_path`` changes the path later):
+
+- ``BITNET158_KERNEL=scalar|avx2|avx512vnni|torch`` forces a path (an unsupported one is an error);
+- ``BITNET158_DISABLE_EXT=1`` behaves as if the extension had failed to build.
+
+Before a SIMD path is first used it is checked against the scalar oracle on a few small random
+matrices; a path that disagrees is dropped with a warning (a miscompiled or untested ISA must
+never give wrong answers silently).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, FormatError
+from .formats import get_format
+
+ENV_PATH = "BITNET158_KERNEL"
+ENV_DISABLE = "BITNET158_DISABLE_EXT"
+TORCH_PATH = "torch"
+
+_ext: Any = None
+_ext_error: str | None = None
+_loaded = False
+_verified: dict[str, bool] = {}
+_path: str | None = None
+
+
+def _load_extension() -> Any:
+    global _ext, _ext_error, _loaded
+    if _loaded:
+        return _ext
+    _loaded = True
+    if os.environ.get(ENV_DISABLE, "").strip() not in ("", "0"):
+        _ext_error = f"disabled by {ENV_DISABLE}"
+    else:
+        try:
+            from . import _C  # type: ignore[attr-defined]
+            _ext = _C
+        except ImportError as exc:  # not built (no compiler at install time) or wrong platform
+            _ext_error = str(exc).splitlines()[0]
+    if _ext is not None:
+        _ext.set_num_threads(max(1, torch.get_num_threads()))  # like torch: one per physical core
+    if _ext is None:
+        warnings.warn(f"bitnet158: the compiled CPU kernels are unavailable ({_ext_error}); using the "
+                      f"portable torch path, which is much slower. Reinstall with a working g++ to build them.",
+                      RuntimeWarning, stacklevel=3)
+    return _ext
+
+
+def extension_available() -> bool:
+    return _load_extension() is not None
+
+
+def available_paths() -> list[str]:
+    """Kernel paths this machine can run, fastest first (``torch`` always last)."""
+    ext = _load_extension()
+    paths = [p for p in ext.available_paths() if _self_check(p)] if ext is not None else []
+    return paths + [TORCH_PATH]
+
+
+def cpu_features() -> dict[str, bool]:
+    ext = _load_extension()
+    return dict(ext.cpu_features()) if ext is not None else {}
+
+
+def _self_check(path: str) -> bool:
+    """Compare a SIMD path with the scalar oracle once, on shapes that touch every code branch."""
+    if path in _verified:
+        return _verified[path]
+    ok = True
+    if path != "scalar":
+        rng = np.random.default_rng(1234)
+        for fmt_name in ("i2", "base3"):
+            fmt = get_format(fmt_name)
+            for m, n, k in ((1, 13, 300), (5, 24, 517), (17, 9, 160)):
+                codes = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
+                x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+                w = fmt.pack(codes)
+                got = _ext.matmul(x, w, fmt_name, n, k, path=path)
+                ok &= bool(np.array_equal(got, _ext.matmul(x, w, fmt_name, n, k, path="scalar")))
+        if not ok:
+            warnings.warn(f"bitnet158: kernel path {path!r} disagrees with the scalar reference on this "
+                          f"machine and is disabled; please report this.", RuntimeWarning, stacklevel=3)
+    _verified[path] = ok
+    return ok
+
+
+def current_path() -> str:
+    global _path
+    if _path is None:
+        requested = os.environ.get(ENV_PATH, "").strip()
+        _path = _validate_path(requested) if requested else available_paths()[0]
+    return _path
+
+
+def _validate_path(name: str) -> str:
+    paths = available_paths()
+    if name not in paths:
+        ext = _load_extension()
+        known = ["avx512vnni", "avx2", "scalar", TORCH_PATH]
+        if name not in known:
+            raise ConfigError(f"unknown kernel path {name!r}; expected one of {', '.join(known)}")
+        why = "the compiled extension is unavailable" if ext is None else "this CPU does not support it"
+        raise ConfigError(f"kernel path {name!r} cannot run here ({why}); available: {', '.join(paths)}")
+    return name
+
+
+def set_path(name: str | None) -> str:
+    """Select the kernel path (None: the best one); returns the path now in use."""
+    global _path
+    _path = None if name is None else _validate_path(name)
+    return current_path()
+
+
+def set_num_threads(n: int) -> None:
+    """Threads of the extension's pool (the torch path follows ``torch.set_num_threads``)."""
+    if n < 1:
+        raise ConfigError(f"thread count must be at least 1, got {n}")
+    ext = _load_extension()
+    if ext is not None:
+        ext.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    ext = _load_extension()
+    return ext.get_num_threads() if ext is not None else torch.get_num_threads()
+
+
+def packed_nbytes(fmt: str, n: int, k: int) -> int:
+    return get_format(fmt).packed_nbytes(n, k)
+
+
+def unpack_codes(packed: torch.Tensor, fmt: str, n: int, k: int) -> torch.Tensor:
+    """int8 codes [N, K] of a packed matrix (the torch path's weights)."""
+    return torch.from_numpy(get_format(fmt).unpack(packed.numpy(), n, k))
+
+
+def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, n: int, k: int, *,
+                   path: str | None = None, codes: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact int32 ``x @ W.T`` for int8 ``x [M, K]`` and W packed in ``fmt`` as ``[n, k]``.
+
+    ``codes`` (int8 [N, K] or fp32) may carry the unpacked weights for the torch path so they are
+    not decoded on every call.
+    """
+    if x.dtype != torch.int8 or x.dim() != 2 or x.shape[1] != k:
+        raise FormatError(f"activations must be int8 [M, {k}], got {x.dtype} {tuple(x.shape)}")
+    path = path or current_path()
+    if path == TORCH_PATH:
+        if codes is None:
+            codes = unpack_codes(packed, fmt, n, k)
+        # int8 × ternary sums stay below 2**24 for K < 132,104, so fp32 is exact here.
+        y = x.to(torch.float32) @ codes.to(torch.float32).T
+        result = y.to(torch.int32)
+        if out is not None:
+            out.copy_(result)
+            return out
+        return result
+    ext = _load_extension()
+    xs = x.contiguous().numpy()
+    res = ext.matmul(xs, packed.numpy(), fmt, n, k, out=None if out is None else out.numpy(), path=path)
+    return out if out is not None else torch.from_numpy(res)
+
+
+def int8_matmul(x: torch.Tensor, w: torch.Tensor, *, path: str | None = None) -> torch.Tensor:
+    """Exact int32 ``x @ w.T`` for int8 ``x [M, K]`` and int8 ``w [N, K]`` (values in [-127, 127]):
+    the int8 output head."""
+    path = path or current_path()
+    if path == TORCH_PATH:
+        # torch's own int8 GEMM where it has one; float64 is exact for these sums otherwise.
+        if x.shape[0] > 16:
+            try:
+                return torch._int_mm(x, w.T)
+            except RuntimeError:
+                pass
+        return (x.to(torch.float64) @ w.to(torch.float64).T).to(torch.int32)
+    return torch.from_numpy(_load_extension().int8_matmul(x.contiguous().numpy(), w.contiguous().numpy(),
+                                                           path="scalar" if path == "scalar" else ""))
+
+
+def memory_read_bandwidth(nbytes: int = 1 << 29, threads: int = 1, repeats: int = 5) -> float:
+    """Best-of-`repeats` bytes/s of a streaming read of a buffer far larger than the caches."""
+    import time
+
+    ext = _load_extension()
+    buf = np.ones(nbytes, dtype=np.uint8)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if ext is not None:
+            ext.read_sum(buf, threads)
+        else:
+            int(buf.view(np.uint64).sum())
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best

@@ -1,0 +1,251 @@
+"""The packed runtime: BitLinear layers become PackedBitLinear (ternary codes packed 2 or 1.6 bits
+per weight, one fp32 scale), the output head becomes int8 per row.
+
+    model, tok = bitnet158.load("runs/demo/b158")
+    bitnet158.pack_(model, PackConfig(format="i2"))      # in place; returns the model
+    bitnet158.save_packed(model, "runs/demo/b158-i2", tok)
+
+A PackedBitLinear computes exactly what the training-form BitLinear computes, but in integers:
+
+    q, s_x = absmax_int8(norm(x))                 (the same quantizer as training)
+    y      = (q @ codesᵀ) · (s_x · s_w)            (int32 product, both scales applied after)
+
+so the two differ only by float summation order. The head (and, when tied, the embedding) is
+int8 per row by default — at the 2B4T shapes the fp16 head would outweigh every ternary weight —
+and can be kept as fp16 or fp32 (`head="fp16" | "fp32"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels, quant
+from .errors import ConfigError
+from .formats import FORMATS, get_format
+from .layers import BitLinear, RMSNorm
+
+HEADS = ("int8", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """format: packed ternary layout (``i2`` 2 bits, ``base3`` 1.6 bits, see bitnet158.formats).
+    head: output head (and tied embedding) storage: ``int8`` per-row (default), ``fp16``, ``fp32``."""
+
+    format: str = "i2"
+    head: str = "int8"
+
+    def validate(self) -> "PackConfig":
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown packed format {self.format!r}; known: {', '.join(sorted(FORMATS))}")
+        if self.head not in HEADS:
+            raise ConfigError(f"unknown head {self.head!r}; expected one of {', '.join(HEADS)}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PackedBitLinear(nn.Module):
+    """Inference-only BitLinear over packed ternary (or binary) codes.
+
+    Buffers: ``packed`` (uint8, the format's bytes), ``weight_scale`` (fp32 [1]), ``bias`` if any;
+    an RMSNorm ``norm`` when the layer had one inside (FAQ placement).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, format: str = "i2", act_quant: str = "token",
+                 norm: bool = False, eps: float = 1e-5, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.format = get_format(format).name
+        self.act_quant = act_quant
+        nbytes = get_format(format).packed_nbytes(out_features, in_features)
+        self.register_buffer("packed", torch.zeros(nbytes, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.norm = RMSNorm(in_features, eps).to(device) if norm else None
+        self._codes: torch.Tensor | None = None  # unpacked weights, only for the torch fallback path
+
+    @classmethod
+    @torch.no_grad()
+    def from_bitlinear(cls, layer: BitLinear, format: str = "i2") -> "PackedBitLinear":
+        if layer.mode == "fp":
+            raise ConfigError("an fp (full-precision twin) layer cannot be packed to ternary")
+        packed = cls(layer.in_features, layer.out_features, format=format, act_quant=layer.act_quant,
+                     norm=layer.norm is not None, eps=layer.norm.eps if layer.norm is not None else 1e-5,
+                     bias=layer.bias is not None)
+        codes, scale = layer.quantized_weight()
+        packed.packed = torch.from_numpy(get_format(format).pack(codes.cpu()))
+        packed.weight_scale = scale.reshape(1).float().cpu()
+        if layer.bias is not None:
+            packed.bias = layer.bias.detach().float().cpu().clone()
+        if layer.norm is not None:
+            packed.norm.load_state_dict(layer.norm.state_dict())
+        return packed
+
+    def codes(self) -> torch.Tensor:
+        """The int8 ternary codes [out, in] (decoded from the packed bytes)."""
+        return kernels.unpack_codes(self.packed, self.format, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if self.norm is not None:
+            x2 = self.norm(x2)
+        q, s = quant.ACT_QUANTIZERS[self.act_quant](x2)
+        path = kernels.current_path()
+        if path == kernels.TORCH_PATH and self._codes is None:
+            self._codes = self.codes().float()
+        acc = kernels.ternary_matmul(q, self.packed, self.format, self.out_features, k, path=path,
+                                     codes=self._codes)
+        y = acc.to(torch.float32) * (s.reshape(-1, 1) * self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, format={self.format}, norm={self.norm is not None}, "
+                f"bias={self.bias is not None}")
+
+
+def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8: codes in [-127, 127] and fp32 row scales with w ≈ codes · scale."""
+    wf = w.detach().float()
+    absmax = wf.abs().amax(dim=1).clamp(min=quant.EPS)
+    codes = (wf * (127.0 / absmax)[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return codes, absmax / 127.0
+
+
+class Int8Table(nn.Module):
+    """An int8 per-row table (``qweight`` [rows, dim], ``row_scale`` [rows]) serving as the output
+    head (logits = int8 x · int8 table, both scales after) and, when tied, as the embedding."""
+
+    def __init__(self, rows: int, dim: int, device=None):
+        super().__init__()
+        self.register_buffer("qweight", torch.zeros(rows, dim, dtype=torch.int8, device=device))
+        self.register_buffer("row_scale", torch.ones(rows, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor) -> "Int8Table":
+        table = cls(*w.shape)
+        table.qweight, table.row_scale = quantize_rows_int8(w.cpu())
+        return table
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.qweight[tokens].to(torch.float32) * self.row_scale[tokens].unsqueeze(-1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        q, s = quant.absmax_int8_per_token(x.reshape(-1, k))
+        acc = kernels.int8_matmul(q, self.qweight)
+        return (acc.to(torch.float32) * s * self.row_scale).reshape(*lead, -1)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding lookups from an Int8Table (owned here when the head is tied to it)."""
+
+    def __init__(self, table: Int8Table):
+        super().__init__()
+        self.table = table
+
+    @property
+    def weight(self) -> torch.Tensor:  # what code asking for the embedding's shape sees
+        return self.table.qweight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table.embed(tokens)
+
+
+class Int8Head(nn.Module):
+    """The output head over an Int8Table; `shared` tables (tied embeddings) are not re-registered,
+    so each tensor is stored once."""
+
+    def __init__(self, table: Int8Table, shared: bool = False):
+        super().__init__()
+        if shared:
+            object.__setattr__(self, "_table", table)
+        else:
+            self._table_owned = table
+
+    @property
+    def table(self) -> Int8Table:
+        return self.__dict__.get("_table") or self._table_owned
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.qweight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table.logits(x)
+
+
+def _float_head_dtype(head: str) -> torch.dtype:
+    return torch.float16 if head == "fp16" else torch.float32
+
+
+@torch.no_grad()
+def pack_(model: nn.Module, config: PackConfig | None = None) -> nn.Module:
+    """Swap every BitLinear of `model` (in place) for a PackedBitLinear and, for our Transformer,
+    the head and embedding for the configured head storage. Returns the model."""
+    config = (config or PackConfig()).validate()
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
+    if not targets:
+        raise ConfigError("the model has no BitLinear layers to pack")
+    for name, layer in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, PackedBitLinear.from_bitlinear(layer, config.format))
+    if hasattr(model, "embed_tokens") and hasattr(model, "config"):
+        _pack_head(model, config.head)
+        model.packing = config
+    return model
+
+
+def _pack_head(model: nn.Module, head: str) -> None:
+    tied = model.lm_head is None
+    if head == "int8":
+        if tied:
+            table = Int8Table.from_weight(model.embed_tokens.weight)
+            model.embed_tokens = Int8Embedding(table)
+            model.lm_head = Int8Head(table, shared=True)
+        else:
+            model.lm_head = Int8Head(Int8Table.from_weight(model.lm_head.weight))
+    else:  # keep a float head; its dtype is what the file stores (fp16 is rounded here too)
+        dtype = _float_head_dtype(head)
+        src = model.embed_tokens if tied else model.lm_head
+        src.weight.data = src.weight.data.to(dtype).to(torch.float32)
+
+
+def build_packed_skeleton(model: nn.Module, config: PackConfig) -> nn.Module:
+    """On a model built on the meta device: the packed modules with empty (meta) buffers, ready
+    for `load_state_dict(..., assign=True)`. No full-precision weight is ever allocated."""
+    config = config.validate()
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, PackedBitLinear(layer.in_features, layer.out_features, format=config.format,
+                                              act_quant=layer.act_quant, norm=layer.norm is not None,
+                                              eps=layer.norm.eps if layer.norm is not None else 1e-5,
+                                              bias=layer.bias is not None, device="meta"))
+    if config.head == "int8":
+        vocab, hidden = model.config.vocab_size, model.config.hidden_size
+        if model.lm_head is None:
+            table = Int8Table(vocab, hidden, device="meta")
+            model.embed_tokens = Int8Embedding(table)
+            model.lm_head = Int8Head(table, shared=True)
+        else:
+            model.lm_head = Int8Head(Int8Table(vocab, hidden, device="meta"))
+    model.packing = config
+    return model
+
+
+def packed_linear_bytes(model: nn.Module) -> int:
+    return sum(m.packed.numel() for m in model.modules() if isinstance(m, PackedBitLinear))
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, PackedBitLinear) for m in model.modules())

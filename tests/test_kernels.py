@@ -1,0 +1,158 @@
+"""The ternary kernels: every path this CPU supports gives exactly the integers of an independent
+numpy reference, on hundreds of random shapes; path selection, threads, and life without the
+compiled extension."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bitnet158 import kernels
+from bitnet158.errors import ConfigError
+from bitnet158.formats import get_format
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+PATHS = kernels.available_paths()  # e.g. ["avx2", "scalar", "torch"]
+FORMATS = ["i2", "base3"]
+EDGE_M = [1, 2, 3, 17, 128]
+
+
+def random_shapes(count: int, seed: int) -> list[tuple[int, int, int]]:
+    """(M, N, K): the listed M values and random ones; K around and between block sizes (128, 160)."""
+    rng = np.random.default_rng(seed)
+    ks = [1, 5, 31, 127, 128, 129, 159, 160, 161, 255, 256, 300, 320, 321, 479, 640, 700]
+    shapes = []
+    for i in range(count):
+        m = EDGE_M[i % len(EDGE_M)] if i % 2 == 0 else int(rng.integers(1, 40))
+        n = int(rng.integers(1, 70))
+        k = ks[i % len(ks)] if i % 3 else int(rng.integers(1, 900))
+        shapes.append((m, n, k))
+    return shapes
+
+
+def reference(x: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    return (x.astype(np.int64) @ codes.astype(np.int64).T).astype(np.int32)
+
+
+def case(rng, m, n, k, binary=False):
+    codes = (rng.choice([-1, 1], size=(n, k)) if binary else rng.integers(-1, 2, size=(n, k))).astype(np.int8)
+    x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+    x[0, 0] = -128  # the one int8 value that has no positive counterpart
+    return x, codes
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_matches_the_reference_on_500_shapes(path, fmt):
+    rng = np.random.default_rng(7)
+    packer = get_format(fmt)
+    for m, n, k in random_shapes(500, seed=hash((path, fmt)) % 2**32):
+        x, codes = case(rng, m, n, k, binary=rng.random() < 0.1)
+        got = kernels.ternary_matmul(torch.from_numpy(x), torch.from_numpy(packer.pack(codes)), fmt, n, k, path=path)
+        want = reference(x, codes)
+        assert got.dtype == torch.int32
+        assert np.array_equal(got.numpy(), want), f"{path}/{fmt} differs at M={m} N={n} K={k}"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_do_not_change_results(threads):
+    rng = np.random.default_rng(threads)
+    before = kernels.get_num_threads()
+    try:
+        kernels.set_num_threads(threads)
+        for fmt in FORMATS:
+            for m, n, k in [(1, 8 * 37 + 3, 2560 // 8), (17, 250, 700), (128, 64, 320)]:
+                x, codes = case(rng, m, n, k)
+                packed = torch.from_numpy(get_format(fmt).pack(codes))
+                got = kernels.ternary_matmul(torch.from_numpy(x), packed, fmt, n, k)
+                assert np.array_equal(got.numpy(), reference(x, codes))
+    finally:
+        kernels.set_num_threads(before)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_head_kernel_is_exact(path):
+    rng = np.random.default_rng(3)
+    for m, n, k in [(1, 1, 1), (1, 517, 96), (3, 33, 257), (17, 100, 64), (20, 7, 2560)]:
+        x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+        w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
+        got = kernels.int8_matmul(torch.from_numpy(x), torch.from_numpy(w), path=path)
+        assert np.array_equal(got.numpy(), reference(x, w)), (path, m, n, k)
+
+
+def test_activation_shape_and_dtype_are_checked():
+    packed = torch.from_numpy(get_format("i2").pack(np.zeros((4, 10), dtype=np.int8)))
+    with pytest.raises(Exception, match="int8"):
+        kernels.ternary_matmul(torch.zeros(1, 10), packed, "i2", 4, 10)
+    with pytest.raises(Exception, match="10"):
+        kernels.ternary_matmul(torch.zeros(1, 9, dtype=torch.int8), packed, "i2", 4, 10)
+
+
+def test_set_path_rejects_unknown_and_restores_best():
+    with pytest.raises(ConfigError, match="unknown kernel path"):
+        kernels.set_path("neon")
+    assert kernels.set_path("torch") == "torch"
+    assert kernels.set_path(None) == PATHS[0]
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    full_env.pop(kernels.ENV_PATH, None) if kernels.ENV_PATH not in env else None
+    return subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                          env=full_env, timeout=300)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_environment_variable_forces_a_path(path):
+    done = run_python("from bitnet158 import kernels; print(kernels.current_path())", BITNET158_KERNEL=path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == path
+
+
+def test_environment_variable_with_an_unknown_path_is_a_clear_error():
+    done = run_python("from bitnet158 import kernels; kernels.current_path()", BITNET158_KERNEL="sse9")
+    assert done.returncode != 0 and "unknown kernel path 'sse9'" in done.stderr
+
+
+MISSING_EXTENSION_RUN = """
+import warnings, torch
+from bitnet158.config import preset
+from bitnet158.model import Transformer
+from bitnet158.pack import pack_, PackConfig
+from bitnet158 import kernels
+torch.manual_seed(0)
+m = Transformer(preset("tiny", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                       intermediate_size=128, vocab_size=300)).eval()
+tokens = torch.randint(0, 300, (1, 12))
+with torch.no_grad():
+    ref = m(tokens)
+    pack_(m, PackConfig(head="fp32"))
+    out1, out2 = m(tokens), m(tokens)
+print(kernels.current_path(), float((out1 - ref).abs().max()), bool(torch.equal(out1, out2)))
+"""
+
+
+def test_without_the_extension_one_warning_then_the_torch_path():
+    done = run_python(MISSING_EXTENSION_RUN, BITNET158_DISABLE_EXT="1")
+    assert done.returncode == 0, done.stderr
+    path, diff, same = done.stdout.split()
+    assert path == "torch" and float(diff) < 1e-4 and same == "True"
+    warnings = [line for line in done.stderr.splitlines() if "compiled CPU kernels are unavailable" in line]
+    assert len(warnings) == 1, done.stderr
+
+
+def test_pack_tests_pass_without_the_extension():
+    """Issue acceptance: with the extension absent the tests still pass (the pack suite, re-run)."""
+    env = {**os.environ, "BITNET158_DISABLE_EXT": "1",
+           "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop(kernels.ENV_PATH, None)
+    tests = str(Path(__file__).with_name("test_pack.py"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", tests],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
