@@ -19,7 +19,7 @@ from bitnet158.formats import get_format
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PATHS = kernels.available_paths()  # e.g. ["avx2", "scalar", "torch"]
-FORMATS = ["i2", "base3"]
+FORMATS = ["i2", "base3", "lut2"]
 EDGE_M = [1, 2, 3, 17, 128]
 
 

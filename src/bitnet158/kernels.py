@@ -88,7 +88,7 @@ def _self_check(path: str) -> bool:
     ok = True
     if path != "scalar":
         rng = np.random.default_rng(1234)
-        for fmt_name in ("i2", "base3"):
+        for fmt_name in ("i2", "base3", "lut2"):
             fmt = get_format(fmt_name)
             for m, n, k in ((1, 13, 300), (5, 24, 517), (17, 9, 160)):
                 codes = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
