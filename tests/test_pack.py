@@ -41,7 +41,7 @@ def compare(reference: nn.Module, packed: nn.Module, x: torch.Tensor) -> tuple[f
     return (out - ref).abs().max().item() / scale, (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
 
 
-@pytest.mark.parametrize("fmt", ["i2", "base3"])
+@pytest.mark.parametrize("fmt", ["i2", "base3", "lut2"])
 @pytest.mark.parametrize("variant", [
     dict(), dict(tie_embeddings=False), dict(norm_placement="inner"), dict(activation="relu2"),
     dict(mode="b1"), dict(mode="b1", act_quant="tensor"),

@@ -22,11 +22,12 @@ def time_model(model, prompt_tokens: int, decode_tokens: int, repeats: int = 3, 
     if prompt_tokens + decode_tokens > cfg.max_seq_len:
         raise ConfigError(f"{prompt_tokens} + {decode_tokens} tokens exceed the model's context {cfg.max_seq_len}")
     model.eval()
+    dtype = next(model.parameters()).dtype  # the KV cache follows the model (fp32, or bf16 for a bf16 twin)
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_tokens), generator=gen)
     prefill, decode = [], []
     for _ in range(repeats):
-        cache = KVCache(cfg, batch_size=1, max_len=prompt_tokens + decode_tokens)
+        cache = KVCache(cfg, batch_size=1, max_len=prompt_tokens + decode_tokens, dtype=dtype)
         t0 = time.perf_counter()
         logits = model(prompt, cache, last_only=True)
         prefill.append(time.perf_counter() - t0)

@@ -249,3 +249,60 @@ def packed_linear_bytes(model: nn.Module) -> int:
 
 def is_packed(model: nn.Module) -> bool:
     return any(isinstance(m, PackedBitLinear) for m in model.modules())
+
+
+@torch.no_grad()
+def random_packed(config, pack_config: PackConfig | None = None, seed: int = 0, progress: bool = False) -> nn.Module:
+    """A packed Transformer with random ternary codes (uniform over {-1, 0, 1}), unit norms and
+    a random head, built without ever allocating full-precision linear weights: for speed and
+    memory measurements at real shapes (e.g. the 2B4T preset) with no training."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .model import Transformer
+
+    pack_config = (pack_config or PackConfig()).validate()
+    if config.mode == "fp":
+        raise ConfigError("random_packed needs a b158 or b1 config")
+    with torch.device("meta"):
+        model = Transformer(config)
+    build_packed_skeleton(model, pack_config)
+    rng = np.random.default_rng(seed)
+    fmt = get_format(pack_config.format)
+    layers = [m for m in model.modules() if isinstance(m, PackedBitLinear)]
+    for m in tqdm(layers, desc="random packed weights", disable=not progress, leave=False):
+        values = [-1, 1] if config.mode == "b1" else [-1, 0, 1]
+        codes = rng.choice(np.array(values, dtype=np.int8), size=(m.out_features, m.in_features))
+        m.packed = torch.from_numpy(fmt.pack(codes))
+        m.weight_scale = torch.full((1,), 0.02)
+        m.bias = None if m.bias is None else torch.zeros(m.out_features)
+        if m.norm is not None:
+            m.norm.weight = nn.Parameter(torch.ones(m.in_features))
+    for name, module in model.named_modules():
+        if isinstance(module, RMSNorm) and module.weight.is_meta:
+            module.weight = nn.Parameter(torch.ones(module.weight.shape[0]))
+    vocab, hidden = config.vocab_size, config.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+
+    def random_table() -> Int8Table:
+        table = Int8Table(vocab, hidden)
+        table.qweight = torch.randint(-127, 128, (vocab, hidden), dtype=torch.int8, generator=gen)
+        table.row_scale = torch.full((vocab,), 0.02 / 127)
+        return table
+
+    if pack_config.head == "int8":
+        if config.tie_embeddings:
+            table = random_table()
+            model.embed_tokens = Int8Embedding(table)
+            model.lm_head = Int8Head(table, shared=True)
+        else:
+            model.embed_tokens = nn.Embedding(vocab, hidden)
+            model.lm_head = Int8Head(random_table())
+    else:
+        dtype = _float_head_dtype(pack_config.head)
+        model.embed_tokens = nn.Embedding(vocab, hidden, _weight=(torch.randn(vocab, hidden, generator=gen) * 0.02)
+                                          .to(dtype).float())
+        if not config.tie_embeddings:
+            model.lm_head = nn.Linear(hidden, vocab, bias=False)
+    model.init_buffers()
+    return model

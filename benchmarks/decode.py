@@ -1,0 +1,161 @@
+"""Decode and prefill speed, file size and decode memory of a packed model at the exact
+BitNet-b1.58-2B-4T shapes (30 layers, hidden 2560, FFN 6912, 128,256-token tied vocabulary),
+against the same architecture in torch bf16 — all measured in this one run.
+
+No training is needed: the packed model gets random ternary codes (`pack.random_packed`, never
+allocating full-precision linear weights), the bf16 twin random bf16 weights; speed does not
+depend on the values. Each measurement is the median of `--repeats` runs after one warm-up.
+
+    python benchmarks/decode.py                      # 2B4T shapes, i2, 1 and 2 threads
+    python benchmarks/decode.py --preset 700m --format base3 --threads 2
+
+Goals (Packed-inference issue): decode ≥ 4× torch bf16; linear weights ≤ 0.55 GB at 2 bits and
+≤ 0.45 GB at base-3; peak resident memory during decode ≤ 1.15× file size + KV cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bitnet158 import checkpoint, kernels
+from bitnet158.bench import time_model
+from bitnet158.config import preset
+from bitnet158.formats import get_format
+from bitnet158.model import Transformer
+from bitnet158.pack import PackConfig, PackedBitLinear, random_packed
+
+# Runs in a fresh process so its peak RSS is the packed model's alone. The peak is reset
+# (clear_refs 5) after loading: the goal is about decoding, not about the loader's transients.
+MEMORY_PROBE = r"""
+import json, sys, torch
+from bitnet158 import checkpoint
+from bitnet158.bench import time_model
+from bitnet158.cache import KVCache
+path, prompt, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+baseline = status("VmRSS:")  # the interpreter with torch and bitnet158 imported, no model
+model, _ = checkpoint.load(path, with_tokenizer=False)
+after_load = status("VmRSS:")
+try:
+    open("/proc/self/clear_refs", "w").write("5")
+    reset = True
+except OSError:
+    reset = False
+t = time_model(model, prompt, tokens, repeats=1)
+kv = KVCache(model.config, max_len=prompt + tokens).nbytes
+print(json.dumps({"rss_baseline": baseline, "rss_after_load": after_load, "peak_decode": status("VmHWM:"), "peak_reset": reset,
+                  "kv_bytes": kv, **t}))
+"""
+
+
+def bf16_twin(config) -> Transformer:
+    """The same architecture as a plain bf16 model (fp linear layers, random weights)."""
+    with torch.device("meta"):
+        model = Transformer(config.twin("fp"))
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    model.init_buffers()
+    return model.to(torch.bfloat16).eval()
+
+
+def linear_bytes(config, fmt: str) -> int:
+    with torch.device("meta"):
+        model = Transformer(config)
+    return sum(get_format(fmt).packed_nbytes(m.out_features, m.in_features)
+               for m in model.modules() if hasattr(m, "quantized_weight"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="2b4t")
+    ap.add_argument("--format", default="i2")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--prompt", type=int, default=64, help="prefill length (tokens)")
+    ap.add_argument("--tokens", type=int, default=8, help="decode steps timed")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 twin")
+    ap.add_argument("--json", help="write every figure here")
+    args = ap.parse_args()
+
+    cfg = preset(args.preset)
+    results: dict = {"preset": args.preset, "format": args.format, "kernel": kernels.current_path(),
+                     "cpu_features": kernels.cpu_features(), "prompt": args.prompt, "tokens": args.tokens}
+    print(f"preset {args.preset}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, "
+          f"vocab {cfg.vocab_size}; packed {args.format} with int8 head; kernel path {kernels.current_path()}")
+
+    t0 = time.perf_counter()
+    packed = random_packed(cfg, PackConfig(format=args.format), progress=True)
+    print(f"built the random packed model in {time.perf_counter() - t0:.0f}s")
+    sizes = {fmt: linear_bytes(cfg, fmt) for fmt in ("i2", "base3")}
+    n_linear = sum(m.in_features * m.out_features for m in packed.modules() if isinstance(m, PackedBitLinear))
+    print(f"linear weights: {n_linear / 1e9:.2f}B parameters; i2 {sizes['i2'] / 1e9:.3f} GB "
+          f"(goal ≤ 0.55), base3 {sizes['base3'] / 1e9:.3f} GB (goal ≤ 0.45); fp16 would be {2 * n_linear / 1e9:.2f} GB")
+    results["linear_bytes"] = sizes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = checkpoint.save_packed(packed, Path(tmp) / "packed")
+        file_size = sum(f.stat().st_size for f in out.iterdir())
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(int(t) for t in args.threads.split(",")))}
+        probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(out), str(args.prompt), str(args.tokens)],
+                               capture_output=True, text=True, env=env)
+    if probe.returncode != 0:
+        print(f"memory probe failed: {probe.stderr.strip().splitlines()[-1]}")
+    else:
+        mem = json.loads(probe.stdout.strip().splitlines()[-1])
+        budget = 1.15 * file_size + mem["kv_bytes"]
+        print(f"packed directory {file_size / 1e9:.3f} GB; peak RSS while decoding {mem['peak_decode'] / 1e9:.3f} GB "
+              f"(after load {mem['rss_after_load'] / 1e9:.3f} GB; KV cache {mem['kv_bytes'] / 1e6:.1f} MB) = "
+              f"{mem['peak_decode'] / (file_size + mem['kv_bytes']):.2f}× file + KV "
+              f"(goal ≤ 1.15×: {'met' if mem['peak_decode'] <= budget else 'not met'})"
+              + ("" if mem["peak_reset"] else " [peak not resettable here: includes loading]"))
+        model_peak = mem["peak_decode"] - mem["rss_baseline"]
+        print(f"  of which the interpreter with torch imported (no model) is {mem['rss_baseline'] / 1e9:.3f} GB; "
+              f"the model's own peak {model_peak / 1e9:.3f} GB = {model_peak / (file_size + mem['kv_bytes']):.2f}× file + KV")
+        results.update(file_bytes=file_size, memory=mem)
+
+    twin = None if args.no_bf16 else bf16_twin(cfg)
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        kernels.set_num_threads(threads)
+        row = {"threads": threads, "packed": time_model(packed, args.prompt, args.tokens, args.repeats)}
+        if twin is not None:
+            row["bf16"] = time_model(twin, args.prompt, args.tokens, args.repeats)
+        rows.append(row)
+    results["speed"] = rows
+
+    print(f"\n{'threads':>7} {'model':<8} {'decode tok/s':>12} {'prefill tok/s':>13}")
+    for row in rows:
+        for name in ("packed", "bf16"):
+            if name in row:
+                t = row[name]
+                print(f"{row['threads']:>7} {name:<8} {1 / t['decode_s']:12.2f} {args.prompt / t['prefill_s']:13.1f}")
+        if "bf16" in row:
+            dec = row["bf16"]["decode_s"] / row["packed"]["decode_s"]
+            pre = row["bf16"]["prefill_s"] / row["packed"]["prefill_s"]
+            row["decode_ratio"], row["prefill_ratio"] = dec, pre
+            print(f"{'':>7} {'ratio':<8} {dec:11.2f}× {pre:12.2f}×   (decode goal ≥ 4×: {'met' if dec >= 4 else 'not met'})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
