@@ -1,0 +1,477 @@
+"""µs per layer call of our packed-ternary kernels against torch F.linear (fp32 and bf16), one run.
+
+What is measured
+----------------
+For every weight shape W [N, K] of BitNet-b1.58-2B-4T (2560×2560 q/o, 640×2560 k/v, 6912×2560
+gate/up, 2560×6912 down), every batch size M (1 = a decode step, 128 = a prefill chunk) and every
+thread count:
+
+- **our variants**: every packed format registered in ``bitnet158.formats.FORMATS`` × every kernel
+  path of ``kernels.available_paths()`` except ``torch`` (and ``scalar`` unless ``--paths`` names
+  it). One call is what a packed layer does per call: ``kernels.ternary_matmul`` with int8
+  activations [M, K] in and int32 [M, N] out (a fresh output tensor each call, the Python API's
+  checks included). **Activation quantization (absmax → int8) and the scale multiply are not
+  included.**
+- **torch**: ``F.linear(x, W)`` with x and W both fp32, then both bf16 (output in the same dtype).
+
+Every call reads a weight matrix that is not in cache, as in a real decode step where ~200 distinct
+matrices pass by: each variant holds enough copies of its weights (packed bytes, or the torch
+tensors) that their total exceeds ``--llc-multiple`` × the last-level cache (read from sysfs), and
+calls cycle through them. Variants are interleaved within each round (and their order rotated from
+round to round) so that machine noise hits all of them alike; a round times a block of calls of one
+variant (enough calls to last ~``--round-ms``) and the table shows the median µs per call over rounds.
+Before timing, every variant's output is checked against an exact fp32 reference.
+
+The same run measures the machine's memory read bandwidth (``kernels.memory_read_bandwidth``, a
+streaming read of a buffer far larger than the caches, best of several) for each thread count, at the
+start, after each shape and at the end; the best probe is the ceiling. For M = 1 it prints the weight
+bytes read per second as a fraction of it, for our packed bytes and (as a sanity check of the probe)
+for torch's dense weights. Goals (issue, acceptance points 3 and 4): M = 1 ≥ 6× faster than torch
+bf16; M = 128 faster than torch bf16; weight bytes/s on the largest shape ≥ 85 % of the bandwidth.
+
+How to run
+----------
+    python benchmarks/kernels.py                       # all shapes, M = 1 and 128, 1 and 2 threads
+    python benchmarks/kernels.py --quick               # fewer rounds and copies (a smoke run)
+    python benchmarks/kernels.py --shapes 6912x2560 --m 1 --threads 1,2 --json out.json
+    python benchmarks/kernels.py --paths avx2,scalar   # add the scalar oracle (slow)
+
+Every figure printed comes from this run; ``--json`` writes them all for a report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import glob
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bitnet158 import kernels
+from bitnet158.formats import FORMATS, get_format
+
+# BitNet-b1.58-2B-4T: hidden 2560, 5 KV heads × 128 = 640, FFN 6912. W is [N = out, K = in].
+DEFAULT_SHAPES = "2560x2560,640x2560,6912x2560,2560x6912"
+DEFAULT_M = "1,128"
+DEFAULT_THREADS = "1,2"
+DEFAULT_ROUNDS = 21
+QUICK_ROUNDS = 5
+DEFAULT_LLC_MULTIPLE = 4.0
+QUICK_LLC_MULTIPLE = 2.0
+FALLBACK_LLC = 32 << 20
+GOAL_M1_SPEEDUP = 6.0
+GOAL_M128_SPEEDUP = 1.0
+GOAL_BW_FRACTION = 0.85
+
+
+# ---- machine ------------------------------------------------------------------------------------
+def _parse_size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * mult
+
+
+def last_level_cache() -> tuple[int, str]:
+    """Bytes of the highest-level data/unified cache of cpu0, and where the figure came from."""
+    best_level, best_size = -1, 0
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(d, "type")) as f:
+                if f.read().strip() == "Instruction":
+                    continue
+            with open(os.path.join(d, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(d, "size")) as f:
+                size = _parse_size(f.read())
+        except (OSError, ValueError):
+            continue
+        if level > best_level or (level == best_level and size > best_size):
+            best_level, best_size = level, size
+    if best_size <= 0:
+        return FALLBACK_LLC, "fallback (sysfs unreadable)"
+    return best_size, f"L{best_level} from sysfs"
+
+
+def mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    kernels.set_num_threads(n)
+
+
+# ---- variants -----------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    name: str               # "i2/avx2", "torch fp32", ...
+    kind: str               # "ours" | "torch"
+    bytes_per_copy: int     # weight bytes one call reads
+    copies: list = field(default_factory=list)
+    call: Callable[[int, int], object] | None = None  # (copy index, M) -> output
+    next_copy: int = 0
+
+    def run(self, m: int, calls: int) -> float:
+        """Seconds per call over `calls` calls, each on the next copy of the weights."""
+        n = len(self.copies)
+        i = self.next_copy
+        call = self.call
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call(i, m)
+            i = i + 1 if i + 1 < n else 0
+        dt = time.perf_counter() - t0
+        self.next_copy = i
+        return dt / calls
+
+
+def n_copies(bytes_per_copy: int, target: int) -> int:
+    return max(2, math.ceil(target / bytes_per_copy))
+
+
+def build_variants(n: int, k: int, ms: list[int], formats: list[str], paths: list[str],
+                   target_bytes: int, mem_cap: int, rng: np.random.Generator):
+    """Weights for one shape: per variant enough distinct copies to exceed `target_bytes`."""
+    codes = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
+    xq = {m: torch.from_numpy(rng.integers(-127, 128, size=(m, k), dtype=np.int8)) for m in ms}
+    xf = {m: xq[m].to(torch.float32) * 0.01 for m in ms}  # any values: dense kernels are data-blind
+    xb = {m: xf[m].to(torch.bfloat16) for m in ms}
+
+    plan = []  # (name, kind, bytes_per_copy, fmt, path)
+    for fmt in formats:
+        nb = get_format(fmt).packed_nbytes(n, k)
+        for path in paths:
+            plan.append((f"{fmt}/{path}", "ours", nb, fmt, path))
+    plan.append(("torch fp32", "torch", n * k * 4, None, torch.float32))
+    plan.append(("torch bf16", "torch", n * k * 2, None, torch.bfloat16))
+
+    counts = [n_copies(p[2], target_bytes) for p in plan]
+    total = sum(c * p[2] for c, p in zip(counts, plan))
+    scale = 1.0
+    if total > mem_cap:  # shrink every variant alike, never below 2 copies
+        scale = mem_cap / total
+        counts = [max(2, int(c * scale)) for c in counts]
+
+    variants: list[Variant] = []
+    packed_once: dict[str, np.ndarray] = {}
+    for (name, kind, nb, fmt, extra), count in zip(plan, counts):
+        v = Variant(name, kind, nb)
+        if kind == "ours":
+            if fmt not in packed_once:
+                packed_once[fmt] = get_format(fmt).pack(codes)
+            # Distinct buffers with the same bytes: caches key on addresses, not contents.
+            v.copies = [torch.from_numpy(packed_once[fmt].copy()) for _ in range(count)]
+
+            def call(i, m, v=v, fmt=fmt, path=extra):
+                return kernels.ternary_matmul(xq[m], v.copies[i], fmt, n, k, path=path)
+        else:
+            w = torch.from_numpy(codes).to(extra) * 0.02
+            v.copies = [w.clone() for _ in range(count)]
+            x = xf if extra == torch.float32 else xb
+
+            def call(i, m, v=v, x=x):
+                return F.linear(x[m], v.copies[i])
+        v.call = call
+        variants.append(v)
+    return variants, codes, xq, scale
+
+
+def check_outputs(variants: list[Variant], codes: np.ndarray, xq: dict, ms: list[int]) -> None:
+    """Each variant against the exact product (fp32 is exact: |sums| < 2**24 for these K)."""
+    w = torch.from_numpy(codes).to(torch.float32)
+    for m in ms:
+        ref = xq[m].to(torch.float32) @ w.T
+        for v in variants:
+            got = v.call(0, m)
+            if v.kind == "ours":
+                ok = torch.equal(got, ref.to(torch.int32))
+            else:  # torch uses scaled weights/activations; check it computes the same product
+                want = ref * (0.01 * 0.02)
+                tol = 1e-4 if got.dtype == torch.float32 else 5e-2
+                ok = torch.allclose(got.float(), want, rtol=tol, atol=tol * float(want.abs().max()))
+            if not ok:
+                raise SystemExit(f"error: {v.name} gives wrong results at M={m}, W {tuple(codes.shape)}")
+
+
+# ---- measurement --------------------------------------------------------------------------------
+def time_block(variants: list[Variant], m: int, rounds: int, round_s: float) -> dict[str, list[float]]:
+    """Interleaved rounds; returns seconds per call, one sample per round, per variant."""
+    calls = {}
+    for v in variants:  # calibrate (and warm up the code paths, thread pools, allocator)
+        v.run(m, 1)
+        t = v.run(m, 2)
+        calls[v.name] = max(1, min(len(v.copies) * 4, math.ceil(round_s / max(t, 1e-9))))
+    samples: dict[str, list[float]] = {v.name: [] for v in variants}
+    for r in range(rounds):
+        shift = r % len(variants)
+        for v in variants[shift:] + variants[:shift]:
+            samples[v.name].append(v.run(m, calls[v.name]))
+    return samples
+
+
+def measure_bandwidth(threads: list[int]) -> dict[int, float]:
+    out = {}
+    for t in threads:
+        # read_sum splits the buffer over min(threads, pool size): set the pool first.
+        set_threads(t)
+        out[t] = kernels.memory_read_bandwidth(threads=t)
+    return out
+
+
+# ---- report -------------------------------------------------------------------------------------
+def fmt_shape(n: int, k: int) -> str:
+    return f"{n}×{k}"
+
+
+def print_tables(results: dict, shapes, ms, threads, ours: list[str], rounds: int) -> dict:
+    """One table per (M, threads); returns best-of-ours per (shape, M, threads)."""
+    best = {}
+    cols = ours + ["torch fp32", "torch bf16"]
+    width = max(11, *(len(c) + 1 for c in cols))
+    for m in ms:
+        for t in threads:
+            print(f"\nM = {m}, threads = {t}: µs per call (median of {rounds} rounds; lower is better)")
+            head = f"{'W [N×K]':<11}" + "".join(f"{c:>{width}}" for c in cols)
+            head += f"  | {'best of ours':<16}{'× vs bf16':>10}{'× vs fp32':>10}"
+            print(head)
+            print("-" * len(head))
+            for n, k in shapes:
+                row = results[(n, k, m, t)]
+                line = f"{fmt_shape(n, k):<11}" + "".join(f"{row[c]['median_us']:>{width}.1f}" for c in cols)
+                b = min(ours, key=lambda c: row[c]["median_us"])
+                sb = row["torch bf16"]["median_us"] / row[b]["median_us"]
+                sf = row["torch fp32"]["median_us"] / row[b]["median_us"]
+                best[(n, k, m, t)] = (b, sb, sf)
+                print(line + f"  | {b:<16}{sb:>10.2f}{sf:>10.2f}")
+    return best
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of NxK (W is [N, K])")
+    ap.add_argument("--m", default=DEFAULT_M, help="comma list of batch sizes M")
+    ap.add_argument("--threads", default=DEFAULT_THREADS, help="comma list of thread counts")
+    ap.add_argument("--rounds", type=int,
+                    help=f"timed rounds per variant (default {DEFAULT_ROUNDS}, --quick {QUICK_ROUNDS})")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and fewer weight copies")
+    ap.add_argument("--paths", help="comma list of kernel paths (default: all available but torch, scalar)")
+    ap.add_argument("--formats", help="comma list of packed formats (default: all registered)")
+    ap.add_argument("--llc-multiple", type=float,
+                    help=f"weight bytes per variant / last-level cache (default {DEFAULT_LLC_MULTIPLE:g}, "
+                         f"--quick {QUICK_LLC_MULTIPLE:g})")
+    ap.add_argument("--round-ms", type=float, default=20.0, help="target duration of one timed block")
+    ap.add_argument("--mem-cap-gb", type=float,
+                    help="most GB of weight copies held at once (default: half of MemAvailable, ≤ 8)")
+    ap.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
+    args = ap.parse_args()
+    args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    args.m = [int(v) for v in args.m.split(",")]
+    args.threads = [int(v) for v in args.threads.split(",")]
+    args.rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    args.llc_multiple = args.llc_multiple or (QUICK_LLC_MULTIPLE if args.quick else DEFAULT_LLC_MULTIPLE)
+    available = kernels.available_paths()
+    if args.paths:
+        args.paths = args.paths.split(",")
+        for p in args.paths:
+            if p not in available or p == kernels.TORCH_PATH:
+                raise SystemExit(f"error: kernel path {p!r} not available here (have {', '.join(available)}; "
+                                 f"torch F.linear is always measured)")
+    else:
+        args.paths = [p for p in available if p not in (kernels.TORCH_PATH, "scalar")]
+    if not args.paths:
+        raise SystemExit("error: no native kernel path to measure (is the extension built?)")
+    args.formats = args.formats.split(",") if args.formats else list(FORMATS)
+    unknown = [f for f in args.formats if f not in FORMATS]
+    if unknown:
+        raise SystemExit(f"error: unknown packed format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
+    return args
+
+
+def measure_all(args, llc: int, t_start: float) -> tuple[dict, dict, list]:
+    """Every (shape, M, threads) block; returns results, copies per variant and bandwidth probes."""
+    target = int(args.llc_multiple * llc)
+    mem_cap = int(args.mem_cap_gb * (1 << 30)) if args.mem_cap_gb else min(8 << 30, mem_available() // 2)
+    probes = [measure_bandwidth(args.threads)]
+    print("memory read bandwidth (start): " + ", ".join(f"{t} thr {probes[0][t] / 1e9:.1f} GB/s"
+                                                        for t in args.threads))
+    rng = np.random.default_rng(0)
+    results: dict = {}
+    copies: dict = {}
+    for n, k in args.shapes:
+        variants, codes, xq, scale = build_variants(n, k, args.m, args.formats, args.paths, target,
+                                                    mem_cap, rng)
+        set_threads(args.threads[0])
+        check_outputs(variants, codes, xq, args.m)
+        copies[fmt_shape(n, k)] = {v.name: len(v.copies) for v in variants}
+        lo = min(len(v.copies) * v.bytes_per_copy for v in variants)
+        note = ""
+        if scale < 1:
+            note = f" (memory cap: copies scaled ×{scale:.2f}; smallest set {lo / llc:.1f}× LLC)"
+        print(f"[{time.perf_counter() - t_start:6.1f} s] W {fmt_shape(n, k)} (load average "
+              f"{os.getloadavg()[0]:.2f}): copies "
+              + ", ".join(f"{v.name} {len(v.copies)}" for v in variants) + note, file=sys.stderr)
+        for t in args.threads:
+            set_threads(t)
+            for m in args.m:
+                print(f"[{time.perf_counter() - t_start:6.1f} s]   timing M = {m}, {t} thr", file=sys.stderr)
+                samples = time_block(variants, m, args.rounds, args.round_ms / 1e3)
+                results[(n, k, m, t)] = {
+                    v.name: {"kind": v.kind, "median_us": statistics.median(samples[v.name]) * 1e6,
+                             "min_us": min(samples[v.name]) * 1e6,
+                             "samples_us": [s * 1e6 for s in samples[v.name]],
+                             "weight_bytes": v.bytes_per_copy, "copies": len(v.copies)}
+                    for v in variants}
+        del variants, codes, xq
+        gc.collect()
+        # Probe again between shapes: the machine's load drifts, and the best probe is the ceiling.
+        probes.append(measure_bandwidth(args.threads))
+    return results, copies, probes
+
+
+def print_bandwidth_fractions(results: dict, args, cols: list[str], bw: dict) -> dict:
+    """M = 1: weight bytes read per second / read bandwidth, per shape, threads and variant."""
+    frac: dict = {}
+    print("\nM = 1: weight bytes read per second, and as a fraction of the read bandwidth (best probe: "
+          + ", ".join(f"{t} thr {bw[t] / 1e9:.1f} GB/s" for t in args.threads) + ")")
+    head = f"{'W [N×K]':<11}{'thr':>4}  " + "".join(f"{c:>22}" for c in cols)
+    print(head)
+    print("-" * len(head))
+    for n, k in args.shapes:
+        for t in args.threads:
+            row = results[(n, k, 1, t)]
+            cells = ""
+            for c in cols:
+                rate = row[c]["weight_bytes"] / (row[c]["median_us"] * 1e-6)
+                frac[(n, k, t, c)] = (rate, rate / bw[t])
+                cells += f"{rate / 1e9:>10.1f} GB/s {100 * rate / bw[t]:>5.1f} %"
+            print(f"{fmt_shape(n, k):<11}{t:>4}  " + cells)
+    return frac
+
+
+def print_goals(args, best: dict, frac: dict, ours: list[str], bw: dict) -> list[dict]:
+    print("\nsummary (best of our variants per shape; the worst shape decides)")
+    goals = []
+
+    def speed_goal(m: int, label: str, met_if: Callable[[float], bool]) -> None:
+        for t in args.threads:
+            worst = min(args.shapes, key=lambda s: best[(s[0], s[1], m, t)][1])
+            b, sb, _ = best[(worst[0], worst[1], m, t)]
+            met = met_if(sb)
+            goals.append({"goal": label, "threads": t, "met": met, "worst_shape": fmt_shape(*worst),
+                          "worst_speedup": sb, "best_variant": b,
+                          "speedups": {fmt_shape(n, k): best[(n, k, m, t)][1] for n, k in args.shapes}})
+            print(f"  {label}, {t} thr: {'MET' if met else 'NOT MET'} — worst {fmt_shape(*worst)} "
+                  f"{sb:.2f}× ({b}); all: " + ", ".join(f"{fmt_shape(n, k)} {best[(n, k, m, t)][1]:.2f}×"
+                                               for n, k in args.shapes))
+
+    if 1 in args.m:
+        speed_goal(1, f"M = 1 ≥ {GOAL_M1_SPEEDUP:g}× faster than torch bf16",
+                   lambda s: s >= GOAL_M1_SPEEDUP)
+    if 128 in args.m:
+        speed_goal(128, "M = 128 faster than torch bf16", lambda s: s > GOAL_M128_SPEEDUP)
+    if 1 in args.m:
+        big = max(n * k for n, k in args.shapes)
+        big_shapes = [(n, k) for n, k in args.shapes if n * k == big]
+        where = " / ".join(fmt_shape(*s) for s in big_shapes)
+        label = f"M = 1 weight bytes/s ≥ {100 * GOAL_BW_FRACTION:.0f} % of read bandwidth"
+        for t in args.threads:
+            fr = {c: min(frac[(n, k, t, c)][1] for n, k in big_shapes) for c in ours}  # the slower shape
+            b = max(ours, key=lambda c: fr[c])
+            met = fr[b] >= GOAL_BW_FRACTION
+            goals.append({"goal": label, "threads": t, "met": met, "shapes": where, "best_variant": b,
+                          "fraction": fr[b], "bandwidth_Bps": bw[t], "per_variant": fr})
+            print(f"  {label}, {t} thr: {'MET' if met else 'NOT MET'} — {b} {100 * fr[b]:.1f} % of "
+                  f"{bw[t] / 1e9:.1f} GB/s on {where} (slower shape); all: "
+                  + ", ".join(f"{c} {100 * fr[c]:.1f} %" for c in ours))
+    return goals
+
+
+def main() -> None:
+    args = parse_args()
+    ours = [f"{f}/{p}" for f in args.formats for p in args.paths]
+    cols = ours + ["torch fp32", "torch bf16"]
+    llc, llc_src = last_level_cache()
+
+    print(__doc__.splitlines()[0])
+    print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, last-level cache "
+          f"{llc / (1 << 20):.0f} MiB ({llc_src}); torch {torch.__version__}; numpy {np.__version__}")
+    print(f"kernel paths available: {', '.join(kernels.available_paths())} "
+          f"(default {kernels.current_path()}); measured: {', '.join(args.paths)}; formats: "
+          + ", ".join(f"{f} ({get_format(f).bits_per_weight:g} bit/w)" for f in args.formats))
+    print("ours: kernels.ternary_matmul, int8 x [M, K] in, int32 [M, N] out (activation quantization "
+          "NOT included); torch: F.linear fp32×fp32 and bf16×bf16")
+    print(f"weights cycled per variant: > {args.llc_multiple:g}× LLC = "
+          f"{args.llc_multiple * llc / (1 << 20):.0f} MiB; rounds {args.rounds}; "
+          f"threads set with torch.set_num_threads and kernels.set_num_threads")
+
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    results, copies, probes = measure_all(args, llc, t_start)
+    bw = {t: max(p[t] for p in probes) for t in args.threads}
+    print("memory read bandwidth (end):   " + ", ".join(f"{t} thr {probes[-1][t] / 1e9:.1f} GB/s"
+                                                        for t in args.threads))
+    print(f"memory read bandwidth (best of {len(probes)} probes, used below): "
+          + ", ".join(f"{t} thr {bw[t] / 1e9:.1f} GB/s" for t in args.threads))
+    print(f"total run time {time.perf_counter() - t_start:.0f} s; 1-min load average at start "
+          f"{load_start:.2f}, at end {os.getloadavg()[0]:.2f} (other processes skew the timings)")
+
+    best = print_tables(results, args.shapes, args.m, args.threads, ours, args.rounds)
+    frac = print_bandwidth_fractions(results, args, cols, bw) if 1 in args.m else {}
+    goals = print_goals(args, best, frac, ours, bw)
+
+    if args.json:
+        doc = {
+            "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "llc_bytes": llc,
+                        "llc_source": llc_src, "torch": torch.__version__, "numpy": np.__version__,
+                        "kernel_paths": kernels.available_paths(), "cpu_features": kernels.cpu_features()},
+            "config": {"shapes": [list(s) for s in args.shapes], "m": args.m, "threads": args.threads,
+                       "rounds": args.rounds, "llc_multiple": args.llc_multiple, "round_ms": args.round_ms,
+                       "paths": args.paths, "formats": args.formats, "quick": args.quick, "copies": copies,
+                       "note": "ours: int8 activations in, int32 out; activation quantization not included"},
+            "bandwidth_Bps": {"probes": probes, "best": bw},
+            "results": [{"n": n, "k": k, "m": m, "threads": t, "variant": name, **vals}
+                        for (n, k, m, t), row in results.items() for name, vals in row.items()],
+            "bandwidth_fraction_m1": [{"n": n, "k": k, "threads": t, "variant": c, "bytes_per_s": r,
+                                       "fraction": f_} for (n, k, t, c), (r, f_) in frac.items()],
+            "goals": goals,
+        }
+        existed = os.path.exists(args.json)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, args.json)  # atomic: a reader never sees half a file
+        print(f"\n{'overwrote' if existed else 'wrote'} {args.json}")
+
+
+if __name__ == "__main__":
+    main()
