@@ -81,6 +81,11 @@ inline void flush(__m256i aw, __m256i ao, __m256i ah, __m256i* acc) {
     acc[3] = _mm256_add_epi32(acc[3], _mm256_srai_epi32(o, 16));
 }
 
+#ifndef BN158_LUT_PF
+#define BN158_LUT_PF 1024
+#endif
+constexpr int64_t kPrefetchBytes = BN158_LUT_PF;
+
 // acc[8] (+)= the sums over np pairs of one tile's records `wp` with tables `tab`.
 inline void tile_pairs(const uint8_t* wp, const uint8_t* tab, int64_t np, __m256i acc[8]) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -91,6 +96,7 @@ inline void tile_pairs(const uint8_t* wp, const uint8_t* tab, int64_t np, __m256
         const uint8_t* t = tab + b0 * 32;
 #pragma GCC unroll 4
         for (int64_t i = 0; i < nb; ++i, w += kPairBytes, t += 32) {
+            _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes, _MM_HINT_T0);  // out-run DRAM latency
             const __m256i q = ld(w);
             const __m256i tl = bcast16(t), th = bcast16(t + 16);
             const __m256i i0 = _mm256_and_si256(q, m4);                         // rows 0..31
