@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bitnet158 import checkpoint, kernels
-from bitnet158.bench import time_model
+from bitnet158.bench import time_model, use_kernel_threads
 from bitnet158.config import preset
 from bitnet158.formats import get_format
 from bitnet158.model import Transformer
@@ -47,6 +47,7 @@ def status(key):
             return int(line.split()[1]) * 1024
 baseline = status("VmRSS:")  # the interpreter with torch and bitnet158 imported, no model
 model, _ = checkpoint.load(path, with_tokenizer=False)
+torch.set_num_threads(1)
 after_load = status("VmRSS:")
 try:
     open("/proc/self/clear_refs", "w").write("5")
@@ -134,10 +135,10 @@ def main() -> None:
     twin = None if args.no_bf16 else bf16_twin(cfg)
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
-        torch.set_num_threads(threads)
-        kernels.set_num_threads(threads)
+        use_kernel_threads(threads)  # packed: the kernel pool gets the cores, torch ops one thread
         row = {"threads": threads, "packed": time_model(packed, args.prompt, args.tokens, args.repeats)}
         if twin is not None:
+            torch.set_num_threads(threads)
             row["bf16"] = time_model(twin, args.prompt, args.tokens, args.repeats)
         rows.append(row)
     results["speed"] = rows

@@ -3,7 +3,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -86,6 +88,53 @@ py::array_t<int32_t> py_int8_matmul(py::array x, py::array w, const std::string&
     return out;
 }
 
+// A whole BitLinear after its norm, in one call: per-token (or per-tensor) absmax int8
+// quantization of fp32 x, the exact integer product, both scales applied after. The arithmetic is
+// written to round exactly like bitnet158.quant (fp32: inv = 127 / absmax, nearbyint = half to
+// even, clamp; scale = absmax / 127 · w_scale), so this path and the torch one agree bit for bit.
+py::array_t<float> py_bitlinear(py::array_t<float, py::array::c_style | py::array::forcecast> x, py::array w,
+                                const std::string& fmt, int64_t N, int64_t K, float w_scale, bool per_token,
+                                const std::string& path) {
+    const Format f = parse_format(fmt);
+    if (x.ndim() != 2 || x.shape(1) != K) throw py::value_error("x must have shape [M, K] with K = " + std::to_string(K));
+    if (!w.dtype().is(py::dtype::of<uint8_t>()) || !(w.flags() & py::array::c_style) || w.size() != packed_nbytes(f, N, K))
+        throw py::value_error("packed weights do not match the format and shape");
+    const KernelTable* kt = path.empty() ? &current_table() : table_by_name(path);
+    if (!kt || !path_supported(kt->name)) throw py::value_error("kernel path '" + path + "' is not available");
+    const int64_t M = x.shape(0);
+    py::array_t<float> out({M, N});
+    const float* xp = x.data();
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data());
+    float* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        std::vector<int8_t> q(size_t(M * K));
+        std::vector<float> scale(static_cast<size_t>(M));
+        auto absmax_of = [&](int64_t m0, int64_t m1) {
+            float a = 0.0f;
+            for (int64_t i = m0 * K; i < m1 * K; ++i) a = std::max(a, std::fabs(xp[i]));
+            return std::max(a, 1e-5f);
+        };
+        const float tensor_max = per_token ? 0.0f : absmax_of(0, M);
+        for (int64_t m = 0; m < M; ++m) {
+            const float amax = per_token ? absmax_of(m, m + 1) : tensor_max;
+            const float inv = 127.0f / amax;
+            const float* r = xp + m * K;
+            int8_t* d = q.data() + m * K;
+            for (int64_t k = 0; k < K; ++k) {
+                const float v = std::nearbyint(r[k] * inv);
+                d[k] = int8_t(std::min(127.0f, std::max(-128.0f, v)));
+            }
+            scale[size_t(m)] = (amax / 127.0f) * w_scale;
+        }
+        std::vector<int32_t> acc(size_t(M * N));
+        matmul(*kt, f, q.data(), M, K, wp, N, acc.data());
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) op[m * N + n] = float(acc[size_t(m * N + n)]) * scale[size_t(m)];
+    }
+    return out;
+}
+
 uint64_t py_read_sum(py::array buf, int nthreads) {
     if (!buf.dtype().is(py::dtype::of<uint8_t>()) || !(buf.flags() & py::array::c_style))
         throw py::value_error("buffer must be a contiguous uint8 array");
@@ -122,6 +171,9 @@ PYBIND11_MODULE(_C, m) {
           "out[M, N] = x[M, K] (int8) @ W[N, K]^T with W packed; exact int32.");
     m.def("int8_matmul", &py_int8_matmul, py::arg("x"), py::arg("w"), py::arg("path") = "",
           "out[M, N] = x[M, K] (int8) @ w[N, K]^T (int8, in [-127, 127]); exact int32.");
+    m.def("bitlinear", &py_bitlinear, py::arg("x"), py::arg("w"), py::arg("fmt"), py::arg("N"), py::arg("K"),
+          py::arg("w_scale"), py::arg("per_token") = true, py::arg("path") = "",
+          "y[M, N] = absmax_int8(x) @ W^T * scales: a packed BitLinear after its norm, fp32 in and out.");
     m.def("packed_nbytes", [](const std::string& f, int64_t N, int64_t K) { return packed_nbytes(parse_format(f), N, K); });
     m.def("cpu_features", [] {
         const CpuFeatures& f = cpu_features();

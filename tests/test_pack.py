@@ -67,6 +67,25 @@ def test_packed_model_matches_training_form(fmt, variant):
             assert gap < 1e-5, f"{name}: relative gap {gap:.2e} exceeds float summation order"
 
 
+@pytest.mark.parametrize("act_quant", ["token", "tensor"])
+def test_native_and_torch_paths_agree_bit_for_bit(act_quant):
+    """The one-call native BitLinear rounds exactly like the torch route it replaces."""
+    torch.manual_seed(0)
+    layer = BitLinear(300, 70, act_quant=act_quant)
+    packed = PackedBitLinear.from_bitlinear(layer, "i2")
+    x = torch.randn(5, 300) * 3
+    x[1, 7] = 0.5 * 127 / 3  # a value that may land on a rounding tie
+    outputs = {}
+    for path in kernels.available_paths():
+        kernels.set_path(path)
+        with torch.no_grad():
+            outputs[path] = packed(x)
+    kernels.set_path(None)
+    first = next(iter(outputs.values()))
+    for path, out in outputs.items():
+        assert torch.equal(out, first), path
+
+
 def test_packed_layer_equals_a_hand_computed_example():
     layer = BitLinear(4, 2, mode="b158")
     with torch.no_grad():

@@ -39,12 +39,22 @@ def time_model(model, prompt_tokens: int, decode_tokens: int, repeats: int = 3, 
     return {"prefill_s": statistics.median(prefill), "decode_s": statistics.median(decode)}
 
 
+def use_kernel_threads(threads: int | None = None) -> int:
+    """For packed inference: the kernels' pool gets the cores and torch's own ops run on one
+    thread. Both at N threads fight over the cores — torch's OpenMP workers spin after each small
+    op while the pool wants the same cores — and decode ran 2-3× slower that way on 2 cores."""
+    n = threads or max(kernels.get_num_threads(), torch.get_num_threads())
+    kernels.set_num_threads(n)
+    torch.set_num_threads(1)
+    return n
+
+
 def run_bench(path: str, prompt_tokens: int = 128, decode_tokens: int = 64, threads: int | None = None,
               log=print) -> dict[str, float]:
     model, _ = checkpoint.load(path, with_tokenizer=False)
-    if threads:
-        kernels.set_num_threads(threads)
     packing = getattr(model, "packing", None)
+    if packing is not None:
+        use_kernel_threads(threads)
     what = f"packed {packing.format}, head {packing.head}, kernel {kernels.current_path()}" if packing \
         else f"training form ({model.config.mode}, torch fp32)"
     t = time_model(model, prompt_tokens, decode_tokens)

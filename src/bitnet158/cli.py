@@ -89,9 +89,9 @@ def cmd_generate(args) -> int:
 
     _threads(args.threads)
     model, tokenizer = checkpoint.load(args.checkpoint)
-    if getattr(model, "packing", None) is not None and args.threads:
-        from . import kernels
-        kernels.set_num_threads(args.threads)
+    if getattr(model, "packing", None) is not None:
+        from .bench import use_kernel_threads
+        use_kernel_threads(args.threads)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json beside the weights")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -180,6 +180,19 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, n: int, k: i
     return out if out is not None else torch.from_numpy(res)
 
 
+def bitlinear(x: torch.Tensor, packed: torch.Tensor, fmt: str, n: int, k: int, w_scale: float,
+              per_token: bool = True, path: str | None = None) -> torch.Tensor:
+    """A packed BitLinear after its norm in one native call: fp32 ``x [M, K]`` → int8 (absmax per
+    token, or per tensor) → exact integer product → fp32 ``[M, N]`` with both scales applied.
+    Rounds exactly as :mod:`bitnet158.quant` does; needs a compiled path (not ``torch``)."""
+    path = path or current_path()
+    if path == TORCH_PATH:
+        raise ConfigError("kernels.bitlinear needs the compiled extension")
+    res = _load_extension().bitlinear(x.detach().contiguous().numpy(), packed.numpy(), fmt, n, k, float(w_scale),
+                                      per_token, path=path)
+    return torch.from_numpy(res)
+
+
 def int8_matmul(x: torch.Tensor, w: torch.Tensor, *, path: str | None = None) -> torch.Tensor:
     """Exact int32 ``x @ w.T`` for int8 ``x [M, K]`` and int8 ``w [N, K]`` (values in [-127, 127]):
     the int8 output head."""
@@ -201,6 +214,8 @@ def memory_read_bandwidth(nbytes: int = 1 << 29, threads: int = 1, repeats: int 
     import time
 
     ext = _load_extension()
+    if ext is not None and ext.get_num_threads() < threads:
+        ext.set_num_threads(threads)  # the probe runs on the pool: give it the threads asked for
     buf = np.ones(nbytes, dtype=np.uint8)
     best = float("inf")
     for _ in range(repeats):

@@ -87,6 +87,14 @@ class PackedBitLinear(nn.Module):
             packed.norm.load_state_dict(layer.norm.state_dict())
         return packed
 
+    def _scale_value(self) -> float:
+        # cached as a Python float: reading a tensor element costs more than a decode-step kernel
+        cached = self.__dict__.get("_scale_cache")
+        if cached is None or cached[0] is not self.weight_scale:
+            cached = (self.weight_scale, float(self.weight_scale))
+            self.__dict__["_scale_cache"] = cached
+        return cached[1]
+
     def codes(self) -> torch.Tensor:
         """The int8 ternary codes [out, in] (decoded from the packed bytes)."""
         return kernels.unpack_codes(self.packed, self.format, self.out_features, self.in_features)
@@ -96,13 +104,19 @@ class PackedBitLinear(nn.Module):
         x2 = x.reshape(-1, k)
         if self.norm is not None:
             x2 = self.norm(x2)
-        q, s = quant.ACT_QUANTIZERS[self.act_quant](x2)
         path = kernels.current_path()
-        if path == kernels.TORCH_PATH and self._codes is None:
-            self._codes = self.codes().float()
-        acc = kernels.ternary_matmul(q, self.packed, self.format, self.out_features, k, path=path,
-                                     codes=self._codes)
-        y = acc.to(torch.float32) * (s.reshape(-1, 1) * self.weight_scale)
+        if path != kernels.TORCH_PATH and x2.dtype == torch.float32 and not x2.requires_grad:
+            # one native call: quantize, integer product, scales (the Python route below costs
+            # more than the product itself at decode sizes)
+            y = kernels.bitlinear(x2, self.packed, self.format, self.out_features, k, self._scale_value(),
+                                  per_token=self.act_quant == "token", path=path)
+        else:
+            q, s = quant.ACT_QUANTIZERS[self.act_quant](x2)
+            if path == kernels.TORCH_PATH and self._codes is None:
+                self._codes = self.codes().float()
+            acc = kernels.ternary_matmul(q, self.packed, self.format, self.out_features, k, path=path,
+                                         codes=self._codes)
+            y = acc.to(torch.float32) * (s.reshape(-1, 1) * self.weight_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
