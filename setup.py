@@ -9,8 +9,11 @@ extension and runs its portable torch path (with one warning).
 
 import glob
 
-from pybind11.setup_helpers import Pybind11Extension
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import setup
+
+# Compile the translation units on every core (part of Quickstart command 1's time budget).
+ParallelCompile("BITNET158_BUILD_JOBS", default=0).install()
 
 sources = sorted(glob.glob("csrc/*.cpp"))
 ext_modules = []

@@ -171,3 +171,17 @@ def test_2b4t_preset_shapes():
     assert layer.mlp.ffn_sub_norm.weight.shape == (6912,)
     assert model.lm_head is None and cfg.activation == "relu2"
     assert model.stats()["parameters"] == 2_412_820_480  # the model card's count (FORMATS §2.1)
+
+
+def test_rmsnorm_matches_its_formula_in_float64():
+    from bitnet158.layers import RMSNorm
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 48))
+    x = torch.randn(3, 5, 48) * 4
+    xd = x.double()
+    want = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    assert torch.allclose(norm(x).double(), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the fused inference route gives the same values
+        assert torch.allclose(norm(x).double(), want, rtol=1e-5, atol=1e-6)
+    assert norm(x.to(torch.bfloat16)).dtype == torch.bfloat16

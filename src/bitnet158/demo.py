@@ -25,7 +25,7 @@ from .train.trainer import TrainResult, train
 DEMO_PRESET = "tiny"
 DEMO_VOCAB = 4096
 DEMO_MAX_BYTES = 6_000_000       # of the ~11 MB default corpus: plenty for the steps below
-DEMO_TRAIN = TrainConfig(steps=200, batch_size=16, seq_len=256, warmup=20, eval_every=50, save_every=50)
+DEMO_TRAIN = TrainConfig(steps=160, batch_size=16, seq_len=256, warmup=16, eval_every=40, save_every=40)
 DEMO_PROMPT = "def "
 DEMO_MODES = ("b158", "fp")
 

@@ -36,9 +36,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        if torch.is_grad_enabled():  # training: the explicit formula (its backward is the cheaper one)
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (xf * self.weight.float()).to(x.dtype)
+        # inference: torch's fused op, one dispatch instead of six (it matters at decode sizes)
+        y = F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
