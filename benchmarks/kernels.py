@@ -125,7 +125,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+_THREADS = [1]
+
+
 def set_threads(n: int) -> None:
+    _THREADS[0] = n
     torch.set_num_threads(n)
     kernels.set_num_threads(n)
 
@@ -145,6 +149,10 @@ class Variant:
         n = len(self.copies)
         i = self.next_copy
         call = self.call
+        # As the packed runtime does (bench.use_kernel_threads): our kernels run on their own pool
+        # with torch's OpenMP team at one thread, so its spinning workers do not steal the cores;
+        # torch's F.linear gets all the threads.
+        torch.set_num_threads(1 if self.kind == "ours" else _THREADS[0])
         t0 = time.perf_counter()
         for _ in range(calls):
             call(i, m)
@@ -432,7 +440,7 @@ def main() -> None:
           "NOT included); torch: F.linear fp32×fp32 and bf16×bf16")
     print(f"weights cycled per variant: > {args.llc_multiple:g}× LLC = "
           f"{args.llc_multiple * llc / (1 << 20):.0f} MiB; rounds {args.rounds}; "
-          f"threads set with torch.set_num_threads and kernels.set_num_threads")
+          f"threads: kernels.set_num_threads (ours, torch at 1 thread meanwhile) and torch.set_num_threads (torch)")
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
