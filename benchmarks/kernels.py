@@ -153,6 +153,8 @@ class Variant:
         # with torch's OpenMP team at one thread, so its spinning workers do not steal the cores;
         # torch's F.linear gets all the threads.
         torch.set_num_threads(1 if self.kind == "ours" else _THREADS[0])
+        if self.kind == "ours" and _THREADS[0] > 1:
+            time.sleep(0.02)  # let torch's OpenMP workers, spinning after its last region, go to sleep
         t0 = time.perf_counter()
         for _ in range(calls):
             call(i, m)
