@@ -58,7 +58,9 @@ def run_bench(path: str, prompt_tokens: int = 128, decode_tokens: int = 64, thre
     what = f"packed {packing.format}, head {packing.head}, kernel {kernels.current_path()}" if packing \
         else f"training form ({model.config.mode}, torch fp32)"
     t = time_model(model, prompt_tokens, decode_tokens)
-    log(f"{path}: {what}, {torch.get_num_threads()} torch threads / {kernels.get_num_threads()} kernel threads")
+    threads_used = (f"{kernels.get_num_threads()} kernel threads (torch ops on {torch.get_num_threads()})" if packing
+                    else f"{torch.get_num_threads()} torch threads")
+    log(f"{path}: {what}, {threads_used}")
     log(f"prefill {prompt_tokens} tokens: {t['prefill_s'] * 1e3:.1f} ms ({prompt_tokens / t['prefill_s']:,.0f} tokens/s)")
     log(f"decode: {t['decode_s'] * 1e3:.2f} ms per token ({1 / t['decode_s']:,.1f} tokens/s)")
     return t

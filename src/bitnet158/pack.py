@@ -187,7 +187,8 @@ class Int8Head(nn.Module):
 
     @property
     def table(self) -> Int8Table:
-        return self.__dict__.get("_table") or self._table_owned
+        shared = self.__dict__.get("_table")
+        return shared if shared is not None else self._table_owned
 
     @property
     def weight(self) -> torch.Tensor:
