@@ -118,7 +118,7 @@ py::array_t<float> py_bitlinear(py::array_t<float, py::array::c_style | py::arra
         const float tensor_max = per_token ? 0.0f : absmax_of(0, M);
         for (int64_t m = 0; m < M; ++m) {
             const float amax = per_token ? absmax_of(m, m + 1) : tensor_max;
-            const float inv = 127.0f / amax;
+            const float inv = (1.0f / amax) * 127.0f;  // torch computes 127 / t as t.reciprocal() * 127
             const float* r = xp + m * K;
             int8_t* d = q.data() + m * K;
             for (int64_t k = 0; k < K; ++k) {

@@ -130,6 +130,34 @@ def cmd_pack(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from . import checkpoint
+    from .errors import ConfigError
+    from .train.adapt import convert_model
+    from .train.prepare import prepare_data
+
+    _threads(args.threads)
+    src, tokenizer = checkpoint.load(args.source)
+    if src.config.mode != "fp":
+        raise ConfigError(f"{args.source} is a {src.config.mode} model; convert takes a full-precision (fp) one")
+    if tokenizer is None:
+        raise ConfigError(f"{args.source} has no tokenizer.json to encode the fine-tuning text with")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} already exists; pass --force to replace it")
+    prepared = prepare_data(args.data, tokenizer.vocab_size, args.max_bytes, tokenizer=tokenizer)
+    model = convert_model(src, args.method, prepared.tokens.train, steps=args.steps, lr=args.lr,
+                          batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
+    checkpoint.save(model, out, tokenizer, overwrite=args.force)
+    from .train.data import eval_windows
+    from .train.trainer import evaluate
+    import math
+    x, y = eval_windows(prepared.tokens.heldout, args.seq_len, 32)
+    print(f"converted with {args.method}: held-out perplexity {math.exp(evaluate(model, x, y)):.2f} "
+          f"(FP source {math.exp(evaluate(src, x, y)):.2f}); saved {out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
@@ -213,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="int8", help="output head: int8 per row (default), fp16 or fp32")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("convert", help="turn a full-precision checkpoint into a b1.58 one")
+    p.add_argument("source", help="an fp checkpoint (e.g. runs/demo/fp)")
+    p.add_argument("out")
+    p.add_argument("--method", default="adaround,lambda,distill",
+                   help="comma-separated: rtn, adaround, lambda, quant-noise, qat, distill")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="fine-tuning text (default: the embedded corpus)")
+    p.add_argument("--max-bytes", type=int, default=2_000_000, help="cap the default corpus's training text")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="prefill and decode speed of a checkpoint (packed or not)")
     p.add_argument("checkpoint")

@@ -354,6 +354,7 @@ def finetune(model: Transformer, train_tokens: torch.Tensor, *, steps: int,
 
 def _methods(method: str | Sequence[str]) -> list[str]:
     names = [m.strip() for m in method.split(",")] if isinstance(method, str) else list(method)
+    names = ["noise" if m == "quant-noise" else m for m in names]  # the CLI's spelling
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise ConfigError(f"unknown conversion method {unknown or names!r}; choose from {', '.join(METHODS)}")

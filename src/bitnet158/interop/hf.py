@@ -1,0 +1,360 @@
+"""Hugging Face BitNet (`BitNetForCausalLM`, e.g. microsoft/bitnet-b1.58-2B-4T) → our Transformer.
+
+    model, tokenizer = load_hf("bitnet-b1.58-2B-4T")            # packed repo → packed runtime
+    model, tokenizer = load_hf("bitnet-b1.58-2B-4T-bf16")       # bf16 masters → training form
+
+Layouts (FORMATS §2.3–2.4), told apart by config.json's `quantization_config`:
+- **packed** (`quant_method: bitnet`, `quantization_mode` offline or absent): every projection is
+  uint8 `[ceil(out/4), in]`, byte r holding rows r, R+r, 2R+r, 3R+r (R = ceil(out/4)) in bits
+  1:0, 3:2, 5:4, 7:6 as code = w + 1, plus a `weight_scale` of shape [1]. Its meaning depends on
+  `linear_class`: `autobitlinear` multiplies the output (weight_scale = mean|W|); `bitlinear`, the
+  default when the field is absent, divides it (weight_scale = 1/mean|W|). We convert both to
+  our one convention, a dequantization multiplier s with W ≈ codes·s.
+- **latent masters** (no `quantization_config`, or `autobitlinear` + `online`): float weights that
+  the forward re-quantizes; they load into BitLinear as they are (the training form).
+
+Why packed repos load into `PackedBitLinear`, not into a latent-weight BitLinear: BitLinear
+re-derives its scale as mean|W| of its latent weight on every forward, and absmean quantization is
+not idempotent — for W = codes·s, mean|W| = s·f (f the share of non-zero codes), so the forward
+would use codes·s·f, not codes·s, and the logits would drift from the checkpoint's. The packed
+runtime stores exactly (codes, s): no full-precision matrix is allocated, the integers are the
+checkpoint's, and the logits match transformers up to float summation order. For fine-tuning,
+`latent=True` builds latent weights W = codes·s/f instead; then mean|W| = s and round(W/s)
+clips back to the same codes, so re-quantization reproduces (codes, s) up to float rounding of
+the mean (`latent_from_ternary`).
+
+Weights are read tensor by tensor with `safetensors.safe_open` (one file or shards listed in
+model.safetensors.index.json); pickle files (.bin, .pt) are refused, never opened. Every tensor
+is checked against config.json (name, shape) and every tensor of the file must be consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..config import ModelConfig
+from ..errors import BitNetError, CheckpointError
+from ..formats import get_format
+from ..layers import BitLinear
+from ..model import Transformer
+from ..pack import PackConfig, PackedBitLinear, build_packed_skeleton
+
+SUPPORTED_ARCHITECTURES = ("BitNetForCausalLM",)
+_ACTIVATIONS = {"relu2": "relu2", "silu": "swiglu"}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PACKED_FORMAT = "i2"  # our packed runtime format for imported codes (2 bits, as in the HF file)
+
+
+@dataclass(frozen=True)
+class HFLayout:
+    """What the checkpoint's linear weights are: packed ternary or latent floats, and for packed
+    ones whether `weight_scale` divides (bitlinear: 1/mean|W|) or multiplies (autobitlinear)."""
+
+    packed: bool
+    divide: bool = False
+
+
+# --- config.json ---------------------------------------------------------------------------
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return doc
+
+
+def _rope_theta(doc: dict[str, Any], source: Path) -> float:
+    params = doc.get("rope_parameters") or {}
+    scaling = doc.get("rope_scaling") or {}
+    for table in (params, scaling):
+        kind = table.get("rope_type", table.get("type", "default"))
+        if kind != "default":
+            raise CheckpointError(f"{source}: rope_type {kind!r} is not supported (only default RoPE)")
+    theta = doc.get("rope_theta", params.get("rope_theta", 500000.0))  # 500000 is BitNetConfig's default
+    return float(theta)
+
+
+def hf_model_config(doc: dict[str, Any], source: Path | str = "config.json") -> ModelConfig:
+    """Our ModelConfig (mode b158, SubLN) from a BitNetForCausalLM config.json document."""
+    archs = doc.get("architectures") or [doc.get("model_type", "unknown")]
+    if not any(a in SUPPORTED_ARCHITECTURES or a == "bitnet" for a in archs):  # "bitnet": model_type only
+        raise CheckpointError(f"{source}: architecture {', '.join(map(str, archs))} is not supported; "
+                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if key not in doc:
+            raise CheckpointError(f"{source}: {key} is missing")
+    act = doc.get("hidden_act", "relu2")
+    if act not in _ACTIVATIONS:
+        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; "
+                              f"supported: {', '.join(_ACTIVATIONS)}")
+    if doc.get("attention_bias") or doc.get("mlp_bias"):
+        raise CheckpointError(f"{source}: biased projections are not supported (BitNet has no biases)")
+    heads = doc["num_attention_heads"]
+    head_dim = doc.get("head_dim")
+    if head_dim is not None and heads and head_dim * heads != doc["hidden_size"]:
+        raise CheckpointError(f"{source}: head_dim {head_dim} × {heads} heads != "
+                              f"hidden_size {doc['hidden_size']}")
+    try:
+        return ModelConfig(
+            vocab_size=doc["vocab_size"], hidden_size=doc["hidden_size"], num_layers=doc["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=doc.get("num_key_value_heads") or heads,
+            intermediate_size=doc["intermediate_size"],
+            max_seq_len=doc.get("max_position_embeddings", 2048), rope_theta=_rope_theta(doc, source),
+            norm_eps=float(doc.get("rms_norm_eps", 1e-5)), activation=_ACTIVATIONS[act], mode="b158",
+            norm_placement="subln", tie_embeddings=bool(doc.get("tie_word_embeddings", False)),
+        ).validate()
+    except BitNetError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def hf_layout(doc: dict[str, Any], source: Path | str = "config.json") -> HFLayout:
+    """Packed or latent, and the weight_scale convention, from `quantization_config`."""
+    qc = doc.get("quantization_config")
+    if not qc:
+        return HFLayout(packed=False)
+    method = qc.get("quant_method")
+    if method != "bitnet":
+        raise CheckpointError(f"{source}: quant_method {method!r} is not supported for a ternary import "
+                              f"(expected 'bitnet')")
+    if qc.get("use_rms_norm"):
+        raise CheckpointError(f"{source}: quantization_config.use_rms_norm (a norm inside every linear) "
+                              f"is not supported")
+    kept = [m for m in qc.get("modules_to_not_convert") or [] if "_proj" in str(m)]
+    if kept:
+        raise CheckpointError(f"{source}: modules_to_not_convert keeps {kept[0]} full precision; "
+                              f"not supported")
+    linear_class = qc.get("linear_class", "bitlinear")
+    if linear_class not in ("bitlinear", "autobitlinear"):
+        raise CheckpointError(f"{source}: linear_class {linear_class!r} is not supported "
+                              f"(expected bitlinear or autobitlinear)")
+    if linear_class == "autobitlinear" and qc.get("quantization_mode", "offline") == "online":
+        return HFLayout(packed=False)
+    return HFLayout(packed=True, divide=linear_class == "bitlinear")
+
+
+# --- tensors -------------------------------------------------------------------------------
+
+class _TensorSource:
+    """Name → tensor over one safetensors file or an index of shards, opened lazily, read one
+    tensor at a time."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index = directory / INDEX_FILE
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: no weight_map")
+            self.files = {name: directory / file for name, file in weight_map.items()}
+            for file in sorted(set(self.files.values())):
+                if not file.exists():
+                    raise CheckpointError(f"{index}: shard {file.name} is missing")
+        elif (directory / SINGLE_FILE).exists():
+            single = directory / SINGLE_FILE
+            self.files = {name: single for name in self._open(single).keys()}
+        else:
+            pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            if pickles:
+                raise CheckpointError(f"{directory}: only pickle weights ({pickles[0]}); pickle is refused "
+                                      f"for safety, convert to safetensors first")
+            raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+        self._handles: dict[Path, Any] = {}
+
+    def _open(self, file: Path):
+        try:
+            return safe_open(str(file), framework="pt")
+        except Exception as e:  # safetensors raises its own error type for corrupt headers
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({first})") from None
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise CheckpointError(f"{self.directory}: tensor {name} is missing")
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = self._open(file)
+        try:
+            return self._handles[file].get_tensor(name)
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({first})") from None
+
+
+def _hf_name(ours: str) -> str:
+    """Our module names are HF's without the `model.` prefix of the decoder stack."""
+    return ours if ours.startswith("lm_head") else "model." + ours
+
+
+def _float_tensor(src: _TensorSource, name: str, shape: torch.Size) -> torch.Tensor:
+    t = src.get(name)
+    if tuple(t.shape) != tuple(shape):
+        raise CheckpointError(f"{src.directory}: tensor {name} has shape {list(t.shape)}, "
+                              f"config.json implies {list(shape)}")
+    if not t.is_floating_point():
+        raise CheckpointError(f"{src.directory}: tensor {name} has dtype {t.dtype}, expected a float dtype "
+                              f"(config.json says the weights are not packed)")
+    if not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{src.directory}: tensor {name} holds NaN or infinite values")
+    return t.float()
+
+
+def unpack_hf_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """HF packed uint8 [ceil(out/4), in] → int8 codes [out, in] in {-1, 0, 1}.
+
+    Rows [i·R, (i+1)·R) are bits 2i+1:2i of the R = ceil(out/4) packed rows, minus 1. A 2-bit
+    field of 3 is invalid: ValueError naming its row.
+
+    >>> unpack_hf_ternary(torch.tensor([[0b10100001], [0b00011000]], dtype=torch.uint8), 8).flatten().tolist()
+    [0, -1, -1, 1, 1, 0, 1, -1]
+    """
+    fields = torch.cat([(packed >> (2 * i)) & 3 for i in range(4)], dim=0)[:out_features]
+    bad = (fields == 3).nonzero()
+    if len(bad):
+        raise ValueError(f"row {int(bad[0, 0])} column {int(bad[0, 1])} holds the unused 2-bit code 3")
+    return fields.to(torch.int8) - 1
+
+
+def latent_from_ternary(codes: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Latent fp32 weights whose absmean quantization gives back (codes, scale).
+
+    W = codes·s/f with f the share of non-zero codes: mean|W| = s, and W/s = ±1/f rounds and clips
+    back to ±1 (zeros stay 0). Plain codes·s would re-quantize to scale s·f.
+    """
+    nonzero = int(codes.count_nonzero())
+    if nonzero == 0:
+        return torch.zeros(codes.shape, dtype=torch.float32)
+    share = nonzero / codes.numel()
+    return codes.float() * (float(scale) / share)
+
+
+def _ternary(src: _TensorSource, layout: HFLayout, ours: str, out_features: int, in_features: int
+             ) -> tuple[torch.Tensor, float]:
+    """(int8 codes [out, in], our dequantization multiplier s) of one packed projection."""
+    name = _hf_name(ours + ".weight")
+    packed = src.get(name)
+    shape = [(out_features + 3) // 4, in_features]
+    if packed.dtype != torch.uint8:
+        raise CheckpointError(f"{src.directory}: tensor {name} has dtype {packed.dtype}; config.json says "
+                              f"packed, expected uint8 {shape}")
+    if list(packed.shape) != shape:
+        raise CheckpointError(f"{src.directory}: tensor {name} has shape {list(packed.shape)}, "
+                              f"config.json implies packed {shape}")
+    try:
+        codes = unpack_hf_ternary(packed, out_features)
+    except ValueError as e:
+        raise CheckpointError(f"{src.directory}: tensor {name}: {e}") from None
+    scale_name = _hf_name(ours + ".weight_scale")
+    ws = src.get(scale_name)
+    if ws.numel() != 1 or not ws.is_floating_point():
+        raise CheckpointError(f"{src.directory}: tensor {scale_name} has shape {list(ws.shape)} and dtype "
+                              f"{ws.dtype}, expected one float")
+    value = float(ws.float())
+    if not (value > 0 and value != float("inf")):
+        raise CheckpointError(f"{src.directory}: tensor {scale_name} is {value}; scales must be positive")
+    # bitlinear stores 1/mean|W| and divides; autobitlinear stores mean|W| and multiplies
+    return codes, (1.0 / value if layout.divide else value)
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+def load_hf(directory: str | os.PathLike, *, latent: bool = False, mode: str | None = None):
+    """(Transformer, Tokenizer or None) from a Hugging Face BitNetForCausalLM directory.
+
+    Packed repos load into the packed runtime (PackedBitLinear, format i2, fp32 embedding/head);
+    `latent=True` gives the training form instead (see the module docstring). Latent-master repos
+    load into BitLinear; `mode="fp"` builds the full-precision twin (what transformers runs for a
+    BitNet config without `quantization_config`).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    source = directory / "config.json"
+    doc = _read_json(source)
+    config = hf_model_config(doc, source)
+    layout = hf_layout(doc, source)
+    if mode is not None:
+        if layout.packed and mode != "b158":
+            raise CheckpointError(f"{source}: a packed ternary checkpoint cannot load as mode {mode!r}")
+        try:
+            config = config.twin(mode)
+        except BitNetError as e:
+            raise CheckpointError(f"load_hf: {e}") from None
+    src = _TensorSource(directory)
+    with torch.device("meta"):
+        model = Transformer(config)
+    if layout.packed and not latent:
+        build_packed_skeleton(model, PackConfig(format=PACKED_FORMAT, head="fp32"))
+    tensors: dict[str, torch.Tensor] = {}
+    consumed: set[str] = set()
+    fmt = get_format(PACKED_FORMAT)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (BitLinear, PackedBitLinear))}
+    for name, module in linears.items():
+        if layout.packed:
+            codes, s = _ternary(src, layout, name, module.out_features, module.in_features)
+            consumed.update({_hf_name(name + ".weight"), _hf_name(name + ".weight_scale")})
+            if isinstance(module, PackedBitLinear):
+                tensors[name + ".packed"] = torch.from_numpy(fmt.pack(codes.numpy()))
+                tensors[name + ".weight_scale"] = torch.tensor([s], dtype=torch.float32)
+            else:
+                tensors[name + ".weight"] = latent_from_ternary(codes, s)
+        else:
+            hf = _hf_name(name + ".weight")
+            shape = torch.Size([module.out_features, module.in_features])
+            tensors[name + ".weight"] = _float_tensor(src, hf, shape)
+            consumed.add(hf)
+    for name, t in model.state_dict().items():
+        if name not in tensors:  # embedding, norms, untied head: plain floats
+            hf = _hf_name(name)
+            tensors[name] = _float_tensor(src, hf, t.shape)
+            consumed.add(hf)
+    ignorable = {"lm_head.weight"} if config.tie_embeddings else set()  # a tied head may be saved too
+    extra = sorted(n for n in src.names() - consumed - ignorable if not n.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise CheckpointError(f"{directory}: unexpected tensor {extra[0]} (config.json has no such weight)")
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.init_buffers()
+    return model, _load_tokenizer(directory, doc)
+
+
+def _eos_token(directory: Path, doc: dict[str, Any]) -> str | None:
+    tc_file = directory / "tokenizer_config.json"
+    if tc_file.exists():
+        eos = _read_json(tc_file).get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str):
+            return eos
+    eos_id = doc.get("eos_token_id")
+    if isinstance(eos_id, list):
+        eos_id = eos_id[0] if eos_id else None
+    if eos_id is None:
+        return None
+    for token in _read_json(directory / "tokenizer.json").get("added_tokens") or []:
+        if token.get("id") == eos_id:
+            return token.get("content")
+    return None
+
+
+def _load_tokenizer(directory: Path, doc: dict[str, Any]):
+    if not (directory / "tokenizer.json").exists():
+        return None
+    from ..tokenizer import DEFAULT_EOS, Tokenizer
+
+    return Tokenizer.load(directory / "tokenizer.json", eos_token=_eos_token(directory, doc) or DEFAULT_EOS)
