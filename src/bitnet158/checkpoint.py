@@ -2,7 +2,8 @@
 on load. Never pickle.
 
 A model directory holds
-    config.json         {"format": "bitnet158", "format_version": 1, "kind": "model", "model": {...}}
+    config.json         {"format": "bitnet158", "format_version": 1, "kind": "model", "model": {...},
+                         "tokenizer": {"eos_token": ...}}   (the tokenizer section only with a tokenizer)
     model.safetensors   the latent weights (metadata: format, kind)
     tokenizer.json      when the model was saved with a tokenizer
 A training run directory holds step directories (`step-000200/`, each a model directory plus
@@ -64,7 +65,10 @@ def write_model_files(directory: Path, model: Transformer, tokenizer=None,
             if name in state:
                 state[name] = state[name].to(torch.float16)
     (directory / WEIGHTS).write_bytes(safetensors_save(state, metadata={"format": FORMAT, "kind": "model"}))
-    (directory / CONFIG).write_text(json.dumps(_config_document(model, extra_config), indent=2) + "\n")
+    extra = dict(extra_config or {})
+    if tokenizer is not None:  # an imported tokenizer may end text with another token than ours
+        extra.setdefault("tokenizer", {"eos_token": tokenizer.eos_token})
+    (directory / CONFIG).write_text(json.dumps(_config_document(model, extra), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER)
 
@@ -181,8 +185,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", with_token
     model.to(device)
     tokenizer = None
     if with_tokenizer and (directory / TOKENIZER).exists():
-        from .tokenizer import Tokenizer
-        tokenizer = Tokenizer.load(directory / TOKENIZER)
+        from .tokenizer import DEFAULT_EOS, Tokenizer
+        section = doc.get("tokenizer")
+        eos = section.get("eos_token") if isinstance(section, dict) else None
+        tokenizer = Tokenizer.load(directory / TOKENIZER, eos_token=eos if isinstance(eos, str) else DEFAULT_EOS)
     return model, tokenizer
 
 

@@ -137,7 +137,11 @@ def cmd_convert(args) -> int:
     from .train.prepare import prepare_data
 
     _threads(args.threads)
-    src, tokenizer = checkpoint.load(args.source)
+    from .interop.hf_llama import is_hf_directory, load_hf_llama
+    if is_hf_directory(args.source):  # a Hugging Face LLaMA-family directory (refuses other architectures)
+        src, tokenizer = load_hf_llama(args.source)
+    else:
+        src, tokenizer = checkpoint.load(args.source)
     if src.config.mode != "fp":
         raise ConfigError(f"{args.source} is a {src.config.mode} model; convert takes a full-precision (fp) one")
     if tokenizer is None:
@@ -243,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("convert", help="turn a full-precision checkpoint into a b1.58 one")
-    p.add_argument("source", help="an fp checkpoint (e.g. runs/demo/fp)")
+    p.add_argument("source", help="an fp checkpoint (e.g. runs/demo/fp) or a Hugging Face LLaMA, Mistral "
+                   "or Qwen2 directory")
     p.add_argument("out")
     p.add_argument("--method", default="adaround,lambda,distill",
                    help="comma-separated: rtn, adaround, lambda, quant-noise, qat, distill")

@@ -35,6 +35,9 @@ class ModelConfig:
     twin. norm_placement: "subln" puts explicit norms in the block (input, post-attention, and the
     attn/ffn sub-norms of BitNet b1.58 2B4T); "inner" puts an RMSNorm inside every BitLinear and
     drops the block norms (the b1.58 FAQ recipe).
+    sub_norm: with "subln", whether the attn/ffn sub-norms exist. False is plain LLaMA (a Hugging
+    Face FP model as imported); converting to b1.58 inserts them (train/adapt.py).
+    qkv_bias: biases on q/k/v_proj (Qwen2); BitNet itself has none.
     """
 
     vocab_size: int = 4096
@@ -51,6 +54,8 @@ class ModelConfig:
     norm_placement: str = "subln"
     act_quant: str = "token"
     tie_embeddings: bool = True
+    sub_norm: bool = True
+    qkv_bias: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +80,9 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model config: {name} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, name)!r}")
+        for name in ("tie_embeddings", "sub_norm", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
         if not (self.rope_theta > 0 and self.norm_eps > 0):
             raise ConfigError("model config: rope_theta and norm_eps must be positive")
         return self

@@ -7,9 +7,10 @@
     logits = lm_head(norm(x))            (lm_head = embed_tokens when tied)
 
 With norm_placement="inner" (the FAQ recipe) every BitLinear normalizes its own input and the
-block norms and sub-norms are absent. act is SiLU (SwiGLU, default) or ReLU² (2B4T). Module
-names follow Hugging Face's BitNet/LLaMA names so checkpoints map 1:1. RoPE uses HF's
-rotate_half convention.
+block norms and sub-norms are absent; with sub_norm=False (plain LLaMA, as imported from Hugging
+Face) only the sub-norms are. qkv_bias adds biases to q/k/v_proj (Qwen2). act is SiLU (SwiGLU,
+default) or ReLU² (2B4T). Module names follow Hugging Face's BitNet/LLaMA names so checkpoints map
+1:1. RoPE uses HF's rotate_half convention.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-def _linear(config: ModelConfig, d_in: int, d_out: int) -> BitLinear:
+def _linear(config: ModelConfig, d_in: int, d_out: int, bias: bool = False) -> BitLinear:
     return BitLinear(d_in, d_out, mode=config.mode, norm=config.norm_placement == "inner",
-                     eps=config.norm_eps, act_quant=config.act_quant)
+                     eps=config.norm_eps, act_quant=config.act_quant, bias=bias)
 
 
-def _subln(config: ModelConfig, dim: int) -> nn.Module:
-    return RMSNorm(dim, config.norm_eps) if config.norm_placement == "subln" else nn.Identity()
+def _subln(config: ModelConfig, dim: int, sub: bool = False) -> nn.Module:
+    """A block norm; `sub` marks the attn/ffn sub-norms, which plain LLaMA (sub_norm=False) lacks."""
+    wanted = config.norm_placement == "subln" and (config.sub_norm or not sub)
+    return RMSNorm(dim, config.norm_eps) if wanted else nn.Identity()
 
 
 class Attention(nn.Module):
@@ -53,10 +56,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
         d = config.hidden_size
-        self.q_proj = _linear(config, d, self.n_heads * self.hd)
-        self.k_proj = _linear(config, d, self.n_kv * self.hd)
-        self.v_proj = _linear(config, d, self.n_kv * self.hd)
-        self.attn_sub_norm = _subln(config, self.n_heads * self.hd)
+        self.q_proj = _linear(config, d, self.n_heads * self.hd, config.qkv_bias)
+        self.k_proj = _linear(config, d, self.n_kv * self.hd, config.qkv_bias)
+        self.v_proj = _linear(config, d, self.n_kv * self.hd, config.qkv_bias)
+        self.attn_sub_norm = _subln(config, self.n_heads * self.hd, sub=True)
         self.o_proj = _linear(config, self.n_heads * self.hd, d)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -87,7 +90,7 @@ class FeedForward(nn.Module):
         self.relu2 = config.activation == "relu2"
         self.gate_proj = _linear(config, d, f)
         self.up_proj = _linear(config, d, f)
-        self.ffn_sub_norm = _subln(config, f)
+        self.ffn_sub_norm = _subln(config, f, sub=True)
         self.down_proj = _linear(config, f, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +179,9 @@ class Transformer(nn.Module):
                         if isinstance(m, (BitLinear, PackedBitLinear)))
         embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
         norms = sum(m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
-        total = quantized + embed + norms
+        biases = sum(m.bias.numel() for m in self.modules()
+                     if isinstance(m, (BitLinear, PackedBitLinear)) and m.bias is not None)
+        total = quantized + embed + norms + biases
         bits = WEIGHT_BITS[self.config.mode]
         return {
             "parameters": total,

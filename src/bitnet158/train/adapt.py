@@ -16,6 +16,7 @@ Everything here works on any `Transformer` and takes tokens, never files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -43,13 +44,65 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, BitLinear]]:
 
 # --- round to nearest ----------------------------------------------------------------------------
 
-def rtn(fp_model: Transformer) -> Transformer:
+SUB_NORMS = ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+SUB_NORM_INPUTS = {"self_attn.attn_sub_norm": "self_attn.o_proj", "mlp.ffn_sub_norm": "mlp.down_proj"}
+
+
+def rtn(fp_model: Transformer, calib_tokens: torch.Tensor | None = None, *, calib_batches: int = 2,
+        batch_size: int = 4, seq_len: int = 64, seed: int = 0) -> Transformer:
     """A b158 model with the FP twin's weights: the latent weights are copied and the absmean
-    round-to-nearest ternarization happens at every forward. The FP model is left untouched."""
+    round-to-nearest ternarization happens at every forward. The FP model is left untouched.
+
+    A plain-LLaMA source (sub_norm=False, e.g. a Hugging Face import) gets the BitNet sub-norms
+    inserted before o_proj and down_proj, so the result has the b1.58 topology every other part of
+    the package (packing, export, fine-tuning recipes) expects. A norm cannot be the identity
+    function, so its gain starts at the mean per-token RMS of that projection's input in the FP
+    model over calibration windows of `calib_tokens`: the least-squares scalar g for x ≈ g·x/rms(x),
+    which keeps each projection's output at its FP magnitude on average. Without tokens the gain
+    starts at 1.
+    """
     param = next(fp_model.parameters())
-    model = Transformer(fp_model.config.twin("b158")).to(device=param.device, dtype=param.dtype)
-    model.load_state_dict(fp_model.state_dict(), strict=True)
+    cfg = fp_model.config.twin("b158")
+    insert = cfg.norm_placement == "subln" and not cfg.sub_norm
+    if insert:
+        cfg = dataclasses.replace(cfg, sub_norm=True).validate()
+    model = Transformer(cfg).to(device=param.device, dtype=param.dtype)
+    missing, unexpected = model.load_state_dict(fp_model.state_dict(), strict=not insert)
+    if insert:
+        assert not unexpected and all(k.rsplit(".", 1)[0].endswith(SUB_NORMS) for k in missing), missing
+        if calib_tokens is not None:
+            calib = calibration_batches(calib_tokens, calib_batches, batch_size, seq_len, seed)
+            gains = input_rms(fp_model, [f"layers.{i}.{SUB_NORM_INPUTS[n]}" for i in range(cfg.num_layers)
+                                         for n in SUB_NORMS], calib)
+            with torch.no_grad():
+                for i in range(cfg.num_layers):
+                    for n in SUB_NORMS:
+                        model.get_submodule(f"layers.{i}.{n}").weight.fill_(gains[f"layers.{i}.{SUB_NORM_INPUTS[n]}"])
     return model
+
+
+@torch.no_grad()
+def input_rms(model: nn.Module, layer_names: Sequence[str], batches: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Mean per-token RMS of the inputs each named layer sees over `batches`, in one forward per
+    batch (hooks accumulate sums; no activations are kept)."""
+    sums = {name: [0.0, 0] for name in layer_names}
+    handles = []
+    for name in layer_names:
+        def hook(module, args, name=name):
+            x = args[0].detach().float().flatten(0, -2)
+            sums[name][0] += float(x.pow(2).mean(-1).sqrt().sum())
+            sums[name][1] += x.shape[0]
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for tokens in batches:
+            model(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: total / max(count, 1) for name, (total, count) in sums.items()}
 
 
 # --- λ warm-up -----------------------------------------------------------------------------------
@@ -373,11 +426,13 @@ def convert_model(src_model_fp: Transformer, method: str | Sequence[str], tokens
     ["adaround", "lambda", "distill"]: RTN copy, then AdaRound on calibration windows of `tokens`,
     then (if any of lambda / noise / qat / distill) `steps` of fine-tuning on `tokens` with the
     λ (warm-up = `warmup`, default steps // 2) or Quant-Noise schedule and, with distill, the FP
-    model as teacher. Returns a new plain b158 model (λ = p = 1); the source is left untouched.
+    model as teacher. A source without sub-norms (a Hugging Face LLaMA-family import) gets them
+    inserted (see `rtn`). Returns a new plain b158 model (λ = p = 1); the source is left untouched.
     Fine-tuning rows are appended to `history` if given."""
     names = _methods(method)
     src_model_fp.eval()
-    model = rtn(src_model_fp)
+    model = rtn(src_model_fp, tokens, calib_batches=calib_batches, batch_size=batch_size, seq_len=seq_len,
+                seed=seed)
     if "adaround" in names:
         adaround_model(model, tokens, teacher=src_model_fp, batches=calib_batches, batch_size=batch_size,
                        seq_len=seq_len, iters=adaround_iters, seed=seed)
