@@ -171,6 +171,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_evidence(args) -> int:
+    from .evidence import run_evidence
+
+    mode = "smoke" if args.smoke else "full" if args.full else "quick"
+    run_evidence(mode, data=args.data, out=args.out, threads=args.threads, force=args.force,
+                 progress=not args.quiet)
+    return 0
+
+
 def cmd_info(args) -> int:
     from . import checkpoint
 
@@ -269,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("evidence", help="the papers' claims measured on our models beside an FP twin: "
+                       "report.md, results.json, plots")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="CI-sized (default): a few minutes on 2 cores")
+    size.add_argument("--full", action="store_true", help="the real comparison: about 3 hours on 2 cores")
+    size.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # internal: the test suite's run
+    p.add_argument("--data", nargs="+", metavar="PATH", help="training text for the quality part "
+                   "(default: the embedded corpus)")
+    p.add_argument("--out", default=f"{DEFAULT_RUNS}/evidence")
+    p.add_argument("--threads", type=int, help="threads for training and timing (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace a report already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evidence)
 
     p = sub.add_parser("info", help="what a checkpoint holds: config, parameter counts, bits")
     p.add_argument("checkpoint")
