@@ -162,6 +162,31 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    from .interop.hf_export import save_hf
+
+    layout = "bf16" if args.bf16 else "packed"
+    out = save_hf(args.checkpoint, args.out, layout=layout, dtype=args.dtype, overwrite=args.force)
+    size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
+    print(f"wrote {out}: Hugging Face BitNetForCausalLM, "
+          f"{'latent masters (online quantization)' if args.bf16 else 'packed ternary (autobitlinear, offline)'}, "
+          f"{size / 1e6:.2f} MB")
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    import json
+
+    from .interop.hf import import_hf
+
+    out = import_hf(args.directory, args.out, latent=args.latent, overwrite=args.force)
+    kind = json.loads((Path(out) / "config.json").read_text()).get("kind")
+    size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
+    print(f"imported {args.directory} into {out}: "
+          f"{'a packed (i2) checkpoint' if kind == 'packed' else 'a training-form checkpoint'}, {size / 1e6:.2f} MB")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
@@ -271,6 +296,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face BitNetForCausalLM directory")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--bf16", action="store_true", help="latent master weights (quantization_mode online) "
+                   "instead of packed ternary codes; also the way to export an fp model")
+    p.add_argument("--dtype", help="float tensors' storage: float32 (default for packed), bfloat16 "
+                   "(default with --bf16) or float16")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("import-hf", help="turn a Hugging Face BitNet directory into a bitnet158 checkpoint")
+    p.add_argument("directory", help="BitNetForCausalLM (packed or bf16 masters) or 1bitLLM BitnetForCausalLM")
+    p.add_argument("out")
+    p.add_argument("--latent", action="store_true", help="a training-form checkpoint even from packed codes "
+                   "(latent weights that re-quantize to the same codes and scales)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("bench", help="prefill and decode speed of a checkpoint (packed or not)")
     p.add_argument("checkpoint")

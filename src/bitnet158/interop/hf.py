@@ -2,6 +2,7 @@
 
     model, tokenizer = load_hf("bitnet-b1.58-2B-4T")            # packed repo → packed runtime
     model, tokenizer = load_hf("bitnet-b1.58-2B-4T-bf16")       # bf16 masters → training form
+    import_hf("bitnet-b1.58-2B-4T", "runs/2b4t")                 # streamed into our packed directory
 
 Layouts (FORMATS §2.3–2.4), told apart by config.json's `quantization_config`:
 - **packed** (`quant_method: bitnet`, `quantization_mode` offline or absent): every projection is
@@ -12,6 +13,9 @@ Layouts (FORMATS §2.3–2.4), told apart by config.json's `quantization_config`
   our one convention, a dequantization multiplier s with W ≈ codes·s.
 - **latent masters** (no `quantization_config`, or `autobitlinear` + `online`): float weights that
   the forward re-quantizes; they load into BitLinear as they are (the training form).
+- **1bitLLM** (`BitnetForCausalLM`, FORMATS §2.6: the b1.58 paper's reproduction): latent fp16
+  masters under LLaMA names, with the same SubLN topology (`self_attn.inner_attn_ln` before o_proj,
+  `mlp.ffn_layernorm` before down_proj), SwiGLU and full multi-head attention.
 
 Why packed repos load into `PackedBitLinear`, not into a latent-weight BitLinear: BitLinear
 re-derives its scale as mean|W| of its latent weight on every forward, and absmean quantization is
@@ -26,13 +30,17 @@ the mean (`latent_from_ternary`).
 Weights are read tensor by tensor with `safetensors.safe_open` (one file or shards listed in
 model.safetensors.index.json); pickle files (.bin, .pt) are refused, never opened. Every tensor
 is checked against config.json (name, shape) and every tensor of the file must be consumed.
+The conversion is a plan (our tensor name → a function producing it): `load_hf` runs it into a
+model, `import_hf` streams it into a checkpoint file one tensor at a time, so importing a packed
+repo never allocates a full-precision linear weight nor the whole model.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +49,17 @@ from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..errors import BitNetError, CheckpointError
+from ..fileio import atomic_directory, atomic_write_json
 from ..formats import get_format
 from ..layers import BitLinear
 from ..model import Transformer
 from ..pack import PackConfig, PackedBitLinear, build_packed_skeleton
+from .safetensors_stream import PlannedTensor, write_safetensors
 
-SUPPORTED_ARCHITECTURES = ("BitNetForCausalLM",)
+ONEBITLLM_ARCHITECTURE = "BitnetForCausalLM"  # 1bitLLM's custom class (lower-case n), FORMATS §2.6
+SUPPORTED_ARCHITECTURES = ("BitNetForCausalLM", ONEBITLLM_ARCHITECTURE)
+# 1bitLLM's names for the two SubLN norms; everything else is named as in HF BitNet / LLaMA
+_ONEBITLLM_NAMES = {"attn_sub_norm": "inner_attn_ln", "ffn_sub_norm": "ffn_layernorm"}
 _ACTIVATIONS = {"relu2": "relu2", "silu": "swiglu"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SINGLE_FILE = "model.safetensors"
@@ -61,6 +74,7 @@ class HFLayout:
 
     packed: bool
     divide: bool = False
+    names: str = "bitnet"  # "bitnet" (HF BitNet names) or "1bitllm" (inner_attn_ln, ffn_layernorm)
 
 
 # --- config.json ---------------------------------------------------------------------------
@@ -88,8 +102,13 @@ def _rope_theta(doc: dict[str, Any], source: Path) -> float:
     return float(theta)
 
 
+def _is_onebitllm(doc: dict[str, Any]) -> bool:
+    return ONEBITLLM_ARCHITECTURE in (doc.get("architectures") or [])
+
+
 def hf_model_config(doc: dict[str, Any], source: Path | str = "config.json") -> ModelConfig:
-    """Our ModelConfig (mode b158, SubLN) from a BitNetForCausalLM config.json document."""
+    """Our ModelConfig (mode b158, SubLN) from a BitNetForCausalLM (or 1bitLLM BitnetForCausalLM)
+    config.json document."""
     archs = doc.get("architectures") or [doc.get("model_type", "unknown")]
     if not any(a in SUPPORTED_ARCHITECTURES or a == "bitnet" for a in archs):  # "bitnet": model_type only
         raise CheckpointError(f"{source}: architecture {', '.join(map(str, archs))} is not supported; "
@@ -97,7 +116,9 @@ def hf_model_config(doc: dict[str, Any], source: Path | str = "config.json") -> 
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if key not in doc:
             raise CheckpointError(f"{source}: {key} is missing")
-    act = doc.get("hidden_act", "relu2")
+    if doc.get("input_bits", 8) != 8:  # 1bitLLM's activation bits; 8 is what everything here computes
+        raise CheckpointError(f"{source}: input_bits {doc['input_bits']} is not supported (only 8-bit activations)")
+    act = doc.get("hidden_act", "silu" if _is_onebitllm(doc) else "relu2")  # each class's default
     if act not in _ACTIVATIONS:
         raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; "
                               f"supported: {', '.join(_ACTIVATIONS)}")
@@ -122,7 +143,12 @@ def hf_model_config(doc: dict[str, Any], source: Path | str = "config.json") -> 
 
 
 def hf_layout(doc: dict[str, Any], source: Path | str = "config.json") -> HFLayout:
-    """Packed or latent, and the weight_scale convention, from `quantization_config`."""
+    """Packed or latent, the weight_scale convention (from `quantization_config`) and the names."""
+    layout = _quant_layout(doc, source)
+    return replace(layout, names="1bitllm") if _is_onebitllm(doc) else layout
+
+
+def _quant_layout(doc: dict[str, Any], source: Path | str) -> HFLayout:
     qc = doc.get("quantization_config")
     if not qc:
         return HFLayout(packed=False)
@@ -197,8 +223,12 @@ class _TensorSource:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({first})") from None
 
 
-def _hf_name(ours: str) -> str:
-    """Our module names are HF's without the `model.` prefix of the decoder stack."""
+def _hf_name(ours: str, names: str = "bitnet") -> str:
+    """Our module names are HF's without the `model.` prefix of the decoder stack (1bitLLM renames
+    the two sub-norms)."""
+    if names == "1bitllm":
+        for a, b in _ONEBITLLM_NAMES.items():
+            ours = ours.replace(f".{a}.", f".{b}.")
     return ours if ours.startswith("lm_head") else "model." + ours
 
 
@@ -231,6 +261,22 @@ def unpack_hf_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     return fields.to(torch.int8) - 1
 
 
+def pack_hf_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [out, in] in {-1, 0, 1} → HF packed uint8 [ceil(out/4), in] (the inverse of
+    `unpack_hf_ternary`); rows past `out` are padded with code 1, a zero weight.
+
+    >>> codes = torch.tensor([0, -1, -1, 1, 1, 0, 1, -1], dtype=torch.int8).reshape(8, 1)
+    >>> [bin(b) for b in pack_hf_ternary(codes).flatten().tolist()]
+    ['0b10100001', '0b11000']
+    """
+    out_features, in_features = codes.shape
+    rows = (out_features + 3) // 4
+    fields = torch.ones((4 * rows, in_features), dtype=torch.uint8)
+    fields[:out_features] = (codes + 1).to(torch.uint8)
+    fields = fields.view(4, rows, in_features)  # block i holds rows [i·R, (i+1)·R)
+    return fields[0] | (fields[1] << 2) | (fields[2] << 4) | (fields[3] << 6)
+
+
 def latent_from_ternary(codes: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """Latent fp32 weights whose absmean quantization gives back (codes, scale).
 
@@ -247,7 +293,7 @@ def latent_from_ternary(codes: torch.Tensor, scale: float | torch.Tensor) -> tor
 def _ternary(src: _TensorSource, layout: HFLayout, ours: str, out_features: int, in_features: int
              ) -> tuple[torch.Tensor, float]:
     """(int8 codes [out, in], our dequantization multiplier s) of one packed projection."""
-    name = _hf_name(ours + ".weight")
+    name = _hf_name(ours + ".weight", layout.names)
     packed = src.get(name)
     shape = [(out_features + 3) // 4, in_features]
     if packed.dtype != torch.uint8:
@@ -260,7 +306,7 @@ def _ternary(src: _TensorSource, layout: HFLayout, ours: str, out_features: int,
         codes = unpack_hf_ternary(packed, out_features)
     except ValueError as e:
         raise CheckpointError(f"{src.directory}: tensor {name}: {e}") from None
-    scale_name = _hf_name(ours + ".weight_scale")
+    scale_name = _hf_name(ours + ".weight_scale", layout.names)
     ws = src.get(scale_name)
     if ws.numel() != 1 or not ws.is_floating_point():
         raise CheckpointError(f"{src.directory}: tensor {scale_name} has shape {list(ws.shape)} and dtype "
@@ -272,16 +318,40 @@ def _ternary(src: _TensorSource, layout: HFLayout, ours: str, out_features: int,
     return codes, (1.0 / value if layout.divide else value)
 
 
-# --- entry point ---------------------------------------------------------------------------
+# --- the conversion plan ---------------------------------------------------------------------
 
-def load_hf(directory: str | os.PathLike, *, latent: bool = False, mode: str | None = None):
-    """(Transformer, Tokenizer or None) from a Hugging Face BitNetForCausalLM directory.
+class _OnePacked:
+    """Reads and unpacks one packed projection once, for the two tensors made from it (codes and
+    scale); the codes are dropped as soon as they are taken."""
 
-    Packed repos load into the packed runtime (PackedBitLinear, format i2, fp32 embedding/head);
-    `latent=True` gives the training form instead (see the module docstring). Latent-master repos
-    load into BitLinear; `mode="fp"` builds the full-precision twin (what transformers runs for a
-    BitNet config without `quantization_config`).
-    """
+    def __init__(self, read: Callable[[], tuple[torch.Tensor, float]]):
+        self._read, self._codes, self._scale = read, None, None
+
+    def _load(self) -> None:
+        if self._scale is None:
+            self._codes, self._scale = self._read()
+
+    def take_codes(self) -> torch.Tensor:
+        self._load()
+        codes, self._codes = self._codes, None
+        return codes
+
+    def scale(self) -> float:
+        self._load()
+        return self._scale
+
+
+@dataclass
+class _Plan:
+    directory: Path
+    doc: dict[str, Any]
+    model: Transformer  # on the meta device (the packed skeleton for packed imports)
+    producers: dict[str, Callable[[], torch.Tensor]]  # our state-dict name → its tensor, in state-dict order
+
+
+def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | None = None) -> _Plan:
+    """Check config.json and the tensor names, and say how to make each of our tensors; nothing
+    heavy is read yet."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -301,36 +371,82 @@ def load_hf(directory: str | os.PathLike, *, latent: bool = False, mode: str | N
         model = Transformer(config)
     if layout.packed and not latent:
         build_packed_skeleton(model, PackConfig(format=PACKED_FORMAT, head="fp32"))
-    tensors: dict[str, torch.Tensor] = {}
-    consumed: set[str] = set()
     fmt = get_format(PACKED_FORMAT)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, (BitLinear, PackedBitLinear))}
-    for name, module in linears.items():
+
+    def hf(ours: str) -> str:
+        return _hf_name(ours, layout.names)
+
+    producers: dict[str, Callable[[], torch.Tensor]] = {}
+    consumed: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, (BitLinear, PackedBitLinear)):
+            continue
         if layout.packed:
-            codes, s = _ternary(src, layout, name, module.out_features, module.in_features)
-            consumed.update({_hf_name(name + ".weight"), _hf_name(name + ".weight_scale")})
+            consumed.update({hf(name + ".weight"), hf(name + ".weight_scale")})
+            one = _OnePacked(lambda name=name, m=module: _ternary(src, layout, name, m.out_features, m.in_features))
             if isinstance(module, PackedBitLinear):
-                tensors[name + ".packed"] = torch.from_numpy(fmt.pack(codes.numpy()))
-                tensors[name + ".weight_scale"] = torch.tensor([s], dtype=torch.float32)
+                producers[name + ".packed"] = lambda one=one: torch.from_numpy(fmt.pack(one.take_codes().numpy()))
+                producers[name + ".weight_scale"] = lambda one=one: torch.tensor([one.scale()], dtype=torch.float32)
             else:
-                tensors[name + ".weight"] = latent_from_ternary(codes, s)
+                producers[name + ".weight"] = lambda one=one: latent_from_ternary(one.take_codes(), one.scale())
         else:
-            hf = _hf_name(name + ".weight")
             shape = torch.Size([module.out_features, module.in_features])
-            tensors[name + ".weight"] = _float_tensor(src, hf, shape)
-            consumed.add(hf)
-    for name, t in model.state_dict().items():
-        if name not in tensors:  # embedding, norms, untied head: plain floats
-            hf = _hf_name(name)
-            tensors[name] = _float_tensor(src, hf, t.shape)
-            consumed.add(hf)
+            producers[name + ".weight"] = lambda n=hf(name + ".weight"), shape=shape: _float_tensor(src, n, shape)
+            consumed.add(hf(name + ".weight"))
+    state = model.state_dict()  # meta tensors: names, shapes and dtypes only
+    for name, t in state.items():
+        if name not in producers:  # embedding, norms, untied head: plain floats
+            producers[name] = lambda n=hf(name), shape=t.shape: _float_tensor(src, n, shape)
+            consumed.add(hf(name))
     ignorable = {"lm_head.weight"} if config.tie_embeddings else set()  # a tied head may be saved too
     extra = sorted(n for n in src.names() - consumed - ignorable if not n.endswith("rotary_emb.inv_freq"))
     if extra:
         raise CheckpointError(f"{directory}: unexpected tensor {extra[0]} (config.json has no such weight)")
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.init_buffers()
-    return model, _load_tokenizer(directory, doc)
+    return _Plan(directory, doc, model, {name: producers[name] for name in state})
+
+
+# --- entry points --------------------------------------------------------------------------
+
+def load_hf(directory: str | os.PathLike, *, latent: bool = False, mode: str | None = None):
+    """(Transformer, Tokenizer or None) from a Hugging Face BitNetForCausalLM directory.
+
+    Packed repos load into the packed runtime (PackedBitLinear, format i2, fp32 embedding/head);
+    `latent=True` gives the training form instead (see the module docstring). Latent-master repos
+    load into BitLinear; `mode="fp"` builds the full-precision twin (what transformers runs for a
+    BitNet config without `quantization_config`).
+    """
+    plan = _plan(directory, latent=latent, mode=mode)
+    tensors = {name: make() for name, make in plan.producers.items()}
+    plan.model.load_state_dict(tensors, strict=True, assign=True)
+    plan.model.init_buffers()
+    return plan.model, _load_tokenizer(plan.directory, plan.doc)
+
+
+def import_hf(directory: str | os.PathLike, out: str | os.PathLike, *, latent: bool = False,
+              overwrite: bool = False) -> Path:
+    """Convert a Hugging Face BitNet directory into our checkpoint directory `out`, streamed.
+
+    Packed repos become a packed directory (format i2, fp32 head: what `load_hf` builds) and
+    latent-master repos (or `latent=True`) a training-form one; `bitnet158.load` reads either.
+    Tensors are converted and written one at a time into a temporary directory renamed into place,
+    so peak memory is about the largest tensor, and a failure leaves `out` untouched.
+    """
+    from ..checkpoint import CONFIG, FORMAT, TOKENIZER, WEIGHTS, _config_document
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists (pass overwrite=True / --force to replace it)")
+    plan = _plan(directory, latent=latent)
+    tokenizer = _load_tokenizer(plan.directory, plan.doc)
+    state = plan.model.state_dict()
+    entries = [PlannedTensor(name, state[name].dtype, tuple(state[name].shape), make)
+               for name, make in plan.producers.items()]
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_safetensors(tmp / WEIGHTS, entries, metadata={"format": FORMAT, "kind": "model"})
+        atomic_write_json(tmp / CONFIG, _config_document(plan.model))
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER)
+    return out
 
 
 def _eos_token(directory: Path, doc: dict[str, Any]) -> str | None:

@@ -1,0 +1,130 @@
+"""Write safetensors files one tensor at a time, so a conversion never holds every tensor at once.
+
+The format is small enough to stream by hand: an 8-byte little-endian header length, a JSON header
+naming each tensor's dtype, shape and byte range in the data section, then the raw bytes in that
+order. Every shape and dtype is known before any tensor exists (a conversion plan), so the header
+is written first and each tensor is produced, written and dropped in turn: peak memory is the
+largest tensor (plus its source), not the file.
+
+    entries = [PlannedTensor("w", torch.float32, (2, 3), lambda: torch.zeros(2, 3))]
+    write_safetensors(path, entries, metadata={"format": "pt"})
+
+Files are written to a temporary sibling, fsynced and renamed (atomic, as fileio.py does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..fileio import atomic_write_json
+
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
+                torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of a file to be written: what it will be, and how to make it when its turn comes."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def header_bytes(entries: Sequence[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The length prefix and JSON header for `entries` laid out back to back in order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for e in entries:
+        if e.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"{e.name}: dtype {e.dtype} has no safetensors name")
+        header[e.name] = {"dtype": _DTYPE_NAMES[e.dtype], "shape": list(e.shape),
+                          "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # pad so the data section starts 8-byte aligned (mmap-friendly)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def write_safetensors(path: str | os.PathLike, entries: Sequence[PlannedTensor],
+                      metadata: dict[str, str] | None = None) -> int:
+    """Write `entries` as one safetensors file, producing each tensor only when it is written.
+    Returns the number of data bytes. A produced tensor whose dtype or shape disagrees with its
+    plan is a bug in the plan: ValueError, and the target is left untouched."""
+    path = Path(path)
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate tensor names in a safetensors plan")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    total = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header_bytes(entries, metadata))
+            for e in entries:
+                t = e.produce()
+                if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
+                    raise ValueError(f"{e.name}: produced {t.dtype} {list(t.shape)}, planned {e.dtype} "
+                                     f"{list(e.shape)}")
+                # a byte view of the contiguous tensor: no second copy for the write
+                data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(data))
+                total += data.nbytes
+                del t, data
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return total
+
+
+def shard_plan(entries: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Consecutive groups of at most `max_shard_bytes` each (a larger tensor gets a shard alone)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+def write_sharded(directory: str | os.PathLike, entries: Sequence[PlannedTensor], max_shard_bytes: int,
+                  metadata: dict[str, str] | None = None, stem: str = "model") -> list[str]:
+    """`stem.safetensors`, or Hugging Face style shards `stem-0000i-of-0000n.safetensors` plus
+    `stem.safetensors.index.json` when the tensors exceed `max_shard_bytes`. Returns the file names."""
+    directory = Path(directory)
+    groups = shard_plan(entries, max_shard_bytes)
+    if len(groups) == 1:
+        write_safetensors(directory / f"{stem}.safetensors", entries, metadata)
+        return [f"{stem}.safetensors"]
+    files, weight_map = [], {}
+    for i, group in enumerate(groups):
+        file = f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        write_safetensors(directory / file, group, metadata)
+        files.append(file)
+        weight_map.update({e.name: file for e in group})
+    index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
+    atomic_write_json(directory / f"{stem}.safetensors.index.json", index)
+    return files
