@@ -125,7 +125,8 @@ def test_quant_noise_end_points_are_exact():
         assert torch.equal(layer(x), qat)                                      # p = 1: plain QAT
         layer.noise_p = 0.0
         assert layer.effective_weight() is layer.weight                        # p = 0: FP weights
-        assert torch.equal(layer(x), F.linear(layer.quantize_input(x), layer.weight))
+        assert layer.quantize_input(x) is x                                    # and FP activations
+        assert torch.equal(layer(x), F.linear(x, layer.weight))
         # 0 < p < 1: a fresh Bernoulli(p) mask per forward picks quantized or FP per weight
         layer.noise_p = 0.3
         wq = quant.fake_quant(quant.absmean_ternary, layer.weight)
@@ -140,15 +141,18 @@ def test_quant_noise_end_points_are_exact():
     assert torch.equal(layer.weight.grad, torch.ones_like(layer.weight))
 
 
-def test_quant_noise_whole_model_p1_is_qat():
-    src = fp_model()
+@pytest.mark.parametrize("norm_placement", ["subln", "inner"])
+def test_quant_noise_whole_model_end_points_are_exact(norm_placement):
+    src = fp_model(norm_placement=norm_placement)
     model, plain = adapt.rtn(src), adapt.rtn(src)
     x = batch()
     with torch.no_grad():
+        adapt.set_noise(model, 0.0)
+        assert torch.equal(model(x), src(x))        # p = 0: the FP model, bit for bit
         adapt.set_noise(model, 0.5)
-        assert not torch.equal(model(x), plain(x))
+        assert not torch.equal(model(x), plain(x)) and not torch.equal(model(x), src(x))
         adapt.set_noise(model, 1.0)
-        assert torch.equal(model(x), plain(x))
+        assert torch.equal(model(x), plain(x))      # p = 1: plain QAT, bit for bit
 
 
 # --- AdaRound ------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ class BitLinear(nn.Module):
     act_quant: "token" (per-token absmax, the b1.58 and inference granularity) or "tensor" (the
     BitNet b1 training variant).
     lam, noise_p: conversion knobs (FORMATS §5.1, §7.1). lam < 1 mixes W + λ(q(W) − W) on weights
-    and activations; noise_p < 1 quantizes only a random share p of the weights each forward.
+    and activations; noise_p < 1 quantizes only a random share p of the weights (and of the
+    activation entries) each forward.
     Both default to 1: plain quantization-aware training.
     """
 
@@ -102,6 +103,8 @@ class BitLinear(nn.Module):
         if self.mode == "fp":
             return x
         xq = quant.fake_quant(quant.ACT_QUANTIZERS[self.act_quant], x)
+        if self.noise_p < 1.0:  # the noise reaches activations too, so p = 0 is exactly the FP layer
+            return quant.noise_mix(x, xq, self.noise_p)
         return quant.lambda_mix(x, xq, self.lam)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

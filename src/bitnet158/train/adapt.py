@@ -150,8 +150,8 @@ def quant_noise_schedule(step: int, total: int, start_p: float = 0.1, ramp: floa
 
 def set_noise(model: nn.Module, p: float) -> None:
     """Set the Quant-Noise share p on every quantized BitLinear. `quant.noise_mix` draws a fresh
-    per-weight Bernoulli(p) mask from torch's global generator on every forward; activations keep
-    their plain int8 quantization."""
+    per-weight Bernoulli(p) mask from torch's global generator on every forward, and one per
+    activation entry for the int8 activations, so p = 0 is the FP model and p = 1 plain QAT."""
     for _, layer in quantized_layers(model):
         layer.noise_p = float(p)
 
