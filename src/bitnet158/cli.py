@@ -205,6 +205,29 @@ def cmd_evidence(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    from .interop.gguf import export_gguf
+
+    r = export_gguf(args.checkpoint, args.out, args.type, overwrite=args.force, scale_tensors=args.scale_tensors)
+    notes = [f"FFN padded to {r.ffn_padded_to} with zero weights"] if r.ffn_padded_to else []
+    if r.type in ("tq1_0", "tq2_0") and not args.scale_tensors:
+        notes.append(f"fp16 block scales: max relative scale error {r.max_scale_rel_error:.2e}")
+    if not r.tokenizer:
+        notes.append("no tokenizer (no_vocab)")
+    print(f"wrote {r.path} ({r.type}, {r.tensors} tensors, {r.bytes / 1e6:.2f} MB)" + "".join(f"; {n}" for n in notes))
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    from .interop.gguf import import_gguf_to_dir
+
+    out, model = import_gguf_to_dir(args.file, args.out, format=args.format, overwrite=args.force)
+    info = model.gguf_import
+    note = (f"; {len(info['ternarized'])} float tensors absmean-ternarized (not exact)" if info["ternarized"] else "")
+    print(f"imported {args.file} ({', '.join(info['types'])}) into packed {args.format} directory {out}{note}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from . import checkpoint
 
@@ -335,6 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a report already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evidence)
+
+    p = sub.add_parser("export-gguf", help="write a GGUF that llama.cpp runs (arch bitnet; tq2_0, tq1_0, i2_s, f16)")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", default="tq2_0", help="tq2_0 (default), tq1_0, i2_s (bitnet.cpp) or f16")
+    p.add_argument("--scale-tensors", action="store_true",
+                   help="TQ types: unit block scales plus an exact fp32 per-tensor .scale tensor")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export_gguf)
+
+    p = sub.add_parser("import-gguf", help="read a TQ1_0/TQ2_0/I2_S/F16/BF16 bitnet GGUF into a packed directory")
+    p.add_argument("file")
+    p.add_argument("out", help="the packed bitnet158 directory to write")
+    p.add_argument("--format", default="i2", help="packed layout: i2 (default) or base3")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_import_gguf)
 
     p = sub.add_parser("info", help="what a checkpoint holds: config, parameter counts, bits")
     p.add_argument("checkpoint")
