@@ -319,3 +319,92 @@ def test_imported_packed_model_saves_and_reloads_as_our_packed_directory(tmp_pat
     again, _ = load(tmp_path / "ours")
     with torch.no_grad():
         assert torch.equal(model(TOKENS), again(TOKENS))
+
+
+# --- 1bitLLM layout (FORMATS §2.6) against an independent float reference ------------------------
+
+def _onebitllm_reference(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """The 1bitLLM decoder written out from FORMATS §2.6 in plain torch (fp32): LLaMA blocks with
+    inner_attn_ln before o_proj and ffn_layernorm before down_proj, SwiGLU, MHA, rotate_half RoPE,
+    each projection on absmean-ternary weights and per-token int8 activations, tied head."""
+    eps, heads, hidden = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["hidden_size"]
+    hd = hidden // heads
+    w = {k: v.float() for k, v in sd.items()}
+
+    def rms(x, g):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+
+    def bitlinear(x, weight):
+        s = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+        xq = (x * s).round().clamp(-128, 127) / s
+        ws = weight.abs().mean().clamp(min=1e-5)
+        return xq @ ((weight / ws).round().clamp(-1, 1) * ws).T
+
+    T = tokens.shape[1]
+    inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.outer(torch.arange(T, dtype=torch.float64), inv)
+    cos, sin = torch.cat([ang, ang], -1).cos().float(), torch.cat([ang, ang], -1).sin().float()
+
+    def rope(x):  # [B, H, T, hd]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    x = w["model.embed_tokens.weight"][tokens]
+    causal = torch.full((T, T), float("-inf")).triu(1)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, w[p + "input_layernorm.weight"])
+        q, k, v = (bitlinear(h, w[p + f"self_attn.{n}_proj.weight"]).view(*h.shape[:2], heads, hd).transpose(1, 2)
+                   for n in "qkv")
+        att = torch.softmax(rope(q) @ rope(k).transpose(-1, -2) / hd ** 0.5 + causal, -1) @ v
+        att = att.transpose(1, 2).reshape(*h.shape[:2], hidden)
+        x = x + bitlinear(rms(att, w[p + "self_attn.inner_attn_ln.weight"]), w[p + "self_attn.o_proj.weight"])
+        h = rms(x, w[p + "post_attention_layernorm.weight"])
+        g = torch.nn.functional.silu(bitlinear(h, w[p + "mlp.gate_proj.weight"])) * bitlinear(h, w[p + "mlp.up_proj.weight"])
+        x = x + bitlinear(rms(g, w[p + "mlp.ffn_layernorm.weight"]), w[p + "mlp.down_proj.weight"])
+    return rms(x, w["model.norm.weight"]) @ w["model.embed_tokens.weight"].T
+
+
+def test_onebitllm_layout_matches_an_independent_reference(tmp_path):
+    cfg = {"architectures": ["BitnetForCausalLM"], "model_type": "llama", "weight_bits": 1, "input_bits": 8,
+           "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 300, "tie_word_embeddings": True,
+           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float16"}
+    g = torch.Generator().manual_seed(11)
+    sd = {"model.embed_tokens.weight": torch.randn(300, 64, generator=g), "model.norm.weight": torch.rand(64, generator=g) + 0.5}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for n, shape in {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (64, 64), "self_attn.v_proj": (64, 64),
+                         "self_attn.o_proj": (64, 64), "mlp.gate_proj": (96, 64), "mlp.up_proj": (96, 64),
+                         "mlp.down_proj": (64, 96)}.items():
+            sd[p + n + ".weight"] = torch.randn(*shape, generator=g) * 0.02
+        for n, size in {"input_layernorm": 64, "post_attention_layernorm": 64, "self_attn.inner_attn_ln": 64,
+                        "mlp.ffn_layernorm": 96}.items():
+            sd[p + n + ".weight"] = torch.rand(size, generator=g) + 0.5
+    sd = {k: v.to(torch.float16).contiguous() for k, v in sd.items()}  # 1bitLLM ships fp16 masters
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_hf(tmp_path)
+    assert model.config.activation == "swiglu" and model.config.num_kv_heads == 4
+    assert all(isinstance(m, BitLinear) for m in (model.layers[0].self_attn.o_proj, model.layers[1].mlp.down_proj))
+    ref = _onebitllm_reference(sd, cfg, TOKENS)
+    with torch.no_grad():
+        got = model(TOKENS)
+    per_position = (got - ref).abs().amax(-1)
+    diff, exact = float(per_position.max()), float((per_position < TOL).float().mean())
+    print(f"1bitLLM layout: max |logit diff| vs the reference = {diff:.3g} (logit scale {float(ref.abs().max()):.3g}); "
+          f"{exact:.0%} of positions within {TOL}")
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # The reference's attention sums in another order; here one int8 activation of row 2 lands on
+    # the other side of a .5 rounding boundary at position 16 and moves the later positions of that
+    # row by up to 4.2e-2 (measured); every other position agrees to ~4e-6.
+    assert exact >= 0.75 and diff < 0.1, (exact, diff)
+
+
+def test_missing_shard_is_named(tmp_path):
+    _save_packed(tmp_path, _random_model(), "autobitlinear", shards=2)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError) as e:
+        load_hf(tmp_path)
+    _one_line(e, "shard model-00002-of-00002.safetensors is missing")
