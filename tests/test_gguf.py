@@ -296,3 +296,20 @@ def test_fuzz_corrupted_files_end_in_one_line_errors(tmp_path):
     print(f"{cases} fuzz cases: {outcomes}")
     assert cases >= 2000
     assert outcomes["error"] > 1000 and outcomes["ok"] > 0
+
+
+def test_ffn_padding_keeps_the_sub_norm_output(tmp_path, tokenizer):
+    """TQ export pads FFN 320 → 512 with zero channels; the written sub-norm gain must make the
+    padded RMSNorm give our output on the real channels (and zero on the padding)."""
+    from gguf import GGUFReader
+
+    model = _model(tokenizer, ffn=320, layers=1)
+    path = tmp_path / "m.gguf"
+    export_gguf(model, path, "tq2_0", tokenizer=tokenizer)
+    gain = next(np.array(t.data) for t in GGUFReader(path).tensors if t.name == "blk.0.ffn_sub_norm.weight")
+    ours = model.layers[0].mlp.ffn_sub_norm
+    x = torch.randn(3, 320)
+    padded = torch.cat([x, torch.zeros(3, 192)], dim=1)
+    theirs = padded * torch.rsqrt(padded.pow(2).mean(-1, keepdim=True) + ours.eps) * torch.from_numpy(gain)
+    with torch.no_grad():
+        assert torch.allclose(theirs[:, :320], ours(x), atol=1e-5) and not theirs[:, 320:].any()

@@ -245,8 +245,9 @@ def export_gguf(ckpt_or_model, out_path: str | os.PathLike, type: str = "tq2_0",
             w = block.get_submodule(ours).weight.detach().float().numpy()
             if stem == "ffn_sub_norm" and ffn_out != ffn:
                 # zero channels added: RMS over ffn_out channels = RMS over ffn · sqrt(ffn/ffn_out),
-                # so the gain grows by sqrt(ffn_out/ffn) (exact up to eps · ffn_out/ffn)
-                w = np.concatenate([w * np.float32(math.sqrt(ffn_out / ffn)), np.zeros(ffn_out - ffn, np.float32)])
+                # so normalized values grow by sqrt(ffn_out/ffn) and the gain shrinks by the same
+                # factor (exact but for eps, which acts as eps · ffn_out/ffn)
+                w = np.concatenate([w * np.float32(math.sqrt(ffn / ffn_out)), np.zeros(ffn_out - ffn, np.float32)])
             writer.add_tensor(f"blk.{i}.{stem}.weight", w.astype(np.float32))
         for ours, stem in _LINEARS.items():
             codes, scale, fp = _linear_weights(block.get_submodule(ours))
@@ -531,7 +532,7 @@ def load_gguf(path: str | os.PathLike, *, format: str = "i2"):
             name = f"blk.{i}.{stem}.weight"
             w = _float_tensor(header, raw, name, (norm_dims[stem],))
             if stem == "ffn_sub_norm" and ffn != ffn_file:  # undo the export's padding compensation
-                w = w[:ffn] * np.float32(math.sqrt(ffn / ffn_file))
+                w = w[:ffn] * np.float32(math.sqrt(ffn_file / ffn))
             state[f"layers.{i}.{ours}.weight"] = torch.from_numpy(np.ascontiguousarray(w))
             consumed.add(name)
         for ours, stem in _LINEARS.items():
