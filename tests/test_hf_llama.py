@@ -140,6 +140,8 @@ def test_conversion_inserts_sub_norms_at_the_inputs_rms(tmp_path):
         ref = ours(TOKENS)
         drift = (model(TOKENS) - ref).pow(2).mean() / ref.pow(2).mean()
     assert drift < 0.1, float(drift)
+    bare = adapt.rtn(ours)  # no calibration tokens: the gains start at 1
+    assert all(bool((m.weight == 1).all()) for n, m in bare.named_modules() if n.endswith("sub_norm"))
 
 
 # --- end to end through the CLI --------------------------------------------------------------
