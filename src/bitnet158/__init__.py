@@ -14,10 +14,11 @@ from .model import Transformer  # noqa: E402
 from .cache import KVCache  # noqa: E402
 from .checkpoint import load, save, save_packed  # noqa: E402
 from .pack import PackConfig, PackedBitLinear, pack_  # noqa: E402
-from .interop.hf import load_hf  # noqa: E402
+from .interop.hf import import_hf, load_hf  # noqa: E402
+from .interop.hf_export import save_hf  # noqa: E402
 
 __all__ = [
     "ModelConfig", "TrainConfig", "preset", "PRESETS", "BitNetError", "CheckpointError", "ConfigError",
     "DataError", "FormatError", "BitLinear", "RMSNorm", "convert", "Transformer", "KVCache", "load", "save",
-    "save_packed", "PackConfig", "PackedBitLinear", "pack_", "load_hf",
+    "save_packed", "PackConfig", "PackedBitLinear", "pack_", "load_hf", "import_hf", "save_hf",
 ]

@@ -27,7 +27,7 @@ checkpoint's, and the logits match transformers up to float summation order. For
 clips back to the same codes, so re-quantization reproduces (codes, s) up to float rounding of
 the mean (`latent_from_ternary`).
 
-Weights are read tensor by tensor with `safetensors.safe_open` (one file or shards listed in
+Weights are read tensor by tensor (`SafetensorsReader`: plain reads, no mmap; one file or shards listed in
 model.safetensors.index.json); pickle files (.bin, .pt) are refused, never opened. Every tensor
 is checked against config.json (name, shape) and every tensor of the file must be consumed.
 The conversion is a plan (our tensor name → a function producing it): `load_hf` runs it into a
@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..errors import BitNetError, CheckpointError
@@ -54,7 +53,7 @@ from ..formats import get_format
 from ..layers import BitLinear
 from ..model import Transformer
 from ..pack import PackConfig, PackedBitLinear, build_packed_skeleton
-from .safetensors_stream import PlannedTensor, write_safetensors
+from .safetensors_stream import PlannedTensor, SafetensorsReader, write_safetensors
 
 ONEBITLLM_ARCHITECTURE = "BitnetForCausalLM"  # 1bitLLM's custom class (lower-case n), FORMATS §2.6
 SUPPORTED_ARCHITECTURES = ("BitNetForCausalLM", ONEBITLLM_ARCHITECTURE)
@@ -202,8 +201,8 @@ class _TensorSource:
 
     def _open(self, file: Path):
         try:
-            return safe_open(str(file), framework="pt")
-        except Exception as e:  # safetensors raises its own error type for corrupt headers
+            return SafetensorsReader(file)
+        except (OSError, ValueError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({first})") from None
 

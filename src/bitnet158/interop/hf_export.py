@@ -19,7 +19,7 @@ What HF BitNet cannot express is refused in one line: binary (b1) weights, per-t
 scales, and the FAQ's norm inside every BitLinear (HF BitNet has only block norms and sub-norms).
 
 The source may be a model in memory or a checkpoint directory. A directory is never loaded as a
-model: its tensors are read one by one with `safe_open`, converted and streamed into the output
+model: its tensors are read one by one (plain reads, no mmap), converted and streamed into the output
 file (`safetensors_stream`), so peak memory stays near the largest tensor. The output directory
 appears in one rename.
 """
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .. import quant
@@ -44,7 +43,7 @@ from ..layers import BitLinear, RMSNorm
 from ..model import Transformer
 from ..pack import Int8Embedding, Int8Head, PackConfig, PackedBitLinear, build_packed_skeleton
 from .hf import _hf_name, _OnePacked, latent_from_ternary, pack_hf_ternary
-from .safetensors_stream import PlannedTensor, write_sharded
+from .safetensors_stream import PlannedTensor, SafetensorsReader, write_sharded
 
 LAYOUTS = ("packed", "bf16")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,9 +87,9 @@ class _CheckpointSource:
         if not self.file.exists():
             raise CheckpointError(f"{self.file}: missing")
         try:
-            self._handle = safe_open(str(self.file), framework="pt")
+            self._handle = SafetensorsReader(self.file)
             names = set(self._handle.keys())
-        except Exception as e:  # safetensors raises its own error type for corrupt headers
+        except (OSError, ValueError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{self.file}: truncated or corrupt safetensors file ({first})") from None
         missing = sorted(set(self._shapes) - names)

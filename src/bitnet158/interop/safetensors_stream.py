@@ -128,3 +128,62 @@ def write_sharded(directory: str | os.PathLike, entries: Sequence[PlannedTensor]
     index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
     atomic_write_json(directory / f"{stem}.safetensors.index.json", index)
     return files
+
+
+_NAMES_TO_DTYPE = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+class SafetensorsReader:
+    """Read one tensor at a time with plain file reads (no mmap): a memory-mapped file's touched
+    pages count as the process's resident memory until it is closed, so a streamed conversion
+    over `safe_open` would look (and be accounted) as large as the whole file. Raises ValueError
+    with one line for a truncated or malformed file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"header length {n} runs past the end of the file")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = _NAMES_TO_DTYPE[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"tensor {name}: bad header entry {info!r}") from None
+            if end - begin != math.prod(shape) * torch.empty((), dtype=dtype).element_size() or begin < 0:
+                raise ValueError(f"tensor {name}: data_offsets {[begin, end]} disagree with shape {list(shape)}")
+            if self._start + end > size:
+                raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
+            self._entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._entries[name]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self._start + begin)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"tensor {name}: file ended early (truncated?)")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
