@@ -112,14 +112,15 @@ def run_cost(settings: EvidenceSettings, rapl: Rapl, threads: int, progress: boo
     """One row per shape: packed (i2, int8 head) vs bf16, with the ratios (bf16 / packed)."""
     torch_threads = torch.get_num_threads()
     rows = []
-    bar = tqdm(settings.shapes, desc="cost at paper shapes", disable=not progress, unit="shape", dynamic_ncols=True)
+    bar = tqdm(settings.shapes, desc="cost at paper shapes", disable=not progress, unit="shape",
+               dynamic_ncols=True)
     try:
         for shape in bar:
             cfg = shape_config(shape)
             full = preset(shape.preset)
             bar.set_postfix_str(f"{shape.name}: packed", refresh=True)
-            packed = _measure(lambda: random_packed(cfg, PackConfig(format="i2", head="int8")), threads, True,
-                              settings, rapl)
+            packed = _measure(lambda: random_packed(cfg, PackConfig(format="i2", head="int8"), progress=progress),
+                              threads, True, settings, rapl)
             bar.set_postfix_str(f"{shape.name}: bf16", refresh=True)
             bf16 = _measure(lambda: bf16_model(cfg), threads, False, settings, rapl)
             energy = model_energy(cfg)

@@ -155,6 +155,8 @@ def run_energy(shapes: list[tuple[str, ModelConfig]], rapl: Rapl, estimate_token
             "ratio_paper_accounting": e["ratio_paper_accounting"], "ratio_with_rescale": e["ratio_with_rescale"],
             "fp16_mj_estimate": e["fp16_pj"] * estimate_tokens / 1e9,
             "ternary_mj_estimate": (e["ternary_pj"] + e["rescale_pj"]) * estimate_tokens / 1e9,
+            "fp16_j_estimate": e["fp16_pj"] * estimate_tokens / 1e12,
+            "ternary_j_estimate": (e["ternary_pj"] + e["rescale_pj"]) * estimate_tokens / 1e12,
         })
     return {"table_pj": dict(ENERGY_7NM_PJ), "estimate_tokens": estimate_tokens, "shapes": rows,
             "rapl": {"available": rapl.available, "reason": rapl.reason, "zones": [str(z) for z in rapl.zones]}}

@@ -7,6 +7,10 @@ from .paper import B2B4T, BCPP_X86_ENERGY_REDUCTION_PCT, BCPP_X86_SPEEDUP, MATMU
 from .quality import LABELS
 
 
+PAPER_LABELS = {"700m": "700M", "1.3b": "1.3B", "3b": "3B"}
+NOT_MEASURED = "not measured in this mode (--full measures it)"
+
+
 def num(value: float, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
@@ -26,6 +30,14 @@ def _depth_note(row: dict) -> str:
     if row.get("vocab_cut"):
         parts.append(f"vocabulary cut to {row['vocab_size']:,}")
     return f" ({', '.join(parts)})" if parts else ""
+
+
+def _per_shape(shapes: list[dict], key: str) -> str:
+    """'71.4× at every shape' when the formatted values agree, else one value per shape."""
+    values = [_x(s[key], 1) for s in shapes]
+    if len(set(values)) == 1:
+        return f"{values[0]} at every shape"
+    return "; ".join(f"{v} ({s['name']})" for v, s in zip(values, shapes))
 
 
 def build_claims(results: dict) -> list[dict]:
@@ -54,41 +66,43 @@ def build_claims(results: dict) -> list[dict]:
                            "conditions": "same sizes, tokens and seed as above", "source": "B158 section 1"})
     if cost:
         rows = cost["shapes"]
-        for key, paper_key, what in (("memory_ratio", "memory_ratio", "memory saving vs FP16"),
-                                     ("latency_ratio", "latency_ratio", "decode speed-up vs full precision")):
-            for r in rows:
-                p = TABLE1.get(r["preset"])
-                if p is None:
-                    continue
+        memory_cond = (f"ours: whole model, i2 + int8 head vs bf16 tensors, CPU, {cost['threads']} threads, "
+                       f"kernel {cost['kernel_path']}; paper: GPU")
+        latency_cond = (f"ours: CPU, {cost['threads']} threads, torch bf16 baseline, {cost['prompt_tokens']}-token "
+                        "prompt; paper: GPU, FasterTransformer + Ladder")
+        for key, what, cond in (("memory_ratio", "memory saving vs FP16", memory_cond),
+                                ("latency_ratio", "decode speed-up vs full precision", latency_cond)):
+            for preset_name, p in TABLE1.items():
+                r = _by_preset(rows, preset_name)
                 claims.append({
-                    "claim": f"{what}, {r['name']}", "paper": _x(p[paper_key]), "ours": _x(r[key]) + _depth_note(r),
-                    "conditions": (f"ours: whole model, i2 + int8 head vs bf16 tensors, CPU, {cost['threads']} "
-                                   f"threads, kernel {cost['kernel_path']}; paper: GPU" if key == "memory_ratio" else
-                                   f"ours: CPU, {cost['threads']} threads, torch bf16 baseline, "
-                                   f"{cost['prompt_tokens']}-token prompt; paper: GPU, FasterTransformer + Ladder"),
-                    "source": "B158 Table 1"})
+                    "claim": f"{what}, {PAPER_LABELS[preset_name]}", "paper": _x(p[key]),
+                    "ours": _x(r[key]) + _depth_note(r) if r else NOT_MEASURED,
+                    "conditions": cond if r else "—", "source": "B158 Table 1"})
         r = _by_preset(rows, "2b4t")
-        if r is not None:
-            claims.append({"claim": "2B4T non-embedding memory", "paper": f"{num(B2B4T['non_embedding_gb'], 1)} GB",
-                           "ours": f"{num(r['linear_packed_gb'], 3)} GB" + _depth_note(r),
-                           "conditions": f"ours: i2-packed linear layers as held in memory, {num(r['linear_bits_per_weight'], 2)} bits per weight",
-                           "source": "2B4T Table 1"})
-            claims.append({"claim": "2B4T CPU time per output token", "paper": f"{num(B2B4T['cpu_tpot_ms'], 0)} ms",
-                           "ours": f"{num(r['decode_ms_packed'], 1)} ms" + _depth_note(r),
-                           "conditions": f"ours: {cost['threads']} threads on this machine; paper: i7-13800H, "
-                                         f"{B2B4T['cpu_threads']} threads, bitnet.cpp", "source": "2B4T Table 1"})
+        claims.append({
+            "claim": "2B4T non-embedding memory", "paper": f"{num(B2B4T['non_embedding_gb'], 1)} GB",
+            "ours": f"{num(r['linear_packed_gb'], 3)} GB" + _depth_note(r) if r else NOT_MEASURED,
+            "conditions": (f"ours: i2-packed linear layers as held in memory, "
+                           f"{num(r['linear_bits_per_weight'], 2)} bits per weight") if r else "—",
+            "source": "2B4T Table 1"})
+        claims.append({
+            "claim": "2B4T CPU time per output token", "paper": f"{num(B2B4T['cpu_tpot_ms'], 0)} ms",
+            "ours": f"{num(r['decode_ms_packed'], 1)} ms" + _depth_note(r) if r else NOT_MEASURED,
+            "conditions": (f"ours: {cost['threads']} threads on this machine; paper: i7-13800H, "
+                           f"{B2B4T['cpu_threads']} threads, bitnet.cpp") if r else "—",
+            "source": "2B4T Table 1"})
         lat = [r["latency_ratio"] for r in rows]
         claims.append({"claim": "CPU decode speed-up vs full precision",
                        "paper": f"{_x(BCPP_X86_SPEEDUP[0])}–{_x(BCPP_X86_SPEEDUP[1])}",
-                       "ours": f"{_x(min(lat))}–{_x(max(lat))}",
+                       "ours": _x(lat[0]) if len(lat) == 1 else f"{_x(min(lat))}–{_x(max(lat))}",
                        "conditions": "ours: our packed runtime vs torch bf16 over the shapes above; paper: bitnet.cpp "
                                      "vs llama.cpp on x86", "source": "bcpp abstract"})
     if energy:
         shapes = energy["shapes"]
         claims.append({
             "claim": "matmul arithmetic energy saving at 7 nm", "paper": _x(MATMUL_ENERGY_SAVING, 1),
-            "ours": "; ".join(f"{_x(s['ratio_paper_accounting'], 1)} ({s['name']})" for s in shapes)
-                    + "; with our fp32 rescale " + "; ".join(f"{_x(s['ratio_with_rescale'], 1)}" for s in shapes),
+            "ours": _per_shape(shapes, "ratio_paper_accounting") + "; with our fp32 rescale "
+                    + _per_shape(shapes, "ratio_with_rescale"),
             "conditions": "op-count model on our linear layers: N·K fp16 mul+add vs N·K int8 add per token",
             "source": "B158 section 3, B1 Table 2"})
         e2 = next((s for s in shapes if s["name"] == "2B4T"), None)
@@ -96,7 +110,7 @@ def build_claims(results: dict) -> list[dict]:
             claims.append({
                 "claim": f"2B4T estimated energy, {energy['estimate_tokens']} tokens",
                 "paper": f"{num(B2B4T['energy_j'], 3)} J",
-                "ours": f"{num(e2['ternary_mj_estimate'] / 1000, 4)} J (FP16 twin {num(e2['fp16_mj_estimate'] / 1000, 3)} J)",
+                "ours": f"{num(e2['ternary_j_estimate'], 4)} J (FP16 twin {num(e2['fp16_j_estimate'], 3)} J)",
                 "conditions": "ours: the same 7 nm op-count model over the linear layers only",
                 "source": "2B4T Table 1"})
         rapl = energy["rapl"]
@@ -177,12 +191,12 @@ def build_report(results: dict) -> str:
                      num(r["prefill_tok_s_packed"], 1), num(r["prefill_tok_s_bf16"], 1), _x(r["prefill_ratio"])])
     out += _table(["shape", "packed GB", "FP16 GB", "memory", "paper", "decode ms packed", "decode ms bf16",
                    "latency", "paper", "prefill tok/s packed", "prefill tok/s bf16", "prefill"], crow)
-    out += ["", "Linear layers alone: " + "; ".join(
-        f"{r['name']} {num(r['linear_packed_gb'], 3)} GB vs {num(r['linear_fp16_gb'], 3)} GB "
-        f"({_x(r['linear_memory_ratio'])}, {num(r['linear_bits_per_weight'], 2)} bits per weight)" for r in c["shapes"]) + ". The rest of the packed size is the "
-        "embedding, head and norms: " + "; ".join(f"{r['name']} {num(r['non_linear_packed_gb'], 3)} GB"
-                                                  for r in c["shapes"])
-        + " (an untied input embedding stays fp32 in our runtime).", "", "![cost](cost.png)"]
+    linear = "; ".join(f"{r['name']} {num(r['linear_packed_gb'], 3)} GB vs {num(r['linear_fp16_gb'], 3)} GB "
+                       f"({_x(r['linear_memory_ratio'])}, {num(r['linear_bits_per_weight'], 2)} bits per weight)"
+                       for r in c["shapes"])
+    rest = "; ".join(f"{r['name']} {num(r['non_linear_packed_gb'], 3)} GB" for r in c["shapes"])
+    out += ["", f"Linear layers alone: {linear}. The rest of the packed size is the embedding, head and norms: "
+                f"{rest} (an untied input embedding stays fp32 in our runtime).", "", "![cost](cost.png)"]
     if any(r["layers"] != r["full_layers"] for r in c["shapes"]):
         out += ["", "Shapes marked with a layer count were built with fewer layers than the paper's model "
                     "to fit this mode's time budget; their sizes and latencies are those of the cut model."]

@@ -52,6 +52,10 @@ class EvidenceSettings:
     modes: tuple[str, ...] = ("b158", "b1", "fp")
 
 
+PAPER_SHAPES = (CostShape("700M", "700m"), CostShape("1.3B", "1.3b"), CostShape("3B", "3b"),
+                CostShape("2B4T", "2b4t"))
+ENERGY_SHAPES = PAPER_SHAPES  # the op-count model, always at full depth
+
 # The full run's sizes grow ~3x in linear parameters per step (1.2M, 2.9M, 9.4M): the widest
 # range that trains 9 models in about two hours on 2 cores.
 FULL = EvidenceSettings(
@@ -63,8 +67,7 @@ FULL = EvidenceSettings(
            QualitySize("L", 384, 6, 6, 2, 1024)),
     train=TrainConfig(steps=800, batch_size=16, seq_len=128, warmup=80, eval_every=100, eval_batches=8,
                       save_every=800),
-    shapes=(CostShape("700M", "700m"), CostShape("1.3B", "1.3b"), CostShape("3B", "3b"),
-            CostShape("2B4T", "2b4t")),
+    shapes=PAPER_SHAPES,
     prompt_tokens=64, decode_tokens=16, repeats=3,
 )
 
