@@ -167,7 +167,8 @@ def _latent_codes(source, name: str) -> tuple[torch.Tensor, float]:
 
 def _table(source, prefix: str) -> torch.Tensor:
     """An int8 per-row table back to floats, exactly as its embedding lookups compute it."""
-    return source.get(prefix + ".qweight").float() * source.get(prefix + ".row_scale").float().unsqueeze(1)
+    table = source.get(prefix + ".qweight").float()
+    return table.mul_(source.get(prefix + ".row_scale").float().unsqueeze(1))  # in place: one table-sized buffer
 
 
 def _plan(source, layout: str, dtype: torch.dtype) -> list[PlannedTensor]:
