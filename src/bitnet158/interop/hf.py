@@ -53,7 +53,7 @@ from ..formats import get_format
 from ..layers import BitLinear
 from ..model import Transformer
 from ..pack import PackConfig, PackedBitLinear, build_packed_skeleton
-from .safetensors_stream import PlannedTensor, SafetensorsReader, write_safetensors
+from .safetensors_stream import PlannedTensor, SafetensorsReader, all_finite, write_safetensors
 
 ONEBITLLM_ARCHITECTURE = "BitnetForCausalLM"  # 1bitLLM's custom class (lower-case n), FORMATS §2.6
 SUPPORTED_ARCHITECTURES = ("BitNetForCausalLM", ONEBITLLM_ARCHITECTURE)
@@ -239,7 +239,7 @@ def _float_tensor(src: _TensorSource, name: str, shape: torch.Size) -> torch.Ten
     if not t.is_floating_point():
         raise CheckpointError(f"{src.directory}: tensor {name} has dtype {t.dtype}, expected a float dtype "
                               f"(config.json says the weights are not packed)")
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise CheckpointError(f"{src.directory}: tensor {name} holds NaN or infinite values")
     return t.float()
 

@@ -43,7 +43,7 @@ from ..layers import BitLinear, RMSNorm
 from ..model import Transformer
 from ..pack import Int8Embedding, Int8Head, PackConfig, PackedBitLinear, build_packed_skeleton
 from .hf import _hf_name, _OnePacked, latent_from_ternary, pack_hf_ternary
-from .safetensors_stream import PlannedTensor, SafetensorsReader, write_sharded
+from .safetensors_stream import PlannedTensor, SafetensorsReader, all_finite, write_sharded
 
 LAYOUTS = ("packed", "bf16")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,7 +101,7 @@ class _CheckpointSource:
         if t.shape != self._shapes[name]:
             raise CheckpointError(f"{self.file}: tensor {name} has shape {list(t.shape)}, the config "
                                   f"expects {list(self._shapes[name])}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise CheckpointError(f"{self.file}: tensor {name} holds NaN or infinite values")
         return t
 
