@@ -146,6 +146,20 @@ def test_every_number_in_the_report_is_in_results_json(smoke_run):
                                      json.loads((smoke_run / "results.json").read_text()))
 
 
+def test_a_missing_extension_or_rapl_is_reported_as_missing(smoke_run):
+    from bitnet158.evidence.report import build_claims, build_report
+
+    results = json.loads((smoke_run / "results.json").read_text())
+    results["machine"].update(extension=False, extension_error="disabled by BITNET158_DISABLE_EXT",
+                              kernel_path="torch")
+    results["energy"]["rapl"] = {"available": False, "reason": "energy_uj is not readable", "zones": []}
+    results["claims"] = build_claims(results)
+    report = build_report(results)
+    assert "compiled extension missing: disabled by BITNET158_DISABLE_EXT" in report
+    assert "not available** — energy_uj is not readable" in report
+    assert "not measured: energy_uj is not readable" in report
+
+
 def test_evidence_refuses_to_overwrite_a_report(smoke_run, capsys):
     assert main(["evidence", "--smoke", "--out", str(smoke_run), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

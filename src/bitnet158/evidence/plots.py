@@ -95,16 +95,18 @@ def cost(results: dict, path: Path) -> None:
               ("prefill_ratio", None, "prefill throughput: packed / bf16"))
     for ax, (key, paper_key, title) in zip(axes, panels):
         ours = [s[key] for s in shapes]
-        ax.bar([i - 0.2 for i in x], ours, width=0.4, color="tab:blue", label="ours (this run)")
+        bars = ax.bar([i - 0.2 for i in x], ours, width=0.4, color="tab:blue", label="ours (this run)")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
         if paper_key is not None:
             paper = [TABLE1.get(s["preset"], {}).get(paper_key, 0.0) for s in shapes]
-            ax.bar([i + 0.2 for i in x], paper, width=0.4, color="gray", label="paper (GPU, Table 1)")
+            bars = ax.bar([i + 0.2 for i in x], paper, width=0.4, color="gray", label="paper (GPU, Table 1)")
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(list(x), names, fontsize=8)
         ax.set_title(title, fontsize=10)
-        ax.set_ylabel("x (higher is better for ternary)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("ratio (higher is better for ternary)")
     fig.suptitle(f"Random packed ternary (i2, int8 head) vs torch bf16, {results['cost']['threads']} threads, "
                  f"kernel {results['cost']['kernel_path']}", fontsize=10)
     _save(fig, path)

@@ -57,10 +57,10 @@ PAPER_SHAPES = (CostShape("700M", "700m"), CostShape("1.3B", "1.3b"), CostShape(
 ENERGY_SHAPES = PAPER_SHAPES  # the op-count model, always at full depth
 
 # The full run's sizes grow ~3x in linear parameters per step (1.2M, 2.9M, 9.4M): the widest
-# range that trains 9 models in about two hours on 2 cores.
+# range that trains 9 models in under 3 hours on 2 cores (the cost part adds about 15 minutes).
 FULL = EvidenceSettings(
     name="full",
-    note="three sizes x three weight modes, 800 steps each; full-depth paper shapes",
+    note="three sizes x three weight modes on the same tokens; the paper shapes at full depth",
     vocab_size=4096,
     max_bytes=6_000_000,
     sizes=(QualitySize("S", 192, 3, 3, 1, 512), QualitySize("M", 256, 4, 4, 2, 688),
@@ -68,20 +68,20 @@ FULL = EvidenceSettings(
     train=TrainConfig(steps=800, batch_size=16, seq_len=128, warmup=80, eval_every=100, eval_batches=8,
                       save_every=800),
     shapes=PAPER_SHAPES,
-    prompt_tokens=64, decode_tokens=16, repeats=3,
+    prompt_tokens=64, decode_tokens=16, repeats=2,
 )
 
 QUICK = EvidenceSettings(
     name="quick",
-    note="two small sizes x three weight modes, 120 short steps each; only the 700M shape "
+    note="two small sizes x three weight modes, a few short steps each; only the 700M shape "
          "(full depth) for cost",
     vocab_size=1024,
     max_bytes=1_500_000,
     sizes=(QualitySize("XS", 64, 2, 2, 1, 172), QualitySize("S", 128, 2, 4, 2, 344)),
-    train=TrainConfig(steps=120, batch_size=8, seq_len=64, warmup=12, eval_every=40, eval_batches=4,
-                      save_every=120),
+    train=TrainConfig(steps=100, batch_size=8, seq_len=64, warmup=10, eval_every=50, eval_batches=4,
+                      save_every=100),
     shapes=(CostShape("700M", "700m"),),
-    prompt_tokens=32, decode_tokens=4, repeats=2, energy_tokens=4,
+    prompt_tokens=16, decode_tokens=4, repeats=2, energy_tokens=4,
 )
 
 # Internal (not offered by the CLI's help): the CI test's drastically reduced run.
