@@ -61,7 +61,7 @@ def build_claims(results: dict) -> list[dict]:
         if all("ppl_ratio_b1_fp" in s for s in q["sizes"]):
             b1 = "; ".join(f"{num(s['ppl_ratio_b1_fp'], 3)} vs {num(s['ppl_ratio_b158_fp'], 3)} ({s['name']})"
                            for s in q["sizes"])
-            claims.append({"claim": "ternary (b1.58) models better than binary (b1)", "paper": "stated, no figure",
+            claims.append({"claim": "ternary (b1.58) models better than binary (b1)", "paper": "stated (0 allows feature filtering), no figure",
                            "ours": f"b1/FP vs b1.58/FP perplexity ratio: {b1}",
                            "conditions": "same sizes, tokens and seed as above", "source": "B158 section 1"})
     if cost:
@@ -178,7 +178,8 @@ def build_report(results: dict) -> str:
             f"`{c['kernel_path']}` with {c['threads']} threads. Baseline: the same architecture in torch bf16 "
             f"with {c['threads']} threads. Measured in the same process, one model at a time; each timing is the "
             f"median of {c['repeats']} run(s) of a {c['prompt_tokens']}-token prefill and {c['decode_tokens']} "
-            "decode steps. Sizes are the bytes of every stored tensor. This CPU "
+            "decode steps (speed and size do not depend on the weight values). Sizes are the bytes of every "
+            "stored tensor. This CPU "
             + ("has" if m["native_bf16"] else "has no") + " native bf16 arithmetic (AVX512_BF16/AMX)"
             + ("." if m["native_bf16"] else ", so torch converts bf16 in software: the baseline is slower than "
                "an optimised FP16/FP32 CPU runtime would be, and our speed-ups are larger than against one."), ""]
