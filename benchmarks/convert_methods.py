@@ -5,6 +5,9 @@ lambda, quant-noise, plain qat, distill and combinations — each fine-tuning me
 same steps × batch × seq_len tokens (the same batches, same seed), then prints held-out perplexity
 beside the FP source and the b1.58 model trained from scratch on the FP model's tokens
 (runs/demo/b158). If the demo's models are absent they are trained here with the demo's settings.
+Two control rows fine-tune the FP twin and the from-scratch b1.58 model on the same tokens: the
+demo's models are under-trained, so extra tokens alone lower perplexity, and only the comparison
+at equal tokens says what a conversion is worth.
 
     python benchmarks/convert_methods.py                       # after `bitnet158 demo`
     python benchmarks/convert_methods.py --steps 60 --threads 1
@@ -84,6 +87,8 @@ def main() -> None:
                     help="held-out windows of --seq-len tokens (default: the demo's evaluation set)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-controls", action="store_true",
+                    help="skip the two control rows (FP and from-scratch b1.58 fine-tuned on the same tokens)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,6 +146,23 @@ def main() -> None:
         log(f"  {label:<26} ppl {converted[label]:9.2f}   ({secs:.0f}s)")
         del model
 
+    # Controls: the fine-tuning tokens are new data for these under-trained models, so the same
+    # steps on the FP twin and on the from-scratch b1.58 model say how much of a conversion's
+    # result is the conversion and how much is simply more training.
+    controls: dict[str, float] = {}
+    if not args.no_controls:
+        for label, source in (("control: FP + fine-tune", fp), ("control: scratch + fine-tune", scratch)):
+            t0 = time.perf_counter()
+            model = Transformer(source.config)
+            model.load_state_dict(source.state_dict())
+            adapt.finetune(model, train_tokens, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                           seq_len=args.seq_len, seed=args.seed)
+            secs = time.perf_counter() - t0
+            controls[label] = ppl(model)
+            rows.append((label, controls[label], f"{budget:,} fine-tune", secs))
+            log(f"  {label:<26} ppl {controls[label]:9.2f}   ({secs:.0f}s)")
+            del model
+
     log("")
     log(f"Held-out perplexity, FP → b1.58 conversion of the demo's FP twin (one run; every fine-tuning "
         f"method saw the same {budget:,} tokens)")
@@ -164,6 +186,13 @@ def main() -> None:
         log(f"best conversion vs b1.58 from scratch: {best_ppl:.2f} vs {scratch_ppl:.2f} "
             f"({'better' if best_ppl < scratch_ppl else 'worse'} by {abs(1 - best_ppl / scratch_ppl) * 100:.1f}%; "
             f"the conversion used {fp_tokens} FP pretraining + {budget:,} fine-tuning tokens)")
+        if controls:
+            same = controls["control: scratch + fine-tune"]
+            fp_more = controls["control: FP + fine-tune"]
+            log(f"at equal tokens (pretraining + the same fine-tuning): best conversion {best_ppl:.2f} vs "
+                f"from-scratch b1.58 {same:.2f} ({'better' if best_ppl < same else 'worse'} by "
+                f"{abs(1 - best_ppl / same) * 100:.1f}%); the FP twin with the same fine-tuning reaches "
+                f"{fp_more:.2f} (b1.58/FP ratio {best_ppl / fp_more:.3f})")
     log(f"total wall time {(time.perf_counter() - t_start) / 60:.1f} min")
 
 
