@@ -166,6 +166,37 @@ def test_evidence_refuses_to_overwrite_a_report(smoke_run, capsys):
     assert len(err) == 1 and "--force" in err[0]
 
 
+def test_a_stopped_run_resumes_to_the_same_figures(smoke_run, tmp_path, capsys):
+    """Training runs are checkpointed under out/quality: a run stopped before its report continues
+    with --resume (reusing finished runs) and reaches the same perplexities as an uninterrupted one."""
+    import shutil
+
+    out = tmp_path / "stopped"
+    shutil.copytree(smoke_run / "quality", out / "quality")
+    shutil.rmtree(out / "quality" / "XS-fp")  # as if stopped before the last training run
+    assert main(["evidence", "--smoke", "--out", str(out), "--quiet"]) == 2  # neither --resume nor --force
+    assert "--resume" in capsys.readouterr().err
+    assert main(["evidence", "--smoke", "--out", str(out), "--quiet", "--resume"]) == 0
+    assert "continuing the run" in capsys.readouterr().out
+    done, again = (json.loads((d / "results.json").read_text())["quality"]["sizes"] for d in (smoke_run, out))
+    for a, b in zip(done, again):
+        for mode in ("b158", "b1", "fp"):
+            assert b["models"][mode]["perplexity"] == a["models"][mode]["perplexity"]
+            assert b["models"][mode]["train_loss"] == a["models"][mode]["train_loss"]
+
+
+def test_resume_refuses_runs_made_with_other_settings(smoke_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "other"
+    shutil.copytree(smoke_run / "quality", out / "quality")
+    stamp = out / "quality" / "fingerprint.json"
+    stamp.write_text(stamp.read_text().replace('"smoke"', '"quick"'))
+    assert main(["evidence", "--smoke", "--out", str(out), "--quiet", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0]
+
+
 @pytest.mark.slow
 def test_quick_evidence_from_the_command_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -201,7 +201,7 @@ def cmd_evidence(args) -> int:
 
     mode = "smoke" if args.smoke else "full" if args.full else "quick"
     run_evidence(mode, data=args.data, out=args.out, threads=args.threads, force=args.force,
-                 progress=not args.quiet)
+                 progress=not args.quiet, resume=args.resume)
     return 0
 
 
@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the embedded corpus)")
     p.add_argument("--out", default=f"{DEFAULT_RUNS}/evidence")
     p.add_argument("--threads", type=int, help="threads for training and timing (default: all cores)")
-    p.add_argument("--force", action="store_true", help="replace a report already in --out")
+    p.add_argument("--force", action="store_true", help="replace a report (and its training runs) already in --out")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run in --out (same mode and data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evidence)
 

@@ -61,15 +61,17 @@ def _check_finite(obj, where: str = "results") -> None:
 
 
 def run_evidence(mode: str = "quick", data: Sequence[str] | None = None, out: str | Path = "runs/evidence",
-                 threads: int | None = None, force: bool = False, progress: bool = True, log=print) -> dict:
+                 threads: int | None = None, force: bool = False, progress: bool = True, log=print,
+                 resume: bool = False) -> dict:
     """Run every measurement of `mode` ("quick" or "full"), write report.md, results.json and the
-    plots into `out`, print the claims table, and return the results dict."""
+    plots into `out`, print the claims table, and return the results dict. The training runs are
+    checkpointed under `out/quality/`; `resume=True` continues a stopped run from there."""
     settings = get_settings(mode)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory")
     existing = [name for name in OUTPUTS if (out / name).exists()]
-    if existing and not force:
+    if existing and not (force or resume):
         raise ConfigError(f"{out} already holds {', '.join(existing)}; pass --force to replace it or choose --out")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}")
@@ -89,7 +91,8 @@ def run_evidence(mode: str = "quick", data: Sequence[str] | None = None, out: st
     results["paper"] = paper_dict
 
     log("\n[1/3] quality: training b1.58, b1 and FP twins")
-    results["quality"] = run_quality(settings, data, progress=progress, log=log)
+    results["quality"] = run_quality(settings, data, progress=progress, log=log, run_root=out / "quality",
+                                     resume=resume, force=force)
     torch.set_num_threads(threads)
     log("\n[2/3] cost at the paper's shapes")
     results["cost"] = run_cost(settings, rapl, threads, progress=progress, log=log)

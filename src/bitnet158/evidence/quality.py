@@ -4,10 +4,15 @@ and the b1.58 / FP perplexity ratio per size."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 from typing import Sequence
 
 from ..config import ModelConfig
+from ..errors import ConfigError
+from ..fileio import atomic_write_json
 from ..train.data import eval_windows, unigram_perplexity
 from ..train.prepare import prepare_data
 from ..train.trainer import train
@@ -22,9 +27,42 @@ def size_config(size: QualitySize, vocab_size: int, seq_len: int) -> ModelConfig
                        max_seq_len=max(128, seq_len)).validate()
 
 
+def _fingerprint(settings: EvidenceSettings, data: Sequence[str] | None) -> dict:
+    return {"mode": settings.name, "vocab_size": settings.vocab_size, "max_bytes": settings.max_bytes,
+            "sizes": [vars(s) for s in settings.sizes], "modes": list(settings.modes),
+            "train": settings.train.to_dict(), "data": [str(d) for d in data] if data else None}
+
+
+def _prepare_run_root(run_root: Path, fingerprint: dict, resume: bool, force: bool) -> None:
+    """Training runs live under run_root, one per (size, mode), so a long --full run that was
+    stopped continues with --resume where it left off instead of starting over."""
+    stamp = run_root / "fingerprint.json"
+    if run_root.exists() and any(run_root.iterdir()):
+        if resume:
+            try:
+                old = json.loads(stamp.read_text())
+            except (OSError, ValueError):
+                old = None
+            if old != fingerprint:
+                raise ConfigError(f"{run_root} holds training runs made with other settings or data; "
+                                  "drop --resume or choose another --out")
+            return
+        if not force:
+            raise ConfigError(f"{run_root} holds an unfinished evidence run; pass --resume to continue it "
+                              "or --force to start over")
+        shutil.rmtree(run_root)
+    run_root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, fingerprint)
+
+
 def run_quality(settings: EvidenceSettings, data: Sequence[str] | None = None, progress: bool = True,
-                log=print) -> dict:
-    """Train every (size, mode) pair; returns the figures for results.json."""
+                log=print, run_root: str | Path | None = None, resume: bool = False,
+                force: bool = False) -> dict:
+    """Train every (size, mode) pair; returns the figures for results.json. With `run_root`, each
+    training run checkpoints into its own directory there and `resume` continues them."""
+    if run_root is not None:
+        run_root = Path(run_root)
+        _prepare_run_root(run_root, _fingerprint(settings, data), resume, force)
     prepared = prepare_data(data, settings.vocab_size, max_bytes=None if data else settings.max_bytes, log=log)
     tok, streams = prepared.tokenizer, prepared.tokens
     tc = settings.train
@@ -34,8 +72,12 @@ def run_quality(settings: EvidenceSettings, data: Sequence[str] | None = None, p
         base = size_config(size, tok.vocab_size, tc.seq_len)
         models = {}
         for mode in settings.modes:
+            run_dir = None if run_root is None else run_root / f"{size.name}-{mode}"
+            continuing = run_dir is not None and (run_dir / "latest").exists()
+            if continuing:
+                log(f"  {size.name} {LABELS[mode]}: continuing the run in {run_dir}")
             result = train(base.twin(mode), tc, streams.train, streams.heldout, progress=progress,
-                           desc=f"{size.name:>3} {LABELS[mode]:>5}")
+                           desc=f"{size.name:>3} {LABELS[mode]:>5}", run_dir=run_dir, resume=continuing)
             stats = result.model.stats()
             models[mode] = {
                 "perplexity": result.final_perplexity,

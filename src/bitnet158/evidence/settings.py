@@ -66,7 +66,7 @@ FULL = EvidenceSettings(
     sizes=(QualitySize("S", 192, 3, 3, 1, 512), QualitySize("M", 256, 4, 4, 2, 688),
            QualitySize("L", 384, 6, 6, 2, 1024)),
     train=TrainConfig(steps=800, batch_size=16, seq_len=128, warmup=80, eval_every=100, eval_batches=8,
-                      save_every=800),
+                      save_every=100, keep_checkpoints=1),  # a stopped run loses at most 100 steps
     shapes=PAPER_SHAPES,
     prompt_tokens=64, decode_tokens=16, repeats=2,
 )
