@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "report.md, results.json, plots")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="CI-sized (default): about 3 minutes on 2 cores")
-    size.add_argument("--full", action="store_true", help="the real comparison: about 2.5 hours on 2 cores (--resume continues a stopped run)")
+    size.add_argument("--full", action="store_true", help="the real comparison: about 75 minutes on 2 cores (--resume continues a stopped run)")
     size.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # internal: the test suite's run
     p.add_argument("--data", nargs="+", metavar="PATH", help="training text for the quality part "
                    "(default: the embedded corpus)")

@@ -57,8 +57,9 @@ PAPER_SHAPES = (CostShape("700M", "700m"), CostShape("1.3B", "1.3b"), CostShape(
 ENERGY_SHAPES = PAPER_SHAPES  # the op-count model, always at full depth
 
 # The full run's sizes grow ~3x in linear parameters per step (1.2M, 2.9M, 9.4M): the widest
-# range whose 9 models train in about 2 hours on 2 cores at 400 steps (819k tokens each; the demo's
-# 260 steps already separate every model from the unigram floor); the cost part adds 15-30 minutes.
+# range whose 9 models train in about an hour on 2 cores at 400 steps (819k tokens each; the demo's
+# 260 steps already separate every model from the unigram floor); the cost part adds about 5
+# minutes (75 min in all, measured).
 FULL = EvidenceSettings(
     name="full",
     note="three sizes x three weight modes on the same tokens; the paper shapes at full depth",
