@@ -14,19 +14,17 @@ Files are written to a temporary sibling, fsynced and renamed (atomic, as fileio
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_write_json
+from ..fileio import atomic_output_path, atomic_write_json
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
                 torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
@@ -72,28 +70,19 @@ def write_safetensors(path: str | os.PathLike, entries: Sequence[PlannedTensor],
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names in a safetensors plan")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     total = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header_bytes(entries, metadata))
-            for e in entries:
-                t = e.produce()
-                if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
-                    raise ValueError(f"{e.name}: produced {t.dtype} {list(t.shape)}, planned {e.dtype} "
-                                     f"{list(e.shape)}")
-                # a byte view of the contiguous tensor: no second copy for the write
-                data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-                f.write(memoryview(data))
-                total += data.nbytes
-                del t, data
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_output_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header_bytes(entries, metadata))
+        for e in entries:
+            t = e.produce()
+            if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
+                raise ValueError(f"{e.name}: produced {t.dtype} {list(t.shape)}, planned {e.dtype} "
+                                 f"{list(e.shape)}")
+            # a byte view of the contiguous tensor: no second copy for the write
+            data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))
+            total += data.nbytes
+            del t, data
     return total
 
 
