@@ -21,12 +21,17 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import WEIGHT_BITS, BitLinear, RMSNorm
+from .layers import WEIGHT_BITS, BitLinear, MetaSafeEmbedding, MetaSafeLinear, RMSNorm
 
 
 def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [max_seq_len, head_dim] in the rotate_half layout (halves repeat)."""
     hd = config.head_dim
+    if torch.empty(0, device=device).is_meta:
+        # Shapes only. Arithmetic on meta tensors imports torch's decomposition tables (~800
+        # modules, ~70 MB resident) — a cost every packed-model load would otherwise pay.
+        shape = (config.max_seq_len, hd)
+        return torch.empty(shape, device=device), torch.empty(shape, device=device)
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
     angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
@@ -118,10 +123,12 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config.validate()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = MetaSafeEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None
+        if not config.tie_embeddings:
+            self.lm_head = MetaSafeLinear(config.hidden_size, config.vocab_size, bias=False)
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
