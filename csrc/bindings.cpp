@@ -135,9 +135,10 @@ py::array_t<float> py_bitlinear(py::array_t<float, py::array::c_style | py::arra
     return out;
 }
 
-uint64_t py_read_sum(py::array buf, int nthreads) {
+uint64_t py_read_sum(py::array buf, int nthreads, int streams) {
     if (!buf.dtype().is(py::dtype::of<uint8_t>()) || !(buf.flags() & py::array::c_style))
         throw py::value_error("buffer must be a contiguous uint8 array");
+    if (streams < 1 || streams > 8) throw py::value_error("streams must be 1..8");
     const uint8_t* p = static_cast<const uint8_t*>(buf.data());
     const int64_t n = buf.size() / 128 * 128;
     const int nth = std::max(1, std::min(nthreads, pool_threads()));
@@ -148,7 +149,7 @@ uint64_t py_read_sum(py::array buf, int nthreads) {
         pool_run(nth, [&](int i) {
             const int64_t a = n / 128 * i / nth * 128, b = n / 128 * (i + 1) / nth * 128;
             if (avx2) {
-                part[size_t(i)] = read_sum_avx2(p + a, b - a);
+                part[size_t(i)] = read_sum_avx2(p + a, b - a, streams);
             } else {
                 uint64_t s = 0;
                 const uint64_t* q = reinterpret_cast<const uint64_t*>(p + a);
@@ -213,6 +214,7 @@ PYBIND11_MODULE(_C, m) {
         pool_set_threads(n);
     });
     m.def("get_num_threads", [] { return pool_threads(); });
-    m.def("read_sum", &py_read_sum, py::arg("buf"), py::arg("nthreads") = 1,
-          "Sum of a uint8 buffer as uint64 words (memory read-bandwidth probe).");
+    m.def("read_sum", &py_read_sum, py::arg("buf"), py::arg("nthreads") = 1, py::arg("streams") = 1,
+          "Sum of a uint8 buffer as uint64 words (memory read-bandwidth probe): each thread reads its "
+          "share as `streams` interleaved parts.");
 }

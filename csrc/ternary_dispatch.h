@@ -15,6 +15,6 @@ void set_path(const std::string& name);  // throws std::invalid_argument (unknow
 void matmul(const KernelTable& kt, Format fmt, const int8_t* x, int64_t M, int64_t K, const uint8_t* w,
             int64_t N, int32_t* out, bool lut = false);
 
-uint64_t read_sum_avx2(const uint8_t* p, int64_t n);  // ternary_avx2.cpp
+uint64_t read_sum_avx2(const uint8_t* p, int64_t n, int streams);  // ternary_avx2.cpp
 
 }  // namespace bn158

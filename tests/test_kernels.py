@@ -60,6 +60,28 @@ def test_every_path_matches_the_reference_on_500_shapes(path, fmt):
         assert np.array_equal(got.numpy(), want), f"{path}/{fmt} differs at M={m} N={n} K={k}"
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("path", PATHS)
+def test_extreme_values_on_long_rows_are_exact(path, fmt):
+    """Largest-magnitude sums over rows long enough that SIMD paths sum many blocks in narrow
+    integers before widening (K up to the 2B4T FFN width): all +1 / all −1 weights against
+    activations pinned at 127 or −128, and random signs against random extremes."""
+    rng = np.random.default_rng(11)
+    packer = get_format(fmt)
+    for k in (2048, 2049, 4224, 6912):
+        for m in (1, 5):
+            n = 16
+            codes = np.ones((n, k), dtype=np.int8)
+            codes[1::2] = -1
+            codes[4:8] = rng.choice(np.array([-1, 1], dtype=np.int8), size=(4, k))
+            for fill in (127, -128, None):
+                x = (np.full((m, k), fill, dtype=np.int8) if fill is not None
+                     else rng.choice(np.array([-128, 127], dtype=np.int8), size=(m, k)))
+                got = kernels.ternary_matmul(torch.from_numpy(x), torch.from_numpy(packer.pack(codes)), fmt, n, k,
+                                             path=path)
+                assert np.array_equal(got.numpy(), reference(x, codes)), f"{path}/{fmt} K={k} M={m} x={fill}"
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threads_do_not_change_results(threads):
     rng = np.random.default_rng(threads)
@@ -156,3 +178,16 @@ def test_pack_tests_pass_without_the_extension():
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", tests],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+@pytest.mark.skipif(not kernels.extension_available(), reason="needs the compiled extension")
+def test_read_probe_sums_every_word_for_any_stream_count():
+    """The bandwidth probe must read every byte it claims to: its sum equals numpy's."""
+    ext = kernels._load_extension()
+    rng = np.random.default_rng(3)
+    for n in (128, 4096 + 384, (1 << 16) + 640):
+        buf = rng.integers(0, 256, size=n, dtype=np.uint8)
+        want = int(buf[: n // 128 * 128].view(np.uint64).sum(dtype=np.uint64))
+        for streams in (1, 3, 4, 8):
+            for threads in (1, 2):
+                assert ext.read_sum(buf, threads, streams) == want
