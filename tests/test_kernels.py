@@ -101,11 +101,18 @@ def test_threads_do_not_change_results(threads):
 @pytest.mark.parametrize("path", PATHS)
 def test_int8_head_kernel_is_exact(path):
     rng = np.random.default_rng(3)
-    for m, n, k in [(1, 1, 1), (1, 517, 96), (3, 33, 257), (17, 100, 64), (20, 7, 2560)]:
-        x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
-        w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
-        got = kernels.int8_matmul(torch.from_numpy(x), torch.from_numpy(w), path=path)
-        assert np.array_equal(got.numpy(), reference(x, w)), (path, m, n, k)
+    before = kernels.get_num_threads()
+    try:
+        for threads in (1, 3):  # M = 1 splits each thread's rows into 4 far-apart cursors
+            kernels.set_num_threads(threads)
+            for m, n, k in [(1, 1, 1), (1, 3, 40), (1, 517, 96), (1, 4 * 37 + 3, 2560 + 17), (3, 33, 257),
+                            (17, 100, 64), (20, 7, 2560)]:
+                x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+                w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
+                got = kernels.int8_matmul(torch.from_numpy(x), torch.from_numpy(w), path=path)
+                assert np.array_equal(got.numpy(), reference(x, w)), (path, threads, m, n, k)
+    finally:
+        kernels.set_num_threads(before)
 
 
 def test_activation_shape_and_dtype_are_checked():

@@ -90,6 +90,28 @@ def test_native_and_torch_paths_agree_bit_for_bit(act_quant):
         assert torch.equal(out, first), path
 
 
+@pytest.mark.parametrize("act_quant", ["token", "tensor"])
+def test_native_quantization_rounds_ties_like_torch_on_long_rows(act_quant):
+    """Whole rows of exact rounding ties (x · 127/absmax = j + 0.5 with absmax 127) and the extremes,
+    over widths around the SIMD block (32) — the native call must match the torch route bit for bit."""
+    if kernels.current_path() == kernels.TORCH_PATH:
+        pytest.skip("needs the compiled extension")
+    for k in (31, 32, 33, 1000, 2560):
+        layer = BitLinear(k, 16, act_quant=act_quant)
+        packed = PackedBitLinear.from_bitlinear(layer, "i2")
+        j = torch.arange(k, dtype=torch.float32) % 254 - 127  # -127 .. 126
+        x = torch.stack([j + 0.5, -(j + 0.5), j, torch.full((k,), 126.5)]).clamp(-127, 127)
+        x[:, 0] = 127.0  # absmax 127 in every row: x · inv lands on the ties themselves
+        with torch.no_grad():
+            native = packed(x)
+            kernels.set_path(kernels.TORCH_PATH)
+            try:
+                reference = packed(x)
+            finally:
+                kernels.set_path(None)
+        assert torch.equal(native, reference), (k, act_quant)
+
+
 def test_packed_layer_equals_a_hand_computed_example():
     layer = BitLinear(4, 2, mode="b158")
     with torch.no_grad():
