@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "decode_ops.h"
 #include "formats.h"
 #include "int8_gemm.h"
 #include "quant.h"
@@ -173,6 +174,25 @@ uint64_t py_read_sum(py::array buf, int nthreads, int streams) {
     return s;
 }
 
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+F32 py_rope(F32 x, F32 cos, F32 sin) {
+    if (x.ndim() < 2 || cos.ndim() != 2 || sin.ndim() != 2) throw py::value_error("rope needs x [..., T, hd], cos/sin [T, hd]");
+    const int64_t t = x.shape(x.ndim() - 2), hd = x.shape(x.ndim() - 1);
+    if (hd % 2 || cos.shape(0) != t || cos.shape(1) != hd || sin.shape(0) != t || sin.shape(1) != hd)
+        throw py::value_error("rope: cos/sin must be [T, hd] matching x, with hd even");
+    std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+    F32 out(shape);
+    const int64_t rows = t * hd ? x.size() / (t * hd) : 0;
+    const float *xp = x.data(), *cp = cos.data(), *sp = sin.data();
+    float* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        rope_rows(xp, rows, t, hd, cp, sp, op);
+    }
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -185,6 +205,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("bitlinear", &py_bitlinear, py::arg("x"), py::arg("w"), py::arg("fmt"), py::arg("N"), py::arg("K"),
           py::arg("w_scale"), py::arg("per_token") = true, py::arg("path") = "",
           "y[M, N] = absmax_int8(x) @ W^T * scales: a packed BitLinear after its norm, fp32 in and out.");
+    m.def("rope", &py_rope, py::arg("x"), py::arg("cos"), py::arg("sin"),
+          "fp32 rotary embedding, rotate_half layout: x [..., T, hd] * cos + rotate_half(x) * sin.");
     m.def("packed_nbytes", [](const std::string& f, int64_t N, int64_t K) { return packed_nbytes(parse_format(f), N, K); });
     m.def("cpu_features", [] {
         const CpuFeatures& f = cpu_features();

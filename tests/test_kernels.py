@@ -198,3 +198,24 @@ def test_read_probe_sums_every_word_for_any_stream_count():
         for streams in (1, 3, 4, 8):
             for threads in (1, 2):
                 assert ext.read_sum(buf, threads, streams) == want
+
+
+@pytest.mark.skipif(not kernels.extension_available(), reason="needs the compiled extension")
+def test_native_rope_is_bit_identical_to_the_torch_formula():
+    """Inference rotates q and k natively; it must round exactly as the torch formula does (any
+    difference can flip an int8 activation code downstream)."""
+    from bitnet158.model import apply_rope
+
+    gen = torch.Generator().manual_seed(5)
+    for b, h, t, hd in [(1, 20, 1, 128), (2, 5, 7, 64), (1, 3, 33, 2)]:
+        x = torch.randn(b, h, t, hd, generator=gen) * 10
+        cos, sin = torch.randn(t, hd, generator=gen), torch.randn(t, hd, generator=gen)
+        with torch.no_grad():
+            assert kernels.native_small_ops(x)
+            native = apply_rope(x, cos, sin)
+            x1, x2 = x.chunk(2, dim=-1)
+            reference = x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        assert torch.equal(native, reference), (b, h, t, hd)
+        strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # the layout q/k arrive in
+        with torch.no_grad():
+            assert torch.equal(apply_rope(strided, cos, sin), reference)

@@ -193,6 +193,19 @@ def bitlinear(x: torch.Tensor, packed: torch.Tensor, fmt: str, n: int, k: int, w
     return torch.from_numpy(res)
 
 
+def native_small_ops(x: torch.Tensor) -> bool:
+    """Whether `rope` can serve x natively: inference (no autograd), fp32 on the CPU, and a
+    compiled path selected (the ``torch`` path means torch for everything)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and current_path() != TORCH_PATH)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """fp32 rotary embedding (rotate_half layout), x [..., T, hd], cos/sin [T, hd], in one native
+    call that rounds exactly like the torch formula (check `native_small_ops` first)."""
+    return torch.from_numpy(_ext.rope(x.detach().numpy(), cos.numpy(), sin.numpy()))
+
+
 def int8_matmul(x: torch.Tensor, w: torch.Tensor, *, path: str | None = None) -> torch.Tensor:
     """Exact int32 ``x @ w.T`` for int8 ``x [M, K]`` and int8 ``w [N, K]`` (values in [-127, 127]):
     the int8 output head."""
