@@ -283,6 +283,8 @@ def time_hot(variants: list[Variant], round_s: float, rounds: int = 5) -> dict[s
     """M = 1 bytes/s of each of our variants on one weight copy that stays in cache: the kernel's
     compute rate, with memory out of the way (best of `rounds`)."""
     out = {}
+    torch.set_num_threads(1)  # as Variant.run does for ours: torch's OpenMP workers must not spin
+    time.sleep(0.02)          # beside our pool (a torch variant may have run just before)
     for v in variants:
         if v.kind != "ours":
             continue
@@ -473,9 +475,10 @@ def print_bandwidth_fractions(results: dict, args, cols: list[str], bw: dict, ho
     big = max(args.shapes, key=lambda s: s[0] * s[1])
     for t in args.threads:
         if hot.get(t):
-            print(f"compute rate with the weights in cache ({fmt_shape(*big)}, {t} thr): "
-                  + ", ".join(f"{c} {r / 1e9:.1f} GB/s" for c, r in hot[t].items())
-                  + " (near the DRAM rate = compute-bound)")
+            probe = max(probe_rates(results[(*big, 1, t)])) if paired else bw[t]
+            print(f"compute rate with the weights in cache ({fmt_shape(*big)}, {t} thr; × the read probe — "
+                  f"near 1 or below means compute-bound): "
+                  + ", ".join(f"{c} {r / 1e9:.1f} GB/s ({r / probe:.2f}×)" for c, r in hot[t].items()))
     return frac
 
 

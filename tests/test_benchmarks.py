@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end at toy sizes (their figures are meaningless here; the
+real runs are in the issue notes and docs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bitnet158 import kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_ext = pytest.mark.skipif(not kernels.extension_available(), reason="needs the compiled extension")
+
+
+def run(script: str, *args: str) -> str:
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+@needs_ext
+def test_kernels_benchmark_runs_and_reports_every_goal(tmp_path):
+    out = run("kernels.py", "--shapes", "64x256,32x512", "--m", "1,4", "--threads", "1,2", "--rounds", "2",
+              "--llc-multiple", "0.02", "--round-ms", "2", "--json", str(tmp_path / "k.json"))
+    assert "paired" in out and "compute rate with the weights in cache" in out
+    doc = json.loads((tmp_path / "k.json").read_text())
+    # M = 1 speed and bandwidth goals at each thread count (the M = 128 goal needs M = 128)
+    assert sorted((g["goal"][:9], g["threads"]) for g in doc["goals"]) == [
+        ("M = 1 wei", 1), ("M = 1 wei", 2), ("M = 1 ≥ 6", 1), ("M = 1 ≥ 6", 2)]
+    frac = [f for f in doc["bandwidth_fraction_m1"] if f["variant"].startswith("i2/")]
+    assert frac and all(f["paired_median"] > 0 for f in frac)
+
+
+def test_decode_benchmark_runs_on_a_tiny_model(tmp_path):
+    out = run("decode.py", "--preset", "tiny", "--threads", "1", "--prompt", "8", "--tokens", "2",
+              "--json", str(tmp_path / "d.json"))
+    assert "the model's own peak" in out and "ratio" in out
+    doc = json.loads((tmp_path / "d.json").read_text())
+    assert doc["speed"][0]["packed"]["decode_s"] > 0 and doc["model_peak_bytes"] > 0
