@@ -90,15 +90,16 @@ def _read_json(file: Path) -> dict[str, Any]:
     return doc
 
 
-def _rope_theta(doc: dict[str, Any], source: Path) -> float:
+def rope_theta(doc: dict[str, Any], source: Path | str, default: float) -> float:
+    """RoPE base of an HF config.json (transformers 5 writes rope_parameters; earlier versions
+    rope_theta + rope_scaling); `default` is the architecture's own. Scaled RoPE is refused."""
     params = doc.get("rope_parameters") or {}
     scaling = doc.get("rope_scaling") or {}
     for table in (params, scaling):
         kind = table.get("rope_type", table.get("type", "default"))
         if kind != "default":
             raise CheckpointError(f"{source}: rope_type {kind!r} is not supported (only default RoPE)")
-    theta = doc.get("rope_theta", params.get("rope_theta", 500000.0))  # 500000 is BitNetConfig's default
-    return float(theta)
+    return float(doc.get("rope_theta", params.get("rope_theta", default)))
 
 
 def _is_onebitllm(doc: dict[str, Any]) -> bool:
@@ -133,7 +134,7 @@ def hf_model_config(doc: dict[str, Any], source: Path | str = "config.json") -> 
             vocab_size=doc["vocab_size"], hidden_size=doc["hidden_size"], num_layers=doc["num_hidden_layers"],
             num_heads=heads, num_kv_heads=doc.get("num_key_value_heads") or heads,
             intermediate_size=doc["intermediate_size"],
-            max_seq_len=doc.get("max_position_embeddings", 2048), rope_theta=_rope_theta(doc, source),
+            max_seq_len=doc.get("max_position_embeddings", 2048), rope_theta=rope_theta(doc, source, 500000.0),  # BitNetConfig's default
             norm_eps=float(doc.get("rms_norm_eps", 1e-5)), activation=_ACTIVATIONS[act], mode="b158",
             norm_placement="subln", tie_embeddings=bool(doc.get("tie_word_embeddings", False)),
         ).validate()

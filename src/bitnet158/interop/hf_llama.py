@@ -35,7 +35,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import BitNetError, CheckpointError
 from ..model import Transformer
-from .hf import _float_tensor, _hf_name, _load_tokenizer, _read_json, _TensorSource
+from .hf import _float_tensor, _hf_name, _load_tokenizer, _read_json, _TensorSource, rope_theta
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -66,17 +66,6 @@ def _architecture(doc: dict[str, Any], source: Path | str) -> str:
         raise CheckpointError(f"{source}: architecture {arch} cannot be converted{hint}; supported: "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     return arch
-
-
-def _rope_theta(doc: dict[str, Any], source: Path | str) -> float:
-    # transformers 5 writes rope_parameters; earlier versions rope_theta + rope_scaling
-    params = doc.get("rope_parameters") or {}
-    scaling = doc.get("rope_scaling") or {}
-    for table in (params, scaling):
-        kind = table.get("rope_type", table.get("type", "default"))
-        if kind != "default":
-            raise CheckpointError(f"{source}: rope_type {kind!r} is not supported (only default RoPE)")
-    return float(doc.get("rope_theta", params.get("rope_theta", 10000.0)))
 
 
 def _sliding_window(doc: dict[str, Any], arch: str) -> int | None:
@@ -129,7 +118,7 @@ def hf_llama_config(doc: dict[str, Any], source: Path | str = "config.json",
             vocab_size=doc["vocab_size"], hidden_size=hidden, num_layers=doc["num_hidden_layers"],
             num_heads=heads, num_kv_heads=doc.get("num_key_value_heads") or heads,
             intermediate_size=doc["intermediate_size"], max_seq_len=context,
-            rope_theta=_rope_theta(doc, source), norm_eps=float(doc.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta(doc, source, 10000.0), norm_eps=float(doc.get("rms_norm_eps", 1e-6)),
             activation="swiglu", mode="fp", norm_placement="subln", sub_norm=False,
             qkv_bias=arch == "Qwen2ForCausalLM", tie_embeddings=bool(doc.get("tie_word_embeddings", False)),
         ).validate()
