@@ -217,6 +217,54 @@ def test_loading_a_packed_model_does_not_pull_in_torchs_compiler_stack(tmp_path)
         assert res.stdout.strip() == "[]", res.stdout[:300]
 
 
+def test_auto_format_packs_each_shape_in_the_fastest_and_computes_the_same(tmp_path, monkeypatch):
+    """format auto: a timer decides per shape; every format gives the same integers, so the logits
+    equal an i2 pack exactly, and the choice survives save/load."""
+    from bitnet158 import tuning
+    fake = {"i2": 3.0, "base3": 2.0, "lut2": 1.0}  # lut2 "fastest" on square shapes, base3 elsewhere
+    monkeypatch.setattr(tuning, "time_format",
+                        lambda fmt, n, k: fake[fmt] if n == k or fmt != "lut2" else 9.0)
+    model = small_model()
+    auto = pack_(copy.deepcopy(model), PackConfig(format="auto"))
+    shapes = {(m.out_features, m.in_features) for m in auto.modules() if isinstance(m, PackedBitLinear)}
+    assert auto.packing.shapes == {f"{n}x{k}": ("lut2" if n == k else "base3") for n, k in shapes}
+    for m in auto.modules():
+        if isinstance(m, PackedBitLinear):
+            assert m.format == ("lut2" if m.out_features == m.in_features else "base3")
+    x = tokens()
+    with torch.no_grad():
+        want = pack_(copy.deepcopy(model), PackConfig(format="i2"))(x)
+        assert torch.equal(auto(x), want)
+    loaded, _ = checkpoint.load(checkpoint.save_packed(auto, tmp_path / "auto"))
+    assert loaded.packing == auto.packing
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
+
+
+def test_choose_formats_measures_each_distinct_shape_once():
+    from bitnet158.tuning import choose_formats
+    calls = []
+
+    def timer(fmt, n, k):
+        calls.append((fmt, n, k))
+        return {"i2": 2.0, "base3": 1.0, "lut2": 3.0}[fmt] * n
+    assert choose_formats([(8, 16), (8, 16), (4, 32)], timer=timer) == {"4x32": "base3", "8x16": "base3"}
+    assert len(calls) == 2 * 3
+    # the real timer runs on a small shape and returns seconds per call
+    from bitnet158.tuning import time_format
+    assert 0 < time_format("i2", 64, 256, rounds=1) < 1
+
+
+def test_auto_packing_section_without_a_choice_for_a_shape_is_refused(packed_dir):
+    doc = json.loads((packed_dir / "config.json").read_text())
+    doc["packing"] = {"format": "auto", "head": "int8", "shapes": {"128x256": "i2"}}
+    (packed_dir / "config.json").write_text(json.dumps(doc))
+    assert_refused(packed_dir, "packing", "auto has no choice for a")
+    doc["packing"]["shapes"] = {"128xx256": "i2"}
+    (packed_dir / "config.json").write_text(json.dumps(doc))
+    assert_refused(packed_dir, "bad packing shape entry")
+
+
 def test_save_packed_refuses_an_unpacked_model(tmp_path):
     with pytest.raises(CheckpointError, match="not packed"):
         checkpoint.save_packed(small_model(), tmp_path / "x")
@@ -308,3 +356,7 @@ def test_cli_pack_info_generate(tmp_path, tokenizer, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["pack", str(src), str(tmp_path / "o2"), "--head", "fp8"]) == 2
     assert "unknown head" in capsys.readouterr().err
+    assert main(["pack", str(src), str(tmp_path / "o3"), "--format", "auto"]) == 0  # timed for real
+    assert "auto (" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "o3")]) == 0
+    assert "format auto (" in capsys.readouterr().out

@@ -55,7 +55,7 @@ def run_bench(path: str, prompt_tokens: int = 128, decode_tokens: int = 64, thre
     packing = getattr(model, "packing", None)
     if packing is not None:
         use_kernel_threads(threads)
-    what = f"packed {packing.format}, head {packing.head}, kernel {kernels.current_path()}" if packing \
+    what = f"packed {packing.describe()}, head {packing.head}, kernel {kernels.current_path()}" if packing \
         else f"training form ({model.config.mode}, torch fp32)"
     t = time_model(model, prompt_tokens, decode_tokens)
     threads_used = (f"{kernels.get_num_threads()} kernel threads (torch ops on {torch.get_num_threads()})" if packing

@@ -10,7 +10,8 @@ A training run directory holds step directories (`step-000200/`, each a model di
 `trainer.safetensors` and `trainer.json`) and a `latest` file naming the newest. Each step
 directory appears in one rename, so a process killed mid-save leaves the previous one intact.
 A packed directory (`kind: "packed"`, written by `save_packed` / `bitnet158 pack`) holds the
-same three files; config.json adds `"packing": {"format": ..., "head": ...}` and the tensors are
+same three files; config.json adds `"packing": {"format": ..., "head": ..., "shapes": {...}}` (shapes:
+the per-shape formats chosen by format "auto", e.g. {"2560x2560": "i2"}) and the tensors are
 the packed runtime's (uint8 packed codes + fp32 scales per BitLinear, an int8 head). `load()`
 accepts every kind of directory.
 """
@@ -208,9 +209,9 @@ def _read_packed_tensors(directory: Path, model: Transformer, doc: dict[str, Any
     file = directory / WEIGHTS
     try:
         packing = PackConfig(**doc.get("packing", {})).validate()
+        build_packed_skeleton(model, packing)
     except (TypeError, BitNetError) as e:
         raise CheckpointError(f"{directory / CONFIG}: bad packing section ({e})") from None
-    build_packed_skeleton(model, packing)
     float_head = {"fp16": torch.float16, "fp32": torch.float32}.get(packing.head)
     expected: dict[str, tuple[torch.Size, bool | torch.dtype]] = {}
     for name, t in model.state_dict().items():
@@ -219,9 +220,9 @@ def _read_packed_tensors(directory: Path, model: Transformer, doc: dict[str, Any
         else:
             expected[name] = (t.shape, t.dtype if not t.is_floating_point() else True)
     tensors = read_tensors(file, expected)
-    fmt = get_format(packing.format)
     for name, module in model.named_modules():
         if isinstance(module, PackedBitLinear):
+            fmt = get_format(module.format)
             scale = tensors[f"{name}.weight_scale"]
             if not bool((scale > 0).all()):
                 raise CheckpointError(f"{file}: tensor {name}.weight_scale is {scale.item()}; scales must be positive")

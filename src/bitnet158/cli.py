@@ -116,16 +116,19 @@ def cmd_pack(args) -> int:
     config = PackConfig(format=args.format, head=args.head).validate()
     model, tokenizer = checkpoint.load(args.checkpoint)
     if getattr(model, "packing", None) is not None:
-        raise ConfigError(f"{args.checkpoint} is already packed ({model.packing.format})")
+        raise ConfigError(f"{args.checkpoint} is already packed ({model.packing.describe()})")
     if model.config.mode == "fp":
         raise ConfigError(f"{args.checkpoint} is a full-precision (fp) model; only b158 and b1 models pack")
     linear_params = sum(m.weight.numel() for m in model.modules() if hasattr(m, "quantized_weight"))
+    if config.format == "auto":
+        print("timing every packed format on each weight shape (format auto) ...", file=sys.stderr)
     pack_(model, config)
+    config = model.packing
     out = checkpoint.save_packed(model, args.out, tokenizer, overwrite=args.force)
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
     packed = packed_linear_bytes(model)
     print(f"packed {linear_params:,} linear weights into {packed / 1e6:.2f} MB ({8 * packed / linear_params:.2f} "
-          f"bits each, {config.format}; fp16 would be {2 * linear_params / 1e6:.2f} MB), head {config.head}; "
+          f"bits each, {config.describe()}; fp16 would be {2 * linear_params / 1e6:.2f} MB), head {config.head}; "
           f"{out} is {size / 1e6:.2f} MB")
     return 0
 
@@ -239,7 +242,7 @@ def cmd_info(args) -> int:
     packing = getattr(model, "packing", None)
     if packing is not None:
         from .pack import packed_linear_bytes
-        print(f"packed          format {packing.format}, head {packing.head}; linear weights "
+        print(f"packed          format {packing.describe()}, head {packing.head}; linear weights "
               f"{packed_linear_bytes(model) / 1e6:.2f} MB ({8 * packed_linear_bytes(model) / stats['linear_parameters']:.2f} bits each)")
     print(f"mode            {cfg.mode}  (linear weights: {stats['linear_weight_bits']:.2f} bits each)")
     print(f"architecture    {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/"
@@ -298,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="pack a b1.58/b1 checkpoint for the fast CPU runtime")
     p.add_argument("checkpoint")
     p.add_argument("out")
-    p.add_argument("--format", default="i2", help="i2 (2 bits/weight, fastest) or base3 (1.6 bits/weight)")
+    p.add_argument("--format", default="i2", help="i2 (2 bits/weight), base3 (1.6 bits/weight), lut2 (2 bits, for the "
+                   "multiplication-free kernel) or auto (each weight shape in the fastest, timed on this machine)")
     p.add_argument("--head", default="int8", help="output head: int8 per row (default), fp16 or fp32")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_pack)

@@ -17,7 +17,8 @@ and can be kept as fp16 or fp32 (`head="fp16" | "fp32"`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,23 +32,53 @@ from .layers import BitLinear, RMSNorm
 HEADS = ("int8", "fp16", "fp32")
 
 
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class PackConfig:
-    """format: packed ternary layout (``i2`` 2 bits, ``base3`` 1.6 bits, see bitnet158.formats).
-    head: output head (and tied embedding) storage: ``int8`` per-row (default), ``fp16``, ``fp32``."""
+    """format: packed ternary layout (``i2`` 2 bits, ``base3`` 1.6 bits, ``lut2`` 2 bits for the
+    lookup-table kernel; see bitnet158.formats), or ``auto``: each weight shape in whichever is
+    fastest on this machine, timed when packing (bitnet158.tuning).
+    head: output head (and tied embedding) storage: ``int8`` per-row (default), ``fp16``, ``fp32``.
+    shapes: for ``auto``, the choice made ({"NxK": format}); stored with the packed model."""
 
     format: str = "i2"
     head: str = "int8"
+    shapes: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> "PackConfig":
-        if self.format not in FORMATS:
-            raise ConfigError(f"unknown packed format {self.format!r}; known: {', '.join(sorted(FORMATS))}")
+        if self.format not in FORMATS and self.format != AUTO:
+            raise ConfigError(f"unknown packed format {self.format!r}; known: {', '.join(sorted(FORMATS))} or auto")
         if self.head not in HEADS:
             raise ConfigError(f"unknown head {self.head!r}; expected one of {', '.join(HEADS)}")
+        if not isinstance(self.shapes, dict):
+            raise ConfigError("packing shapes must map 'NxK' to a format")
+        for key, fmt in self.shapes.items():
+            if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", str(key)) or fmt not in FORMATS:
+                raise ConfigError(f"bad packing shape entry {key!r}: {fmt!r} (expected 'NxK': one of "
+                                  f"{', '.join(sorted(FORMATS))})")
         return self
 
+    def format_for(self, n: int, k: int) -> str:
+        """The format of an [n, k] weight under this config."""
+        if self.format != AUTO:
+            return self.format
+        try:
+            return self.shapes[f"{n}x{k}"]
+        except KeyError:
+            raise ConfigError(f"packing format auto has no choice for a {n}x{k} weight") from None
+
+    def describe(self) -> str:
+        if self.format != AUTO:
+            return self.format
+        return "auto (" + ", ".join(f"{k.replace('x', '×')} {v}" for k, v in sorted(self.shapes.items())) + ")"
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["shapes"]:  # only format auto records choices; files stay as they were otherwise
+            del d["shapes"]
+        return d
 
 
 class PackedBitLinear(nn.Module):
@@ -202,6 +233,16 @@ def _float_head_dtype(head: str) -> torch.dtype:
     return torch.float16 if head == "fp16" else torch.float32
 
 
+def resolve_auto(config: PackConfig, shapes: set[tuple[int, int]]) -> PackConfig:
+    """For format ``auto``: time the formats on every (N, K) shape not yet chosen (bitnet158.tuning)
+    and return the config with the choice recorded; other configs come back unchanged."""
+    if config.format != AUTO:
+        return config
+    from .tuning import choose_formats
+    known = {tuple(int(v) for v in key.split("x")) for key in config.shapes}
+    return replace(config, shapes={**config.shapes, **choose_formats(shapes - known)})
+
+
 @torch.no_grad()
 def pack_(model: nn.Module, config: PackConfig | None = None) -> nn.Module:
     """Swap every BitLinear of `model` (in place) for a PackedBitLinear and, for our Transformer,
@@ -210,10 +251,12 @@ def pack_(model: nn.Module, config: PackConfig | None = None) -> nn.Module:
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
     if not targets:
         raise ConfigError("the model has no BitLinear layers to pack")
+    config = resolve_auto(config, {(m.out_features, m.in_features) for _, m in targets})
     for name, layer in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, PackedBitLinear.from_bitlinear(layer, config.format))
+        fmt = config.format_for(layer.out_features, layer.in_features)
+        setattr(parent, attr, PackedBitLinear.from_bitlinear(layer, fmt))
     if hasattr(model, "embed_tokens") and hasattr(model, "config"):
         _pack_head(model, config.head)
         model.packing = config
@@ -242,7 +285,8 @@ def build_packed_skeleton(model: nn.Module, config: PackConfig) -> nn.Module:
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, PackedBitLinear(layer.in_features, layer.out_features, format=config.format,
+        fmt = config.format_for(layer.out_features, layer.in_features)
+        setattr(parent, attr, PackedBitLinear(layer.in_features, layer.out_features, format=fmt,
                                               act_quant=layer.act_quant, norm=layer.norm is not None,
                                               eps=layer.norm.eps if layer.norm is not None else 1e-5,
                                               bias=layer.bias is not None, device="meta"))
@@ -281,14 +325,14 @@ def random_packed(config, pack_config: PackConfig | None = None, seed: int = 0, 
         raise ConfigError("random_packed needs a b158 or b1 config")
     with torch.device("meta"):
         model = Transformer(config)
-    build_packed_skeleton(model, pack_config)
+    shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, BitLinear)}
+    build_packed_skeleton(model, resolve_auto(pack_config, shapes))
     rng = np.random.default_rng(seed)
-    fmt = get_format(pack_config.format)
     layers = [m for m in model.modules() if isinstance(m, PackedBitLinear)]
     for m in tqdm(layers, desc="random packed weights", disable=not progress, leave=False):
         values = [-1, 1] if config.mode == "b1" else [-1, 0, 1]
         codes = rng.choice(np.array(values, dtype=np.int8), size=(m.out_features, m.in_features))
-        m.packed = torch.from_numpy(fmt.pack(codes))
+        m.packed = torch.from_numpy(get_format(m.format).pack(codes))
         m.weight_scale = torch.full((1,), 0.02)
         m.bias = None if m.bias is None else torch.zeros(m.out_features)
         if m.norm is not None:
