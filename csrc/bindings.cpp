@@ -157,7 +157,7 @@ uint64_t py_read_sum(py::array buf, int nthreads, int streams) {
     const bool avx2 = path_supported("avx2");
     {
         py::gil_scoped_release nogil;
-        pool_run(nth, [&](int i) {
+        pool_run(nth, [&](int64_t i) {  // one share per thread: the probe measures nth streams at once
             const int64_t a = n / 128 * i / nth * 128, b = n / 128 * (i + 1) / nth * 128;
             if (avx2) {
                 part[size_t(i)] = read_sum_avx2(p + a, b - a, streams);

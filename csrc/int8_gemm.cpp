@@ -117,13 +117,13 @@ void int8_matmul(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t
             gemv_avx2(x, K, w, N, out, n0, n1);
         };
     const int64_t groups = (N + kRows - 1) / kRows;
-    const int nth = int(groups < pool_threads() ? groups : pool_threads());
-    if (nth <= 1) {
+    const int64_t chunks = pool_chunks(groups);
+    if (chunks <= 1) {
         fn(x, M, K, w, N, out, 0, N);
         return;
     }
-    pool_run(nth, [&](int i) {
-        const int64_t n0 = groups * i / nth * kRows, n1 = groups * (i + 1) / nth * kRows;
+    pool_run(chunks, [&](int64_t c) {
+        const int64_t n0 = groups * c / chunks * kRows, n1 = groups * (c + 1) / chunks * kRows;
         fn(x, M, K, w, N, out, n0, n1 < N ? n1 : N);
     });
 }

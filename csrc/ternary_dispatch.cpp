@@ -73,14 +73,13 @@ void matmul(const KernelTable& kt, Format fmt, const int8_t* x, int64_t M, int64
         // A table without its own lut2 kernel is a SIMD one (avx2, avx512vnni): both imply AVX2.
         case Format::Lut2: fn = kt.lut2 ? kt.lut2 : lut2_range_avx2; break;
     }
-    const int nth = int(std::min<int64_t>(pool_threads(), s.ntiles));
-    if (nth <= 1) {
+    const int64_t chunks = pool_chunks(s.ntiles);
+    if (chunks <= 1) {
         fn(a, w, s, out, N, 0, s.ntiles);
         return;
     }
-    pool_run(nth, [&](int i) {
-        const int64_t t0 = s.ntiles * i / nth, t1 = s.ntiles * (i + 1) / nth;
-        fn(a, w, s, out, N, t0, t1);
+    pool_run(chunks, [&](int64_t c) {  // contiguous tile ranges: each chunk is one forward stream
+        fn(a, w, s, out, N, s.ntiles * c / chunks, s.ntiles * (c + 1) / chunks);
     });
 }
 

@@ -13,22 +13,47 @@ namespace bn158 {
 namespace {
 
 constexpr auto kSpin = std::chrono::microseconds(150);  // busy-wait window before sleeping
+constexpr int64_t kChunksPerThread = 8;
 
+using ChunkFn = std::function<void(int64_t)>;
+
+// One job at a time. `claim` packs the job's generation (low 32 bits) with the next unclaimed
+// chunk: a claim is a compare-exchange on that word, so a worker that wakes after its job ended
+// (or while the next one runs) sees another generation or no chunk left, and never calls into a
+// finished job. The caller returns once every chunk is done, whoever ran it.
 struct Pool {
     std::mutex mu;
     std::condition_variable cv;
     std::atomic<uint64_t> gen{0};
-    std::atomic<int> remaining{0};
     std::atomic<int> sleepers{0};
-    const std::function<void(int)>* job = nullptr;
-    int njob = 0;
-    std::vector<std::thread> workers;   // worker i runs task i + 1
+    std::atomic<uint64_t> claim{0};
+    std::atomic<const ChunkFn*> fn{nullptr};
+    std::atomic<int64_t> nchunks{0};
+    std::atomic<int64_t> done{0};
+    std::vector<std::thread> workers;
     std::vector<std::atomic<bool>*> stop_flags;
-    std::mutex run_mu;                  // one job at a time (callers release the GIL)
+    std::mutex run_mu;  // one job at a time (callers release the GIL)
+
+    static uint64_t tag(uint64_t g) { return (g & 0xffffffffu) << 32; }
+
+    // Run chunks of job g until none is left.
+    void drain(uint64_t g) {
+        for (;;) {
+            uint64_t cur = claim.load(std::memory_order_acquire);
+            if ((cur & ~uint64_t(0xffffffffu)) != tag(g)) return;  // job g is over
+            const int64_t c = int64_t(cur & 0xffffffffu);
+            const ChunkFn* f = fn.load(std::memory_order_acquire);
+            if (c >= nchunks.load(std::memory_order_acquire)) return;
+            // Success proves job g still had chunk c unclaimed, so f and nchunks were job g's.
+            if (!claim.compare_exchange_weak(cur, cur + 1, std::memory_order_acq_rel)) continue;
+            (*f)(c);
+            done.fetch_add(1, std::memory_order_release);
+        }
+    }
 
     // `seen` is the generation at creation, read by resize() — not by the new thread, which may
     // start only after the caller has already posted its first job (and would then miss it).
-    void worker(int id, std::atomic<bool>* stop, uint64_t seen) {
+    void worker(std::atomic<bool>* stop, uint64_t seen) {
         for (;;) {
             auto t0 = std::chrono::steady_clock::now();
             int spins = 0;
@@ -47,8 +72,7 @@ struct Pool {
             }
             if (stop->load()) return;
             seen = gen.load(std::memory_order_acquire);
-            if (id < njob) (*job)(id);
-            remaining.fetch_sub(1, std::memory_order_acq_rel);
+            drain(seen);
         }
     }
 
@@ -67,27 +91,35 @@ struct Pool {
             auto* s = new std::atomic<bool>(false);
             stop_flags.push_back(s);
             const uint64_t now = gen.load(std::memory_order_acquire);
-            workers.emplace_back([this, i, s, now] { worker(i, s, now); });
+            workers.emplace_back([this, s, now] { worker(s, now); });
         }
     }
 
-    void run(int ntasks, const std::function<void(int)>& f) {
+    void run(int64_t n, const ChunkFn& f) {
         std::lock_guard<std::mutex> rl(run_mu);
-        if (ntasks <= 1 || workers.empty()) {
-            for (int i = 0; i < ntasks; ++i) f(i);
+        if (n <= 1 || workers.empty()) {
+            for (int64_t c = 0; c < n; ++c) f(c);
             return;
         }
-        job = &f;
-        njob = ntasks;
-        remaining.store(int(workers.size()), std::memory_order_release);
+        const uint64_t g = gen.load(std::memory_order_relaxed) + 1;
+        fn.store(&f, std::memory_order_relaxed);
+        nchunks.store(n, std::memory_order_relaxed);
+        done.store(0, std::memory_order_relaxed);
+        claim.store(tag(g), std::memory_order_release);
         {
             std::lock_guard<std::mutex> lk(mu);
-            gen.fetch_add(1, std::memory_order_acq_rel);
+            gen.store(g, std::memory_order_release);
             if (sleepers.load()) cv.notify_all();
         }
-        f(0);
-        while (remaining.load(std::memory_order_acquire) != 0) _mm_pause();
-        job = nullptr;
+        drain(g);
+        // Only chunks a worker has claimed are left; if that worker lost its core, give it ours.
+        for (int spins = 0; done.load(std::memory_order_acquire) != n;) {
+            if (++spins < 4096) {
+                _mm_pause();
+            } else {
+                std::this_thread::yield();
+            }
+        }
     }
 };
 
@@ -105,6 +137,12 @@ void pool_set_threads(int n) {
 
 int pool_threads() { return int(pool().workers.size()) + 1; }
 
-void pool_run(int ntasks, const std::function<void(int)>& f) { pool().run(ntasks, f); }
+void pool_run(int64_t nchunks, const std::function<void(int64_t)>& f) { pool().run(nchunks, f); }
+
+int64_t pool_chunks(int64_t units) {
+    const int64_t t = pool_threads();
+    if (t <= 1 || units <= 1) return units < 1 ? 0 : 1;
+    return units < t * kChunksPerThread ? units : t * kChunksPerThread;
+}
 
 }  // namespace bn158

@@ -219,3 +219,26 @@ def test_native_rope_is_bit_identical_to_the_torch_formula():
         strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # the layout q/k arrive in
         with torch.no_grad():
             assert torch.equal(apply_rope(strided, cos, sin), reference)
+
+
+@pytest.mark.skipif(not kernels.extension_available(), reason="needs the compiled extension")
+def test_pool_runs_thousands_of_back_to_back_jobs_exactly():
+    """The pool hands out chunks from a shared counter; workers that wake late must never run a
+    finished job's chunk or miss one. Many tiny jobs (where late wake-ups are the rule), thread
+    counts changing between them, every result checked."""
+    rng = np.random.default_rng(9)
+    before = kernels.get_num_threads()
+    packer = get_format("i2")
+    cases = []
+    for _ in range(12):
+        n, k = int(rng.integers(8, 300)), int(rng.integers(1, 400))
+        x, codes = case(rng, 1, n, k)
+        cases.append((torch.from_numpy(x), torch.from_numpy(packer.pack(codes)), n, k, reference(x, codes)))
+    try:
+        for threads in (2, 3, 4, 2):
+            kernels.set_num_threads(threads)
+            for i in range(600):
+                x, w, n, k, want = cases[i % len(cases)]
+                assert np.array_equal(kernels.ternary_matmul(x, w, "i2", n, k).numpy(), want), (threads, i)
+    finally:
+        kernels.set_num_threads(before)
