@@ -193,6 +193,12 @@ def bitlinear(x: torch.Tensor, packed: torch.Tensor, fmt: str, n: int, k: int, w
     return torch.from_numpy(res)
 
 
+def bitlinear_numpy(x, packed, fmt: str, n: int, k: int, w_scale: float, per_token: bool, path: str):
+    """`bitlinear` on numpy arrays (fp32 x [M, K] → fp32 [M, N]), for callers that have already
+    checked the path and dtypes: a decode step makes ~200 of these calls."""
+    return _ext.bitlinear(x, packed, fmt, n, k, w_scale, per_token, path=path)
+
+
 def native_small_ops(x: torch.Tensor) -> bool:
     """Whether `rope` can serve x natively: inference (no autograd), fp32 on the CPU, and a
     compiled path selected (the ``torch`` path means torch for everything)."""
