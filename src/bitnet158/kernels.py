@@ -176,6 +176,8 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, n: int, k: i
         return result
     ext = _load_extension()
     xs = x.contiguous().numpy()
+    if out is None and path == ext.path():  # the extension's own default: skip the keywords (~1.5 µs)
+        return torch.from_numpy(ext.matmul(xs, packed.numpy(), fmt, n, k))
     res = ext.matmul(xs, packed.numpy(), fmt, n, k, out=None if out is None else out.numpy(), path=path)
     return out if out is not None else torch.from_numpy(res)
 
