@@ -19,7 +19,9 @@ matrices pass by: each variant holds enough copies of its weights (packed bytes,
 tensors) that their total exceeds ``--llc-multiple`` × the last-level cache (read from sysfs), and
 calls cycle through them. Variants are interleaved within each round (and their order rotated from
 round to round) so that machine noise hits all of them alike; a round times a block of calls of one
-variant (enough calls to last ~``--round-ms``) and the table shows the median µs per call over rounds.
+variant (enough calls to last ~``--round-ms``), after a quarter as many untimed calls (the first
+milliseconds after a switch run slow for every variant), and the table shows the median µs per call
+over rounds.
 Before timing, every variant's output is checked against an exact fp32 reference.
 
 The same run measures the machine's memory read bandwidth two ways, for each thread count:
@@ -146,6 +148,15 @@ def cpu_model() -> str:
 _THREADS = [1]
 
 
+def busy_wait(seconds: float) -> None:
+    """Wait without idling the core: one that sleeps comes back slow for milliseconds (the first
+    ~5 ms of a block ran 20-40 % slow after time.sleep on this VM), which would tax whichever
+    variant runs next."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def set_threads(n: int) -> None:
     _THREADS[0] = n
     torch.set_num_threads(n)
@@ -162,8 +173,9 @@ class Variant:
     call: Callable[[int, int], object] | None = None  # (copy index, M) -> output
     next_copy: int = 0
 
-    def run(self, m: int, calls: int) -> float:
-        """Seconds per call over `calls` calls, each on the next copy of the weights."""
+    def run(self, m: int, calls: int, warmup: int = 0) -> float:
+        """Seconds per call over `calls` calls, each on the next copy of the weights, after
+        `warmup` untimed calls (also on fresh copies)."""
         n = len(self.copies)
         i = self.next_copy
         call = self.call
@@ -172,7 +184,10 @@ class Variant:
         # torch's F.linear gets all the threads.
         torch.set_num_threads(1 if self.kind != "torch" else _THREADS[0])
         if self.kind != "torch" and _THREADS[0] > 1:
-            time.sleep(0.02)  # let torch's OpenMP workers, spinning after its last region, go to sleep
+            busy_wait(0.02)  # let torch's OpenMP workers, spinning after its last region, go to sleep
+        for _ in range(warmup):
+            call(i, m)
+            i = i + 1 if i + 1 < n else 0
         t0 = time.perf_counter()
         for _ in range(calls):
             call(i, m)
@@ -275,7 +290,11 @@ def time_block(variants: list[Variant], m: int, rounds: int, round_s: float) -> 
     for r in range(rounds):
         shift = r % len(variants)
         for v in variants[shift:] + variants[:shift]:
-            samples[v.name].append(v.run(m, calls[v.name]))
+            # The first milliseconds after switching variants (and after the sleep above) run
+            # slow for every variant — 640×2560 at M = 1 timed 55 µs in 20 ms blocks, 40 µs in
+            # 100 ms ones; a decode step never idles like that, so a quarter of each block is
+            # run untimed first.
+            samples[v.name].append(v.run(m, calls[v.name], warmup=max(1, calls[v.name] // 4)))
     return samples
 
 
@@ -284,7 +303,7 @@ def time_hot(variants: list[Variant], round_s: float, rounds: int = 5) -> dict[s
     compute rate, with memory out of the way (best of `rounds`)."""
     out = {}
     torch.set_num_threads(1)  # as Variant.run does for ours: torch's OpenMP workers must not spin
-    time.sleep(0.02)          # beside our pool (a torch variant may have run just before)
+    busy_wait(0.02)           # beside our pool (a torch variant may have run just before)
     for v in variants:
         if v.kind != "ours":
             continue
