@@ -95,7 +95,9 @@ def test_native_quantization_rounds_ties_like_torch_on_long_rows(act_quant):
     """Whole rows of exact rounding ties (x · 127/absmax = j + 0.5 with absmax 127) and the extremes,
     over widths around the SIMD block (32) — the native call must match the torch route bit for bit."""
     if kernels.current_path() == kernels.TORCH_PATH:
-        pytest.skip("needs the compiled extension")
+        # This file is re-run with the extension disabled (test_kernels: the pack suite passes
+        # without it); there is then no native route to compare with the torch one.
+        pytest.skip("no native route: the extension is disabled or BITNET158_KERNEL=torch")
     for k in (31, 32, 33, 1000, 2560):
         layer = BitLinear(k, 16, act_quant=act_quant)
         packed = PackedBitLinear.from_bitlinear(layer, "i2")

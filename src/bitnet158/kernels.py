@@ -182,22 +182,12 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, n: int, k: i
     return out if out is not None else torch.from_numpy(res)
 
 
-def bitlinear(x: torch.Tensor, packed: torch.Tensor, fmt: str, n: int, k: int, w_scale: float,
-              per_token: bool = True, path: str | None = None) -> torch.Tensor:
-    """A packed BitLinear after its norm in one native call: fp32 ``x [M, K]`` → int8 (absmax per
-    token, or per tensor) → exact integer product → fp32 ``[M, N]`` with both scales applied.
-    Rounds exactly as :mod:`bitnet158.quant` does; needs a compiled path (not ``torch``)."""
-    path = path or current_path()
-    if path == TORCH_PATH:
-        raise ConfigError("kernels.bitlinear needs the compiled extension")
-    res = _load_extension().bitlinear(x.detach().contiguous().numpy(), packed.numpy(), fmt, n, k, float(w_scale),
-                                      per_token, path=path)
-    return torch.from_numpy(res)
-
-
-def bitlinear_numpy(x, packed, fmt: str, n: int, k: int, w_scale: float, per_token: bool, path: str):
-    """`bitlinear` on numpy arrays (fp32 x [M, K] → fp32 [M, N]), for callers that have already
-    checked the path and dtypes: a decode step makes ~200 of these calls."""
+def bitlinear(x: np.ndarray, packed: np.ndarray, fmt: str, n: int, k: int, w_scale: float, per_token: bool,
+              path: str) -> np.ndarray:
+    """A packed BitLinear after its norm in one native call, on numpy arrays: fp32 ``x [M, K]`` →
+    int8 (absmax per token, or per tensor) → exact integer product → fp32 ``[M, N]`` with both
+    scales applied. Rounds exactly as :mod:`bitnet158.quant` does. For callers that have checked
+    that `path` is a compiled one: a decode step makes ~200 of these calls."""
     return _ext.bitlinear(x, packed, fmt, n, k, w_scale, per_token, path=path)
 
 

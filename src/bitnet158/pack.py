@@ -35,6 +35,11 @@ HEADS = ("int8", "fp16", "fp32")
 AUTO = "auto"
 
 
+def shape_key(n: int, k: int) -> str:
+    """How PackConfig.shapes names an [n, k] weight."""
+    return f"{n}x{k}"
+
+
 @dataclass(frozen=True)
 class PackConfig:
     """format: packed ternary layout (``i2`` 2 bits, ``base3`` 1.6 bits, ``lut2`` 2 bits for the
@@ -65,7 +70,7 @@ class PackConfig:
         if self.format != AUTO:
             return self.format
         try:
-            return self.shapes[f"{n}x{k}"]
+            return self.shapes[shape_key(n, k)]
         except KeyError:
             raise ConfigError(f"packing format auto has no choice for a {n}x{k} weight") from None
 
@@ -140,29 +145,24 @@ class PackedBitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
-        path = kernels.current_path()
-        if (self.norm is None and self.bias is None and path != kernels.TORCH_PATH and x.dtype == torch.float32
-                and not x.requires_grad and x.device.type == "cpu"):
-            # Decode fast path, all in numpy around one native call (quantize, integer product,
-            # scales): the torch-op route around the same call cost 27 µs a layer, half a k_proj.
-            y = kernels.bitlinear_numpy(x.numpy().reshape(-1, k), self._packed_numpy(), self.format,
-                                        self.out_features, k, self._scale_value(), self.act_quant == "token", path)
-            return torch.from_numpy(y.reshape(*lead, self.out_features))
         x2 = x.reshape(-1, k)
         if self.norm is not None:
             x2 = self.norm(x2)
-        if path != kernels.TORCH_PATH and x2.dtype == torch.float32 and not x2.requires_grad:
-            # one native call: quantize, integer product, scales (the Python route below costs
-            # more than the product itself at decode sizes)
-            y = kernels.bitlinear(x2, self.packed, self.format, self.out_features, k, self._scale_value(),
-                                  per_token=self.act_quant == "token", path=path)
-        else:
-            q, s = quant.ACT_QUANTIZERS[self.act_quant](x2)
-            if path == kernels.TORCH_PATH and self._codes is None:
-                self._codes = self.codes().float()
-            acc = kernels.ternary_matmul(q, self.packed, self.format, self.out_features, k, path=path,
-                                         codes=self._codes)
-            y = acc.to(torch.float32) * (s.reshape(-1, 1) * self.weight_scale)
+        path = kernels.current_path()
+        if path != kernels.TORCH_PATH and x2.dtype == torch.float32 and not x2.requires_grad \
+                and x2.device.type == "cpu":
+            # One native call (quantize, integer product, scales) with numpy around it: at decode
+            # sizes each torch op on the way costs as much as a small layer's product.
+            y = kernels.bitlinear(x2.numpy(), self._packed_numpy(), self.format, self.out_features, k,
+                                  self._scale_value(), self.act_quant == "token", path)
+            y = torch.from_numpy(y.reshape(*lead, self.out_features))
+            return y if self.bias is None else y + self.bias
+        q, s = quant.ACT_QUANTIZERS[self.act_quant](x2)
+        if path == kernels.TORCH_PATH and self._codes is None:
+            self._codes = self.codes().float()
+        acc = kernels.ternary_matmul(q, self.packed, self.format, self.out_features, k, path=path,
+                                     codes=self._codes)
+        y = acc.to(torch.float32) * (s.reshape(-1, 1) * self.weight_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
@@ -254,8 +254,8 @@ def resolve_auto(config: PackConfig, shapes: set[tuple[int, int]]) -> PackConfig
     if config.format != AUTO:
         return config
     from .tuning import choose_formats
-    known = {tuple(int(v) for v in key.split("x")) for key in config.shapes}
-    return replace(config, shapes={**config.shapes, **choose_formats(shapes - known)})
+    missing = {s for s in shapes if shape_key(*s) not in config.shapes}
+    return replace(config, shapes={**config.shapes, **choose_formats(missing)})
 
 
 @torch.no_grad()

@@ -21,15 +21,12 @@ import torch
 
 from . import kernels
 from .formats import FORMATS, get_format
+from .pack import shape_key
 
 Shape = tuple[int, int]  # (N, K): W is [N, K]
 CACHE_BYTES = 64 << 20   # cycle at least this many weight bytes per timing (2× a 32 MiB L3)
 ROUNDS = 5
 MAX_COPIES = 1024
-
-
-def shape_key(n: int, k: int) -> str:
-    return f"{n}x{k}"
 
 
 def time_format(fmt: str, n: int, k: int, rounds: int = ROUNDS, rng: np.random.Generator | None = None) -> float:
@@ -51,8 +48,7 @@ def time_format(fmt: str, n: int, k: int, rounds: int = ROUNDS, rng: np.random.G
 
 
 def choose_formats(shapes: Iterable[Shape], candidates: Iterable[str] | None = None,
-                   timer: Callable[[str, int, int], float] | None = None,
-                   log: Callable[[str], None] | None = None) -> dict[str, str]:
+                   timer: Callable[[str, int, int], float] | None = None) -> dict[str, str]:
     """{"NxK": fastest format} for each distinct shape; `timer(fmt, n, k)` gives seconds per call
     (`time_format` by default)."""
     timer = timer or time_format
@@ -60,8 +56,5 @@ def choose_formats(shapes: Iterable[Shape], candidates: Iterable[str] | None = N
     choice = {}
     for n, k in sorted(set(shapes)):
         times = {fmt: timer(fmt, n, k) for fmt in names}
-        best = min(names, key=lambda f: times[f])
-        choice[shape_key(n, k)] = best
-        if log is not None:
-            log(f"  {n}×{k}: " + ", ".join(f"{f} {t * 1e6:.1f} µs" for f, t in times.items()) + f" → {best}")
+        choice[shape_key(n, k)] = min(names, key=lambda f: times[f])
     return choice
