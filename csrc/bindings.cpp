@@ -112,30 +112,12 @@ py::array_t<float> py_bitlinear(py::array_t<float, py::array::c_style | py::arra
         py::gil_scoped_release nogil;
         std::vector<int8_t> q(size_t(M * K));
         std::vector<float> scale(static_cast<size_t>(M));
-        const bool simd = path_supported("avx2");  // same bits as the loops below, 10-30x faster
-        auto absmax_of = [&](int64_t m0, int64_t m1) {
-            float a = 0.0f;
-            if (simd) {
-                a = absmax_avx2(xp + m0 * K, (m1 - m0) * K);
-            } else {
-                for (int64_t i = m0 * K; i < m1 * K; ++i) a = std::max(a, std::fabs(xp[i]));
-            }
-            return std::max(a, 1e-5f);
-        };
+        auto absmax_of = [&](int64_t m0, int64_t m1) { return std::max(absmax(xp + m0 * K, (m1 - m0) * K), 1e-5f); };
         const float tensor_max = per_token ? 0.0f : absmax_of(0, M);
         for (int64_t m = 0; m < M; ++m) {
             const float amax = per_token ? absmax_of(m, m + 1) : tensor_max;
             const float inv = (1.0f / amax) * 127.0f;  // torch computes 127 / t as t.reciprocal() * 127
-            const float* r = xp + m * K;
-            int8_t* d = q.data() + m * K;
-            if (simd) {
-                quantize_row_avx2(r, K, inv, d);
-            } else {
-                for (int64_t k = 0; k < K; ++k) {
-                    const float v = std::nearbyint(r[k] * inv);
-                    d[k] = int8_t(std::min(127.0f, std::max(-128.0f, v)));
-                }
-            }
+            quantize_row(xp + m * K, K, inv, q.data() + m * K);
             scale[size_t(m)] = (amax / 127.0f) * w_scale;
         }
         std::vector<int32_t> acc(size_t(M * N));
@@ -183,7 +165,7 @@ F32 py_rope(F32 x, F32 cos, F32 sin) {
         throw py::value_error("rope: cos/sin must be [T, hd] matching x, with hd even");
     std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
     F32 out(shape);
-    const int64_t rows = t * hd ? x.size() / (t * hd) : 0;
+    const int64_t rows = t * hd != 0 ? x.size() / (t * hd) : 0;
     const float *xp = x.data(), *cp = cos.data(), *sp = sin.data();
     float* op = out.mutable_data();
     {

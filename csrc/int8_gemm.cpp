@@ -76,8 +76,10 @@ void rows_avx2(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N
 
 constexpr int kStreams = 4;
 
-// One activation row against rows [n0, n1): kStreams cursors stepped together 32 bytes at a time.
-void gemv_avx2(const int8_t* x, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0, int64_t n1) {
+// One activation row (M = 1) against rows [n0, n1): kStreams cursors stepped together 32 bytes at a
+// time. The signature is rows_avx2's, so the driver can pick either.
+void gemv_avx2(const int8_t* x, int64_t, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0,
+               int64_t n1) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t kv = K / 32 * 32, per = (n1 - n0) / kStreams;
     for (int64_t i = 0; i < per; ++i) {
@@ -111,11 +113,7 @@ void gemv_avx2(const int8_t* x, int64_t K, const int8_t* w, int64_t N, int32_t* 
 }  // namespace
 
 void int8_matmul(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, bool simd) {
-    auto fn = simd ? rows_avx2 : rows_scalar;
-    if (simd && M == 1)
-        fn = [](const int8_t* x, int64_t, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0, int64_t n1) {
-            gemv_avx2(x, K, w, N, out, n0, n1);
-        };
+    auto fn = !simd ? rows_scalar : M == 1 ? gemv_avx2 : rows_avx2;
     const int64_t groups = (N + kRows - 1) / kRows;
     const int64_t chunks = pool_chunks(groups);
     if (chunks <= 1) {

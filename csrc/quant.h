@@ -1,8 +1,9 @@
-// Activation quantization helpers for the fused BitLinear call (quant_avx2.cpp).
+// Activation quantization for the fused BitLinear call (quant.cpp): AVX2 where the CPU has it,
+// the same bits from a portable loop elsewhere.
 #pragma once
 #include <cstdint>
 
 namespace bn158 {
-float absmax_avx2(const float* x, int64_t n);                        // max |x[i]|, 0 for n = 0
-void quantize_row_avx2(const float* x, int64_t n, float inv, int8_t* q);  // clamp(rint(x · inv))
+float absmax(const float* x, int64_t n);                            // max |x[i]|, 0 for n = 0
+void quantize_row(const float* x, int64_t n, float inv, int8_t* q);  // clamp(rint(x · inv), -128, 127)
 }  // namespace bn158
