@@ -302,22 +302,13 @@ def time_hot(variants: list[Variant], round_s: float, rounds: int = 5) -> dict[s
     """M = 1 bytes/s of each of our variants on one weight copy that stays in cache: the kernel's
     compute rate, with memory out of the way (best of `rounds`)."""
     out = {}
-    torch.set_num_threads(1)  # as Variant.run does for ours: torch's OpenMP workers must not spin
-    busy_wait(0.02)           # beside our pool (a torch variant may have run just before)
     for v in variants:
         if v.kind != "ours":
             continue
-        v.call(0, 1)
-        t0 = time.perf_counter()
-        v.call(0, 1)
-        calls = max(3, math.ceil(round_s / max(time.perf_counter() - t0, 1e-9)))
-        best = float("inf")
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                v.call(0, 1)
-            best = min(best, (time.perf_counter() - t0) / calls)
-        out[v.name] = v.bytes_per_copy / best
+        # the same calls, made through Variant.run, on the first copy only (its calls index it)
+        one = Variant(v.name, v.kind, v.bytes_per_copy, copies=v.copies[:1], call=v.call)
+        calls = max(3, math.ceil(round_s / max(one.run(1, 2), 1e-9)))
+        out[v.name] = v.bytes_per_copy / min(one.run(1, calls, warmup=1) for _ in range(rounds))
     return out
 
 
