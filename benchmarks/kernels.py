@@ -8,10 +8,10 @@ thread count:
 
 - **our variants**: every packed format registered in ``bitnet158.formats.FORMATS`` × every kernel
   path of ``kernels.available_paths()`` except ``torch`` (and ``scalar`` unless ``--paths`` names
-  it). One call is what a packed layer does per call: ``kernels.ternary_matmul`` with int8
-  activations [M, K] in and int32 [M, N] out (a fresh output tensor each call, the Python API's
-  checks included). **Activation quantization (absmax → int8) and the scale multiply are not
-  included.**
+  it). One call is the native call a packed layer makes: ``kernels.ternary_matmul_numpy`` with
+  int8 activations [M, K] in and int32 [M, N] out (a fresh output array each call; the layer also
+  holds numpy arrays, so torch's tensor ↔ numpy conversions, ~5–10 µs, are not in it).
+  **Activation quantization (absmax → int8) and the scale multiply are not included.**
 - **torch**: ``F.linear(x, W)`` with x and W both fp32, then both bf16 (output in the same dtype).
 
 Every call reads a weight matrix that is not in cache, as in a real decode step where ~200 distinct
@@ -235,10 +235,11 @@ def build_variants(n: int, k: int, ms: list[int], formats: list[str], paths: lis
             if fmt not in packed_once:
                 packed_once[fmt] = get_format(fmt).pack(codes)
             # Distinct buffers with the same bytes: caches key on addresses, not contents.
-            v.copies = [torch.from_numpy(packed_once[fmt].copy()) for _ in range(count)]
+            v.copies = [packed_once[fmt].copy() for _ in range(count)]
+            xs = {m: x.numpy() for m, x in xq.items()}
 
-            def call(i, m, v=v, fmt=fmt, path=extra):
-                return kernels.ternary_matmul(xq[m], v.copies[i], fmt, n, k, path=path)
+            def call(i, m, v=v, fmt=fmt, path=extra, xs=xs):
+                return kernels.ternary_matmul_numpy(xs[m], v.copies[i], fmt, n, k, path=path)
         elif kind == "probe":
             v.copies = [np.ones(nb, dtype=np.uint8) for _ in range(count)]
             ext = kernels._load_extension()
@@ -267,7 +268,7 @@ def check_outputs(variants: list[Variant], codes: np.ndarray, xq: dict, ms: list
                 continue
             got = v.call(0, m)
             if v.kind == "ours":
-                ok = torch.equal(got, ref.to(torch.int32))
+                ok = torch.equal(torch.from_numpy(got), ref.to(torch.int32))
             else:  # torch uses scaled weights/activations; check it computes the same product
                 want = ref * (0.01 * 0.02)
                 tol = 1e-4 if got.dtype == torch.float32 else 5e-2
@@ -545,7 +546,7 @@ def main() -> None:
     print(f"kernel paths available: {', '.join(kernels.available_paths())} "
           f"(default {kernels.current_path()}); measured: {', '.join(args.paths)}; formats: "
           + ", ".join(f"{f} ({get_format(f).bits_per_weight:g} bit/w)" for f in args.formats))
-    print("ours: kernels.ternary_matmul, int8 x [M, K] in, int32 [M, N] out (activation quantization "
+    print("ours: kernels.ternary_matmul_numpy, int8 x [M, K] in, int32 [M, N] out (activation quantization "
           "NOT included); torch: F.linear fp32×fp32 and bf16×bf16")
     print(f"weights cycled per variant: > {args.llc_multiple:g}× LLC = "
           f"{args.llc_multiple * llc / (1 << 20):.0f} MiB; rounds {args.rounds}; "

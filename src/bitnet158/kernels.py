@@ -174,12 +174,28 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, fmt: str, n: int, k: i
             out.copy_(result)
             return out
         return result
+    xs, ws = x.contiguous().numpy(), packed.numpy()
+    if out is None:
+        return torch.from_numpy(ternary_matmul_numpy(xs, ws, fmt, n, k, path=path))
+    _load_extension().matmul(xs, ws, fmt, n, k, out=out.numpy(), path=path)
+    return out
+
+
+def ternary_matmul_numpy(x: np.ndarray, packed: np.ndarray, fmt: str, n: int, k: int, *,
+                         path: str | None = None) -> np.ndarray:
+    """The compiled kernel on numpy arrays: int8 ``x [M, K]`` and the packed bytes → int32 ``[M, N]``.
+    For callers that hold numpy arrays (a packed layer, the benchmarks): it skips the torch ↔ numpy
+    conversions of :func:`ternary_matmul`, ~5–10 µs a call. Needs the extension (see
+    :func:`extension_available`); shapes and dtypes are checked in C++."""
     ext = _load_extension()
-    xs = x.contiguous().numpy()
-    if out is None and path == ext.path():  # the extension's own default: skip the keywords (~1.5 µs)
-        return torch.from_numpy(ext.matmul(xs, packed.numpy(), fmt, n, k))
-    res = ext.matmul(xs, packed.numpy(), fmt, n, k, out=None if out is None else out.numpy(), path=path)
-    return out if out is not None else torch.from_numpy(res)
+    if ext is None:
+        raise ConfigError(f"the compiled kernels are unavailable ({_ext_error}); use ternary_matmul")
+    path = path or current_path()
+    if path == TORCH_PATH:
+        raise ConfigError("ternary_matmul_numpy runs compiled paths only; use ternary_matmul for 'torch'")
+    if path == ext.path():  # the extension's own default: skip the keywords (~1.5 µs)
+        return ext.matmul(x, packed, fmt, n, k)
+    return ext.matmul(x, packed, fmt, n, k, path=path)
 
 
 def bitlinear(x: np.ndarray, packed: np.ndarray, fmt: str, n: int, k: int, w_scale: float, per_token: bool,
