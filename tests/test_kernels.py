@@ -143,6 +143,19 @@ def test_activation_shape_and_dtype_are_checked():
         kernels.ternary_matmul(torch.zeros(1, 9, dtype=torch.int8), packed, "i2", 4, 10)
 
 
+@pytest.mark.skipif(not kernels.extension_available(), reason="needs the compiled extension")
+def test_numpy_entry_matches_the_tensor_entry_and_refuses_the_torch_path():
+    rng = np.random.default_rng(3)
+    x, codes = case(rng, 2, 19, 300)
+    packed = get_format("i2").pack(codes)
+    got = kernels.ternary_matmul_numpy(x, packed, "i2", 19, 300)
+    assert got.dtype == np.int32 and np.array_equal(got, reference(x, codes))
+    with pytest.raises(ConfigError, match="compiled paths only"):
+        kernels.ternary_matmul_numpy(x, packed, "i2", 19, 300, path="torch")
+    with pytest.raises(ValueError):  # shapes are checked in C++: K disagrees with the activations
+        kernels.ternary_matmul_numpy(x, packed, "i2", 19, 301)
+
+
 def test_set_path_rejects_unknown_and_restores_best():
     with pytest.raises(ConfigError, match="unknown kernel path"):
         kernels.set_path("neon")
