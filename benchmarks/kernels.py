@@ -235,13 +235,13 @@ def build_variants(n: int, k: int, ms: list[int], formats: list[str], paths: lis
             if fmt not in packed_once:
                 packed_once[fmt] = get_format(fmt).pack(codes)
             # Distinct buffers with the same bytes: caches key on addresses, not contents.
-            v.copies = [packed_once[fmt].copy() for _ in range(count)]
+            v.copies = [kernels.aligned_copy(packed_once[fmt]) for _ in range(count)]  # as a loaded model's
             xs = {m: x.numpy() for m, x in xq.items()}
 
             def call(i, m, v=v, fmt=fmt, path=extra, xs=xs):
                 return kernels.ternary_matmul_numpy(xs[m], v.copies[i], fmt, n, k, path=path)
         elif kind == "probe":
-            v.copies = [np.ones(nb, dtype=np.uint8) for _ in range(count)]
+            v.copies = [kernels.aligned_copy(np.ones(nb, dtype=np.uint8)) for _ in range(count)]
             ext = kernels._load_extension()
 
             def call(i, m, v=v, ext=ext, streams=extra):

@@ -3,6 +3,7 @@
 // pool, and calls the selected kernel table. Compiled for the baseline ISA.
 #include "ternary_dispatch.h"
 
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -48,11 +49,15 @@ void matmul(const KernelTable& kt, Format fmt, const int8_t* x, int64_t M, int64
         xsum[size_t(m)] = acc;
     }
     Act a{x, K, x, K, xsum.data(), M};
-    if (s.kp != K) {  // K not whole blocks: zero-pad (and permute a base3 tail) into xp
-        xp.assign(size_t(M * s.kp), 0);
+    // K not whole blocks: zero-pad (and permute a base3 tail) into xp. The copy is also made when x
+    // is off a cache-line boundary (numpy's arrays start 16 bytes in): the kernels' 32-byte loads
+    // of x would straddle lines; a few KB per call.
+    if (s.kp != K || (reinterpret_cast<uintptr_t>(x) & 63) != 0) {
+        xp.assign(size_t(M * s.kp + 64), 0);
+        int8_t* base = xp.data() + (-reinterpret_cast<uintptr_t>(xp.data()) & 63);
         for (int64_t m = 0; m < M; ++m) {
             const int8_t* src = x + m * K;
-            int8_t* dst = xp.data() + m * s.kp;
+            int8_t* dst = base + m * s.kp;
             if (fmt != Format::Base3) {  // i2, lut2: zeros after K
                 std::memcpy(dst, src, size_t(K));
             } else {
@@ -63,7 +68,7 @@ void matmul(const KernelTable& kt, Format fmt, const int8_t* x, int64_t M, int64
                         if (tb * n + j < s.rem) dst[k0 + 32 * n + j] = src[k0 + tb * n + j];
             }
         }
-        a.xp = xp.data();
+        a.xp = base;
         a.ldxp = s.kp;
     }
     RangeFn fn = nullptr;

@@ -275,3 +275,9 @@ def test_pool_runs_thousands_of_back_to_back_jobs_exactly():
                 assert np.array_equal(kernels.ternary_matmul(x, w, "i2", n, k).numpy(), want), (threads, i)
     finally:
         kernels.set_num_threads(before)
+
+
+def test_aligned_copy_keeps_values_and_starts_on_a_cache_line():
+    for a in (np.arange(1000, dtype=np.uint8), np.ones((3, 7), dtype=np.float32)[:, 1:]):
+        b = kernels.aligned_copy(a)
+        assert b.ctypes.data % 64 == 0 and b.flags.c_contiguous and np.array_equal(a, b) and b.dtype == a.dtype

@@ -186,6 +186,21 @@ def test_packed_directory_round_trip(tmp_path, tokenizer, fmt, head):
     assert biggest_float <= (SMALL["vocab_size"] * SMALL["hidden_size"] if head != "int8" else SMALL["vocab_size"])
 
 
+def test_loaded_weights_start_on_cache_lines_and_the_file_stays_standard(tmp_path):
+    """The kernels read 32-byte vectors; the saved file puts every whole-cache-line tensor (packed
+    weights, the int8 table) on a 64-byte boundary, so the memory-mapped load hands them over
+    aligned. safetensors' own reader must still read the file."""
+    model = pack_(small_model(), PackConfig(head="int8"))
+    out = checkpoint.save_packed(model, tmp_path / "p")
+    loaded, _ = checkpoint.load(out, with_tokenizer=False)
+    big = {n: t for n, t in loaded.state_dict().items() if t.numel() * t.element_size() % 64 == 0}
+    assert any(n.endswith(".packed") for n in big) and any("qweight" in n for n in big)
+    assert all(t.data_ptr() % 64 == 0 for t in big.values()), {n: t.data_ptr() % 64 for n, t in big.items()}
+    plain = load_file(str(out / "model.safetensors"))
+    assert set(plain) == set(model.state_dict())
+    assert all(torch.equal(plain[n], t) for n, t in model.state_dict().items())
+
+
 def test_fp16_head_is_stored_in_fp16(tmp_path):
     out = checkpoint.save_packed(pack_(small_model(), PackConfig(head="fp16")), tmp_path / "p")
     assert load_file(str(out / "model.safetensors"))["embed_tokens.weight"].dtype == torch.float16

@@ -33,6 +33,7 @@ from . import __version__
 from .config import ModelConfig
 from .errors import BitNetError, CheckpointError
 from .fileio import atomic_directory, atomic_write_bytes, atomic_write_json, clean_stale_temporaries
+from .interop.safetensors_stream import PlannedTensor, aligned_order, write_safetensors
 from .model import Transformer
 
 FORMAT = "bitnet158"
@@ -43,6 +44,7 @@ TOKENIZER = "tokenizer.json"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_STATE = "trainer.json"
 LATEST = "latest"
+WEIGHT_ALIGN = 64  # tensor data offsets in model.safetensors: whole cache lines for the kernels
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -65,7 +67,9 @@ def write_model_files(directory: Path, model: Transformer, tokenizer=None,
         for name in ("embed_tokens.weight", "lm_head.weight"):
             if name in state:
                 state[name] = state[name].to(torch.float16)
-    (directory / WEIGHTS).write_bytes(safetensors_save(state, metadata={"format": FORMAT, "kind": "model"}))
+    entries = [PlannedTensor(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in state.items()]
+    write_safetensors(directory / WEIGHTS, aligned_order(entries, WEIGHT_ALIGN),
+                      metadata={"format": FORMAT, "kind": "model"}, align=WEIGHT_ALIGN)
     extra = dict(extra_config or {})
     if tokenizer is not None:  # an imported tokenizer may end text with another token than ours
         extra.setdefault("tokenizer", {"eos_token": tokenizer.eos_token})

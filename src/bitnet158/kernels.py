@@ -198,6 +198,18 @@ def ternary_matmul_numpy(x: np.ndarray, packed: np.ndarray, fmt: str, n: int, k:
     return ext.matmul(x, packed, fmt, n, k, path=path)
 
 
+def aligned_copy(a: np.ndarray, align: int = 64) -> np.ndarray:
+    """A C-contiguous copy of `a` whose data starts on an `align`-byte boundary. The kernels read
+    32-byte vectors: off a cache-line boundary half of them straddle two lines (numpy's own
+    allocations start 16 bytes in). Saved checkpoints keep weights aligned (checkpoint.WEIGHT_ALIGN)."""
+    a = np.ascontiguousarray(a)
+    raw = np.empty(a.nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def bitlinear(x: np.ndarray, packed: np.ndarray, fmt: str, n: int, k: int, w_scale: float, per_token: bool,
               path: str) -> np.ndarray:
     """A packed BitLinear after its norm in one native call, on numpy arrays: fp32 ``x [M, K]`` →

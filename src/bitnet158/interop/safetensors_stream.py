@@ -26,8 +26,9 @@ import torch
 
 from ..fileio import atomic_output_path, atomic_write_json
 
-_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
-                torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                torch.bool: "BOOL"}
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,10 @@ class PlannedTensor:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
-def header_bytes(entries: Sequence[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:
-    """The length prefix and JSON header for `entries` laid out back to back in order."""
+def header_bytes(entries: Sequence[PlannedTensor], metadata: dict[str, str] | None = None,
+                 align: int = 8) -> bytes:
+    """The length prefix and JSON header for `entries` laid out back to back in order, padded with
+    spaces (as the format allows) so the data section starts at a multiple of `align` bytes."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -57,13 +60,14 @@ def header_bytes(entries: Sequence[PlannedTensor], metadata: dict[str, str] | No
                           "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # pad so the data section starts 8-byte aligned (mmap-friendly)
+    blob += b" " * (-(8 + len(blob)) % align)  # the data section starts aligned (mmap-friendly)
     return struct.pack("<Q", len(blob)) + blob
 
 
 def write_safetensors(path: str | os.PathLike, entries: Sequence[PlannedTensor],
-                      metadata: dict[str, str] | None = None) -> int:
-    """Write `entries` as one safetensors file, producing each tensor only when it is written.
+                      metadata: dict[str, str] | None = None, align: int = 8) -> int:
+    """Write `entries` as one safetensors file, producing each tensor only when it is written; the
+    data section starts at a multiple of `align` bytes (see `aligned_order`).
     Returns the number of data bytes. A produced tensor whose dtype or shape disagrees with its
     plan is a bug in the plan: ValueError, and the target is left untouched."""
     path = Path(path)
@@ -72,7 +76,7 @@ def write_safetensors(path: str | os.PathLike, entries: Sequence[PlannedTensor],
         raise ValueError("duplicate tensor names in a safetensors plan")
     total = 0
     with atomic_output_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(header_bytes(entries, metadata))
+        f.write(header_bytes(entries, metadata, align))
         for e in entries:
             t = e.produce()
             if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
@@ -84,6 +88,19 @@ def write_safetensors(path: str | os.PathLike, entries: Sequence[PlannedTensor],
             total += data.nbytes
             del t, data
     return total
+
+
+def aligned_order(entries: Sequence[PlannedTensor], align: int = 64) -> list[PlannedTensor]:
+    """`entries` reordered so that, in a file whose data section starts `align`-aligned, every
+    tensor whose size is a multiple of `align` starts on such a boundary (they come first), and
+    the rest stay aligned to their element size (larger elements first). A memory-mapped load then
+    hands the kernels 64-byte-aligned weights: at 16 bytes off, half of the 32-byte loads of the
+    i2 GEMV straddle two cache lines, and it ran ~10 % slower."""
+    def elem(e: PlannedTensor) -> int:
+        return torch.empty((), dtype=e.dtype).element_size()
+    whole = [e for e in entries if e.nbytes % align == 0]
+    rest = sorted((e for e in entries if e.nbytes % align), key=lambda e: -elem(e))
+    return whole + rest
 
 
 def shard_plan(entries: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
