@@ -31,6 +31,7 @@ import torch
 
 from .errors import ConfigError, FormatError
 from .formats import get_format
+from .formats.base import aligned_copy  # noqa: F401  (public here: the kernels are why it exists)
 
 ENV_PATH = "BITNET158_KERNEL"
 ENV_DISABLE = "BITNET158_DISABLE_EXT"
@@ -196,18 +197,6 @@ def ternary_matmul_numpy(x: np.ndarray, packed: np.ndarray, fmt: str, n: int, k:
     if path == ext.path():  # the extension's own default: skip the keywords (~1.5 µs)
         return ext.matmul(x, packed, fmt, n, k)
     return ext.matmul(x, packed, fmt, n, k, path=path)
-
-
-def aligned_copy(a: np.ndarray, align: int = 64) -> np.ndarray:
-    """A C-contiguous copy of `a` whose data starts on an `align`-byte boundary. The kernels read
-    32-byte vectors: off a cache-line boundary half of them straddle two lines (numpy's own
-    allocations start 16 bytes in). Saved checkpoints keep weights aligned (checkpoint.WEIGHT_ALIGN)."""
-    a = np.ascontiguousarray(a)
-    raw = np.empty(a.nbytes + align, dtype=np.uint8)
-    start = -raw.ctypes.data % align
-    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
 
 
 def bitlinear(x: np.ndarray, packed: np.ndarray, fmt: str, n: int, k: int, w_scale: float, per_token: bool,

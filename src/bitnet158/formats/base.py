@@ -27,6 +27,19 @@ def _as_numpy(a) -> np.ndarray:
     return np.asarray(a)
 
 
+def aligned_copy(a: np.ndarray, align: int = 64) -> np.ndarray:
+    """A C-contiguous copy of `a` whose data starts on an `align`-byte boundary. The kernels read
+    32-byte vectors: off a cache-line boundary half of them straddle two lines (numpy's own
+    allocations start 16 bytes in). `pack` returns such arrays; saved checkpoints keep
+    weights aligned on disk (checkpoint.WEIGHT_ALIGN)."""
+    a = np.ascontiguousarray(a)
+    raw = np.empty(a.nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 class PackedFormat:
     """A registered ternary packing. Subclasses implement ``_pack_padded`` / ``_unpack_padded``."""
 
@@ -76,7 +89,7 @@ class PackedFormat:
             raise FormatError(f"{self.name}: code {c[i, j]!r} at [{i}, {j}] is not in {{-1, 0, 1}}")
         out = self._pack_padded(c.astype(np.int8), n, k)
         assert out.dtype == np.uint8 and out.size == self.packed_nbytes(n, k)
-        return out
+        return out if out.ctypes.data % 64 == 0 else aligned_copy(out)
 
     def unpack(self, packed, n: int, k: int) -> np.ndarray:
         """Flat uint8 bytes → int8 codes [N, K]; raises FormatError on any invalid byte."""
