@@ -60,7 +60,8 @@ class RMSNorm(nn.Module):
             xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
             return (xf * self.weight.float()).to(x.dtype)
         # inference: torch's fused op, one dispatch instead of six (it matters at decode sizes)
-        y = F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
+        w = self.weight  # one module attribute lookup (~2 µs each; 121 norms per decode step)
+        y = F.rms_norm(x.float(), w.shape, w.float(), self.eps)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,40 +124,40 @@ class PackedBitLinear(nn.Module):
             packed.norm.load_state_dict(layer.norm.state_dict())
         return packed
 
-    def _scale_value(self) -> float:
-        # cached as a Python float: reading a tensor element costs more than a decode-step kernel
-        cached = self.__dict__.get("_scale_cache")
-        if cached is None or cached[0] is not self.weight_scale:
-            cached = (self.weight_scale, float(self.weight_scale))
-            self.__dict__["_scale_cache"] = cached
-        return cached[1]
-
     def codes(self) -> torch.Tensor:
         """The int8 ternary codes [out, in] (decoded from the packed bytes)."""
         return kernels.unpack_codes(self.packed, self.format, self.out_features, self.in_features)
 
-    def _packed_numpy(self):
-        # the buffer as numpy, cached (re-made if the buffer is replaced, e.g. by a load)
-        cached = self.__dict__.get("_numpy_cache")
-        if cached is None or cached[0] is not self.packed:
-            cached = (self.packed, self.packed.numpy())
-            self.__dict__["_numpy_cache"] = cached
-        return cached[1]
+    def _native_args(self) -> tuple[np.ndarray, float]:
+        """(packed bytes as numpy, weight scale as a float) for the native call, cached until a
+        buffer is replaced (load, pack, .to()). Read through ``_buffers``: nn.Module's attribute
+        lookup costs ~2 µs a buffer, and a decode step makes ~200 of these calls."""
+        bufs = self._buffers
+        packed, scale = bufs["packed"], bufs["weight_scale"]
+        cached = self.__dict__.get("_native_cache")
+        if cached is None or cached[0] is not packed or cached[1] is not scale:
+            cached = (packed, scale, packed.numpy(), float(scale))
+            self.__dict__["_native_cache"] = cached
+        return cached[2], cached[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k)
+        k = x.shape[-1]
         if self.norm is not None:
-            x2 = self.norm(x2)
+            x = self.norm(x)
         path = kernels.current_path()
-        if path != kernels.TORCH_PATH and x2.dtype == torch.float32 and not x2.requires_grad \
-                and x2.device.type == "cpu":
+        if path != kernels.TORCH_PATH and x.dtype == torch.float32 and not x.requires_grad and x.is_cpu:
             # One native call (quantize, integer product, scales) with numpy around it: at decode
-            # sizes each torch op on the way costs as much as a small layer's product.
-            y = kernels.bitlinear(x2.numpy(), self._packed_numpy(), self.format, self.out_features, k,
-                                  self._scale_value(), self.act_quant == "token", path)
-            y = torch.from_numpy(y.reshape(*lead, self.out_features))
-            return y if self.bias is None else y + self.bias
+            # sizes each torch op on the way (even a reshape, ~1.5 µs) costs as much as a small
+            # layer's product.
+            packed, scale = self._native_args()
+            xn = x.numpy()
+            y = kernels.bitlinear(xn.reshape(-1, k), packed, self.format, self.out_features, k, scale,
+                                  self.act_quant == "token", path)
+            y = torch.from_numpy(y.reshape(xn.shape[:-1] + (self.out_features,)))
+            bias = self._buffers["bias"]
+            return y if bias is None else y + bias
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
         q, s = quant.ACT_QUANTIZERS[self.act_quant](x2)
         if path == kernels.TORCH_PATH and self._codes is None:
             self._codes = self.codes().float()
