@@ -175,6 +175,23 @@ F32 py_rope(F32 x, F32 cos, F32 sin) {
     return out;
 }
 
+F32 py_rms_norm(F32 x, F32 w, float eps, int vec_width) {
+    if (x.ndim() < 1 || w.ndim() != 1 || x.shape(x.ndim() - 1) != w.shape(0))
+        throw py::value_error("rms_norm needs x [..., n] and w [n]");
+    if (vec_width != 8 && vec_width != 16) throw py::value_error("rms_norm: vec_width must be 8 or 16");
+    const int64_t n = w.shape(0), rows = n ? x.size() / n : 0;
+    std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+    F32 out(shape);
+    const float *xp = x.data(), *wp = w.data();
+    float* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        std::vector<float> sq(static_cast<size_t>(n));
+        rms_norm_rows(xp, rows, n, wp, eps, vec_width, sq.data(), op);
+    }
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -189,6 +206,8 @@ PYBIND11_MODULE(_C, m) {
           "y[M, N] = absmax_int8(x) @ W^T * scales: a packed BitLinear after its norm, fp32 in and out.");
     m.def("rope", &py_rope, py::arg("x"), py::arg("cos"), py::arg("sin"),
           "fp32 rotary embedding, rotate_half layout: x [..., T, hd] * cos + rotate_half(x) * sin.");
+    m.def("rms_norm", &py_rms_norm, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("vec_width"),
+          "fp32 RMSNorm over the last dim, rounding as torch's CPU rms_norm with that vector width.");
     m.def("packed_nbytes", [](const std::string& f, int64_t N, int64_t K) { return packed_nbytes(parse_format(f), N, K); });
     m.def("cpu_features", [] {
         const CpuFeatures& f = cpu_features();

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bitnet158 import kernels
 from bitnet158.errors import ConfigError
@@ -252,6 +253,34 @@ def test_native_rope_is_bit_identical_to_the_torch_formula():
         strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # the layout q/k arrive in
         with torch.no_grad():
             assert torch.equal(apply_rope(strided, cos, sin), reference)
+
+
+@pytest.mark.skipif(not kernels.extension_available(), reason="needs the compiled extension")
+def test_native_rms_norm_rounds_bit_for_bit_as_torch():
+    """Every norm feeds an int8 quantizer, so the native one must equal torch's F.rms_norm and the
+    training formula (pow, mean, rsqrt, two products) exactly, across row lengths that exercise
+    each part of torch's reduction order (lanes, the 4 accumulators, the cascade, the tails)."""
+    from bitnet158.layers import RMSNorm
+
+    gen = torch.Generator().manual_seed(11)
+    sizes = [8, 9, 17, 31, 33, 100, 127, 129, 640, 1000, 2560, 4096, 4100, 6912, kernels.NATIVE_NORM_MAX]
+    for i, n in enumerate(sizes):
+        rows = (1, 3, 2)[i % 3]
+        norm = RMSNorm(n, eps=(1e-5, 1e-6)[i % 2])
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(n, generator=gen) * 4 - 2)
+            x = torch.randn(rows, 1, n, generator=gen) * float(torch.rand(1, generator=gen) * 30 + 1e-3)
+            native = kernels.rms_norm(x, norm.weight, norm.eps)
+            assert native is not None, n
+            assert torch.equal(native, F.rms_norm(x, (n,), norm.weight, norm.eps)), n
+            assert torch.equal(norm(x), native)
+        with torch.enable_grad():  # training: the explicit formula
+            assert torch.equal(norm(x).detach(), native), n
+    with torch.no_grad():  # where exactness is not established: None, and the module uses torch
+        for n in (7, kernels.NATIVE_NORM_MAX + 1):
+            assert kernels.rms_norm(torch.randn(1, n), torch.ones(n), 1e-5) is None
+        assert kernels.rms_norm(torch.randn(1, 64, dtype=torch.float64), torch.ones(64), 1e-5) is None
+    assert kernels.rms_norm(torch.randn(1, 64), torch.ones(64), 1e-5) is None  # autograd on
 
 
 @pytest.mark.skipif(not kernels.extension_available(), reason="needs the compiled extension")

@@ -221,6 +221,43 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_ext.rope(x.detach().numpy(), cos.numpy(), sin.numpy()))
 
 
+# torch's CPU sum of one row runs in this many-float vector lanes; the native norm must follow it.
+_TORCH_VEC_WIDTH = {"AVX512": 16, "AVX2": 8}
+NATIVE_NORM_MAX = 16384  # longer rows: torch may split one row's sum across threads (another order)
+_norm_verified: dict[int, bool] = {}
+
+
+def _norm_width() -> int | None:
+    """torch's vector width if the native RMSNorm reproduces torch's rounding on this machine
+    (checked once, bit for bit, on random rows); None means: use torch's own."""
+    width = _TORCH_VEC_WIDTH.get(torch.backends.cpu.get_cpu_capability(), 8)
+    if width not in _norm_verified:
+        rng = np.random.default_rng(99)
+        ok = True
+        for n, rows in ((8, 1), (100, 3), (2560, 1), (2560, 5), (6912, 2), (NATIVE_NORM_MAX, 1)):
+            x = (rng.standard_normal((rows, n)) * rng.uniform(1e-2, 20)).astype(np.float32)
+            w = rng.uniform(-2, 2, n).astype(np.float32)
+            want = torch.nn.functional.rms_norm(torch.from_numpy(x), (n,), torch.from_numpy(w), 1e-5)
+            ok &= bool(np.array_equal(_ext.rms_norm(x, w, 1e-5, width), want.numpy()))
+        _norm_verified[width] = ok
+    return width if _norm_verified[width] else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """fp32 RMSNorm over the last dim in one native call, rounding bit for bit as torch's
+    ``F.rms_norm`` does on this machine (its 10 small ops cost 40-350 µs at decode sizes; this
+    costs ~3 µs). Returns None where that cannot be guaranteed — then use torch: not inference
+    (see `native_small_ops`), weights not fp32, rows outside [8, NATIVE_NORM_MAX], or the one-time
+    bitwise check against torch failed here."""
+    n = x.shape[-1]
+    if not (8 <= n <= NATIVE_NORM_MAX and native_small_ops(x) and weight.dtype == torch.float32):
+        return None
+    width = _norm_width()
+    if width is None:
+        return None
+    return torch.from_numpy(_ext.rms_norm(x.detach().numpy(), weight.detach().numpy(), eps, width))
+
+
 def int8_matmul(x: torch.Tensor, w: torch.Tensor, *, path: str | None = None) -> torch.Tensor:
     """Exact int32 ``x @ w.T`` for int8 ``x [M, K]`` and int8 ``w [N, K]`` (values in [-127, 127]):
     the int8 output head."""
