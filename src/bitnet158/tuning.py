@@ -21,6 +21,7 @@ import torch
 
 from . import kernels
 from .formats import FORMATS, get_format
+from .formats.base import aligned_copy
 from .pack import shape_key
 
 Shape = tuple[int, int]  # (N, K): W is [N, K]
@@ -35,14 +36,22 @@ def time_format(fmt: str, n: int, k: int, rounds: int = ROUNDS, rng: np.random.G
     packer = get_format(fmt)
     one = packer.pack(rng.integers(-1, 2, size=(n, k), dtype=np.int8))
     count = min(MAX_COPIES, max(2, math.ceil(CACHE_BYTES / one.nbytes)))  # tiny shapes: cache-resident is real
-    copies = [torch.from_numpy(one.copy()) for _ in range(count)]
-    x = torch.from_numpy(rng.integers(-127, 128, size=(1, k), dtype=np.int8))
-    kernels.ternary_matmul(x, copies[0], fmt, n, k)  # warm up the path and the pool
+    copies = [aligned_copy(one) for _ in range(count)]  # as packed layers hold them: on cache lines
+    x = rng.integers(-127, 128, size=(1, k), dtype=np.int8)
+    if kernels.extension_available() and kernels.current_path() != kernels.TORCH_PATH:
+        def call(w):  # the native call a packed layer makes, without torch's conversions
+            return kernels.ternary_matmul_numpy(x, w, fmt, n, k)
+    else:
+        xt = torch.from_numpy(x)
+
+        def call(w):
+            return kernels.ternary_matmul(xt, torch.from_numpy(w), fmt, n, k)
+    call(copies[0])  # warm up the path and the pool
     samples = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for w in copies:
-            kernels.ternary_matmul(x, w, fmt, n, k)
+            call(w)
         samples.append((time.perf_counter() - t0) / len(copies))
     return statistics.median(samples)
 
