@@ -83,8 +83,15 @@ void matmul(const KernelTable& kt, Format fmt, const int8_t* x, int64_t M, int64
         fn(a, w, s, out, N, 0, s.ntiles);
         return;
     }
-    pool_run(chunks, [&](int64_t c) {  // contiguous tile ranges: each chunk is one forward stream
-        fn(a, w, s, out, N, s.ntiles * c / chunks, s.ntiles * (c + 1) / chunks);
+    // Contiguous tile ranges, claimed in order and shrinking linearly (chunk c gets a share
+    // proportional to chunks - c): the last ones are small, so threads finish together instead
+    // of one waiting out the other's last equal share (+2.5-3.4 points of the read probe on the
+    // 2B4T GEMVs at 2 threads, paired standalone runs).
+    const int64_t total = chunks * (chunks + 1) / 2;
+    auto start = [&](int64_t c) { return s.ntiles * (c * chunks - c * (c - 1) / 2) / total; };
+    pool_run(chunks, [&](int64_t c) {
+        const int64_t t0 = start(c), t1 = start(c + 1);
+        if (t1 > t0) fn(a, w, s, out, N, t0, t1);
     });
 }
 
