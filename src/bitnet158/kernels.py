@@ -221,26 +221,32 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_ext.rope(x.detach().numpy(), cos.numpy(), sin.numpy()))
 
 
-# torch's CPU sum of one row runs in this many-float vector lanes; the native norm must follow it.
-_TORCH_VEC_WIDTH = {"AVX512": 16, "AVX2": 8}
+# torch's CPU sum of one row runs in vector lanes of 8 or 16 floats; the native norm must follow it.
+# The capability torch reports is only a first guess: on an AVX-512 Xeon torch 2.13 reports
+# "AVX512" yet sums rms_norm's row in 8-float lanes, so every candidate is checked, bit for bit.
+_NORM_WIDTHS = {"AVX512": (16, 8), "AVX2": (8, 16)}
 NATIVE_NORM_MAX = 16384  # longer rows: torch may split one row's sum across threads (another order)
-_norm_verified: dict[int, bool] = {}
+_norm_width_found: list[int | None] = []  # empty until checked; then [width] or [None]
+
+
+def _norm_width_matches(width: int) -> bool:
+    rng = np.random.default_rng(99)
+    for n, rows in ((8, 1), (15, 2), (100, 3), (2560, 1), (2560, 5), (6912, 2), (NATIVE_NORM_MAX, 1)):
+        x = (rng.standard_normal((rows, n)) * rng.uniform(1e-2, 20)).astype(np.float32)
+        w = rng.uniform(-2, 2, n).astype(np.float32)
+        want = torch.nn.functional.rms_norm(torch.from_numpy(x), (n,), torch.from_numpy(w), 1e-5)
+        if not np.array_equal(_ext.rms_norm(x, w, 1e-5, width), want.numpy()):
+            return False
+    return True
 
 
 def _norm_width() -> int | None:
-    """torch's vector width if the native RMSNorm reproduces torch's rounding on this machine
-    (checked once, bit for bit, on random rows); None means: use torch's own."""
-    width = _TORCH_VEC_WIDTH.get(torch.backends.cpu.get_cpu_capability(), 8)
-    if width not in _norm_verified:
-        rng = np.random.default_rng(99)
-        ok = True
-        for n, rows in ((8, 1), (100, 3), (2560, 1), (2560, 5), (6912, 2), (NATIVE_NORM_MAX, 1)):
-            x = (rng.standard_normal((rows, n)) * rng.uniform(1e-2, 20)).astype(np.float32)
-            w = rng.uniform(-2, 2, n).astype(np.float32)
-            want = torch.nn.functional.rms_norm(torch.from_numpy(x), (n,), torch.from_numpy(w), 1e-5)
-            ok &= bool(np.array_equal(_ext.rms_norm(x, w, 1e-5, width), want.numpy()))
-        _norm_verified[width] = ok
-    return width if _norm_verified[width] else None
+    """The vector width at which the native RMSNorm reproduces torch's rounding on this machine
+    (found once, bit for bit, on random rows); None means: use torch's own."""
+    if not _norm_width_found:
+        candidates = _NORM_WIDTHS.get(torch.backends.cpu.get_cpu_capability(), (8, 16))
+        _norm_width_found.append(next((w for w in candidates if _norm_width_matches(w)), None))
+    return _norm_width_found[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
