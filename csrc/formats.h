@@ -125,6 +125,10 @@ struct Act {
     int64_t ldxp;
     const int32_t* xsum;
     int64_t M;
+    // Set only for a table with a `prep` step (the AVX-512 VNNI GEMM) and M >= its prep_min_m: x
+    // re-laid for vpdpbusd, ceil(M/16) panels of [kp/4][16 rows][4 bytes], each byte x ^ 0x80
+    // (x + 128, unsigned), panel p at xv + p * 16 * kp; rows past M read as x = 0.
+    const uint8_t* xv = nullptr;
 };
 
 // One kernel variant computes out[m, n] = sum_k x[m, k] * W[n, k] for the tiles [t0, t1).
@@ -137,6 +141,10 @@ struct KernelTable {
     RangeFn base3;
     RangeFn i2_lut;  // optional lookup-table variant (nullptr when absent)
     RangeFn lut2;    // lut2 format; nullptr: the dispatcher uses the AVX2 one (every SIMD path has AVX2)
+    // Optional once-per-call activation step for i2/base3 with M >= prep_min_m: fills Act::xv
+    // (ceil(M/16) * 16 * kp bytes, 64-byte aligned) before the tile ranges are split over threads.
+    void (*prep)(const Act& a, const WShape& s, uint8_t* xv) = nullptr;
+    int64_t prep_min_m = 0;
 };
 
 extern const KernelTable kScalarTable;
