@@ -114,6 +114,8 @@ inline int64_t packed_nbytes(Format fmt, int64_t N, int64_t K) {
     return s.ntiles * s.tile_bytes;
 }
 
+constexpr int kActPanelRows = 16;  // activation rows per Act::xv panel (one zmm of int32 lanes)
+
 // Activations as the SIMD kernels want them. x: the caller's int8 [M, K] rows (stride ldx).
 // xp: rows of length kp (stride ldxp) — x zero-padded to whole K-blocks; for a base3 tail, the
 // tail's activations are permuted so xp[nfull*160 + 32n + j] = x[nfull*160 + tb*n + j]; the tail
@@ -126,8 +128,9 @@ struct Act {
     const int32_t* xsum;
     int64_t M;
     // Set only for a table with a `prep` step (the AVX-512 VNNI GEMM) and M >= its prep_min_m: x
-    // re-laid for vpdpbusd, ceil(M/16) panels of [kp/4][16 rows][4 bytes], each byte x ^ 0x80
-    // (x + 128, unsigned), panel p at xv + p * 16 * kp; rows past M read as x = 0.
+    // re-laid for vpdpbusd, ceil(M/kActPanelRows) panels of [kp/4][kActPanelRows rows][4 bytes],
+    // each byte x ^ 0x80 (x + 128, unsigned), panel p at xv + p * kActPanelRows * kp; rows past M
+    // read as x = 0.
     const uint8_t* xv = nullptr;
 };
 
@@ -142,7 +145,7 @@ struct KernelTable {
     RangeFn i2_lut;  // optional lookup-table variant (nullptr when absent)
     RangeFn lut2;    // lut2 format; nullptr: the dispatcher uses the AVX2 one (every SIMD path has AVX2)
     // Optional once-per-call activation step for i2/base3 with M >= prep_min_m: fills Act::xv
-    // (ceil(M/16) * 16 * kp bytes, 64-byte aligned) before the tile ranges are split over threads.
+    // (ceil(M/kActPanelRows) * kActPanelRows * kp bytes, 64-byte aligned) before the tile ranges are split over threads.
     void (*prep)(const Act& a, const WShape& s, uint8_t* xv) = nullptr;
     int64_t prep_min_m = 0;
 };

@@ -255,7 +255,7 @@ void gemm_chunk(const Act& a, const uint8_t* ub, int64_t L, int64_t k0, bool fir
 // so out = acc - xsum[m] - 128 usum[r], with usum over the same padded k the products ran over
 // (padding meets x = 0, so it cancels exactly).
 constexpr int64_t kPanelMinM = 10;  // measured crossover with the 4×2 micro-kernel: M = 8 faster there, 12 here
-constexpr int kPanelRows = 16;
+constexpr int kPanelRows = kActPanelRows;
 constexpr int kMaxPanels = 3;  // 3 panels × 8 rows = 24 accumulators of 32 zmm
 
 void prep_panels(const Act& a, const WShape& s, uint8_t* xv) {

@@ -74,7 +74,7 @@ void matmul(const KernelTable& kt, Format fmt, const int8_t* x, int64_t M, int64
     // A table that wants x in its own GEMM layout gets it once here, not once per tile range.
     thread_local std::vector<uint8_t> xv;
     if (kt.prep && M >= kt.prep_min_m && fmt != Format::Lut2) {
-        xv.resize(size_t(ceil_div(M, 16) * 16 * s.kp + 64));
+        xv.resize(size_t(ceil_div(M, kActPanelRows) * kActPanelRows * s.kp + 64));
         uint8_t* base = xv.data() + (-reinterpret_cast<uintptr_t>(xv.data()) & 63);
         kt.prep(a, s, base);
         a.xv = base;

@@ -22,6 +22,7 @@ never give wrong answers silently).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any
@@ -226,7 +227,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 # "AVX512" yet sums rms_norm's row in 8-float lanes, so every candidate is checked, bit for bit.
 _NORM_WIDTHS = {"AVX512": (16, 8), "AVX2": (8, 16)}
 NATIVE_NORM_MAX = 16384  # longer rows: torch may split one row's sum across threads (another order)
-_norm_width_found: list[int | None] = []  # empty until checked; then [width] or [None]
 
 
 def _norm_width_matches(width: int) -> bool:
@@ -240,13 +240,12 @@ def _norm_width_matches(width: int) -> bool:
     return True
 
 
+@functools.cache
 def _norm_width() -> int | None:
     """The vector width at which the native RMSNorm reproduces torch's rounding on this machine
     (found once, bit for bit, on random rows); None means: use torch's own."""
-    if not _norm_width_found:
-        candidates = _NORM_WIDTHS.get(torch.backends.cpu.get_cpu_capability(), (8, 16))
-        _norm_width_found.append(next((w for w in candidates if _norm_width_matches(w)), None))
-    return _norm_width_found[0]
+    candidates = _NORM_WIDTHS.get(torch.backends.cpu.get_cpu_capability(), (8, 16))
+    return next((w for w in candidates if _norm_width_matches(w)), None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
