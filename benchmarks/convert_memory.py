@@ -60,7 +60,8 @@ def child(step: str, args: list[str]) -> None:
     if step == "generate":
         from bitnet158.checkpoint import save_packed
         from bitnet158.config import preset
-        from bitnet158.pack import PackConfig, random_packed
+        from bitnet158.pack import random_packed
+        from bitnet158.packed_layers import PackConfig
 
         model = random_packed(preset(args[0]), PackConfig(format="i2", head="int8"))
         save_packed(model, args[1])

@@ -20,6 +20,8 @@ two otherwise idle CPU cores, after the demo.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -28,15 +30,15 @@ import torch
 
 from bitnet158 import checkpoint
 from bitnet158.demo import DEMO_MAX_BYTES, DEMO_PRESET, DEMO_TRAIN, DEMO_VOCAB
-from bitnet158.config import preset
+from bitnet158.config import ConvertConfig, preset
 from bitnet158.errors import BitNetError
 from bitnet158.model import Transformer
-from bitnet158.train import adapt
+from bitnet158.train import ternarize
 from bitnet158.train.data import eval_windows
 from bitnet158.train.prepare import prepare_data
 from bitnet158.train.trainer import evaluate, train
 
-# label → the methods convert_model combines ("quant-noise" is adapt's "noise")
+# label → the methods ternarize combines ("quant-noise" is its "noise")
 DEFAULT_METHODS = ("rtn", "adaround", "qat", "lambda", "quant-noise", "distill", "lambda+distill",
                    "adaround+lambda+distill")
 
@@ -63,7 +65,6 @@ def _load_or_train(directory: Path, mode: str, prepared, log) -> tuple[Transform
 
 def _pretraining_tokens(directory: Path) -> str:
     """Tokens the checkpoint in `directory` was trained on, from its trainer.json."""
-    import json
     try:
         state = json.loads((checkpoint.resolve(directory) / "trainer.json").read_text())
         tc = state["train_config"]
@@ -119,6 +120,10 @@ def main() -> None:
         f"{args.steps} steps × {args.batch_size} × {args.seq_len} = {budget:,} tokens (lr {args.lr:g}); "
         f"threads {torch.get_num_threads()}")
 
+    # every method's settings but the method; the fine-tuning seeds torch from `seed` (Quant-Noise masks)
+    settings = ConvertConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                             calib_batches=args.calib_batches, adaround_iters=args.adaround_iters,
+                             seed=args.seed)
     rows: list[tuple[str, float, str, float]] = []  # label, ppl, tokens used, seconds
     rows.append(("FP twin (source)", ppl(fp), f"{fp_tokens} pretraining", fp_secs or 0.0))
     rows.append(("b1.58 from scratch", ppl(scratch), f"{scratch_tokens} pretraining", scratch_secs or 0.0))
@@ -126,20 +131,17 @@ def main() -> None:
     for label in [m.strip() for m in args.methods.split(",") if m.strip()]:
         methods = label.split("+")
         t0 = time.perf_counter()
-        torch.manual_seed(args.seed)  # Quant-Noise masks: the same draws on every run
         try:
-            model = adapt.convert_model(fp, methods, train_tokens, steps=args.steps, lr=args.lr,
-                                        batch_size=args.batch_size, seq_len=args.seq_len,
-                                        calib_batches=args.calib_batches, adaround_iters=args.adaround_iters,
-                                        seed=args.seed)
+            config = dataclasses.replace(settings, method=tuple(methods))
+            model = ternarize.ternarize(fp, train_tokens, config)
         except BitNetError as e:
             raise SystemExit(f"{label}: {e}")
         secs = time.perf_counter() - t0
-        names = adapt._methods(methods)
+        names = ternarize.parse_methods(methods)
         used = []
         if "adaround" in names:
             used.append(f"{calib:,} calib")
-        if set(names) & set(adapt.FINETUNE_METHODS):
+        if set(names) & set(ternarize.FINETUNE_METHODS):
             used.append(f"{budget:,} fine-tune")
         converted[label] = ppl(model)
         rows.append((label, converted[label], " + ".join(used) or "none", secs))
@@ -155,8 +157,7 @@ def main() -> None:
             t0 = time.perf_counter()
             model = Transformer(source.config)
             model.load_state_dict(source.state_dict())
-            adapt.finetune(model, train_tokens, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                           seq_len=args.seq_len, seed=args.seed)
+            ternarize.finetune(model, train_tokens, settings)
             secs = time.perf_counter() - t0
             controls[label] = ppl(model)
             rows.append((label, controls[label], f"{budget:,} fine-tune", secs))

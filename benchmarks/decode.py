@@ -33,7 +33,8 @@ from bitnet158.bench import time_model, use_kernel_threads
 from bitnet158.config import preset
 from bitnet158.formats import get_format
 from bitnet158.model import Transformer
-from bitnet158.pack import PackConfig, PackedBitLinear, random_packed
+from bitnet158.pack import random_packed
+from bitnet158.packed_layers import PackConfig, PackedBitLinear
 
 # Runs in a fresh process so its peak RSS is the packed model's alone. The peak is reset
 # (clear_refs 5) after loading: the goal is about decoding, not about the loader's transients.

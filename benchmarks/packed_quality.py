@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from bitnet158 import checkpoint, kernels
 from bitnet158.errors import BitNetError
-from bitnet158.pack import PackConfig, pack_
+from bitnet158.pack import pack_
+from bitnet158.packed_layers import PackConfig
 from bitnet158.train.data import default_corpus, encode_documents, eval_windows
 
 

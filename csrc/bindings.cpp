@@ -4,12 +4,11 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "cpu_features.h"
 #include "decode_ops.h"
 #include "formats.h"
 #include "int8_gemm.h"
@@ -22,15 +21,30 @@ using namespace bn158;
 
 namespace {
 
+// Names come from the one table of each (formats.h, cpu_features.h), never spelled out here.
 Format parse_format(const std::string& f) {
-    if (f == "i2") return Format::I2;
-    if (f == "base3") return Format::Base3;
-    if (f == "lut2") return Format::Lut2;
-    throw py::value_error("unknown packed format '" + f + "' (expected i2, base3 or lut2)");
+    const int i = format_index(f.c_str());
+    if (i >= 0) return Format(i);
+    std::string known;
+    for (const FormatSpec& spec : kFormats) known += (known.empty() ? "" : ", ") + std::string(spec.name);
+    throw py::value_error("unknown packed format '" + f + "' (expected one of " + known + ")");
+}
+
+// "" is the path in use; any other must be known and runnable on this CPU.
+Isa parse_path(const std::string& path) {
+    if (path.empty()) return current_isa();
+    const int i = isa_index(path.c_str());
+    if (i < 0) {
+        std::string known;
+        for (const char* name : kIsaNames) known += (known.empty() ? "" : ", ") + std::string(name);
+        throw py::value_error("unknown kernel path '" + path + "' (expected one of " + known + ")");
+    }
+    if (!isa_supported(Isa(i))) throw py::value_error("kernel path '" + path + "' is not supported by this CPU");
+    return Isa(i);
 }
 
 py::array_t<int32_t> py_matmul(py::array x, py::array w, const std::string& fmt, int64_t N, int64_t K,
-                               py::object out_obj, const std::string& path, bool lut) {
+                               py::object out_obj, const std::string& path) {
     const Format f = parse_format(fmt);
     if (N < 1 || K < 1) throw py::value_error("N and K must be positive");
     if (!x.dtype().is(py::dtype::of<int8_t>())) throw py::value_error("x must be an int8 array");
@@ -52,19 +66,14 @@ py::array_t<int32_t> py_matmul(py::array x, py::array w, const std::string& fmt,
             out.shape(0) != M || out.shape(1) != N || !(out.flags() & py::array::c_style) || !out.writeable())
             throw py::value_error("out must be a writable C-contiguous int32 array of shape [M, N]");
     }
-    const KernelTable* kt = &current_table();
-    if (!path.empty()) {
-        kt = table_by_name(path);
-        if (!kt) throw py::value_error("unknown kernel path '" + path + "'");
-        if (!path_supported(path.c_str())) throw py::value_error("kernel path '" + path + "' is not supported by this CPU");
-    }
+    const Isa isa = parse_path(path);
     if (M == 0) return out;
     const int8_t* xp = static_cast<const int8_t*>(x.data());
     const uint8_t* wp = static_cast<const uint8_t*>(w.data());
     int32_t* op = out.mutable_data();
     {
         py::gil_scoped_release nogil;
-        matmul(*kt, f, xp, M, K, wp, N, op, lut);
+        matmul(isa, f, xp, M, K, wp, N, op);
     }
     return out;
 }
@@ -76,8 +85,8 @@ py::array_t<int32_t> py_int8_matmul(py::array x, py::array w, const std::string&
         throw py::value_error("int8_matmul needs x [M, K] and w [N, K]");
     if (!(x.flags() & py::array::c_style) || !(w.flags() & py::array::c_style))
         throw py::value_error("int8_matmul needs C-contiguous arrays");
-    const bool simd = path.empty() ? path_supported("avx2") : path != "scalar";
-    if (simd && !path_supported("avx2")) throw py::value_error("kernel path '" + path + "' is not supported by this CPU");
+    const bool simd = path.empty() ? isa_supported(Isa::Avx2) : path != "scalar";
+    if (simd && !isa_supported(Isa::Avx2)) throw py::value_error("kernel path '" + path + "' is not supported by this CPU");
     const int64_t M = x.shape(0), K = x.shape(1), N = w.shape(0);
     py::array_t<int32_t> out({M, N});
     const int8_t* xp = static_cast<const int8_t*>(x.data());
@@ -101,8 +110,7 @@ py::array_t<float> py_bitlinear(py::array_t<float, py::array::c_style | py::arra
     if (x.ndim() != 2 || x.shape(1) != K) throw py::value_error("x must have shape [M, K] with K = " + std::to_string(K));
     if (!w.dtype().is(py::dtype::of<uint8_t>()) || !(w.flags() & py::array::c_style) || w.size() != packed_nbytes(f, N, K))
         throw py::value_error("packed weights do not match the format and shape");
-    const KernelTable* kt = path.empty() ? &current_table() : table_by_name(path);
-    if (!kt || !path_supported(kt->name)) throw py::value_error("kernel path '" + path + "' is not available");
+    const Isa isa = parse_path(path);
     const int64_t M = x.shape(0);
     py::array_t<float> out({M, N});
     const float* xp = x.data();
@@ -121,7 +129,7 @@ py::array_t<float> py_bitlinear(py::array_t<float, py::array::c_style | py::arra
             scale[size_t(m)] = (amax / 127.0f) * w_scale;
         }
         std::vector<int32_t> acc(size_t(M * N));
-        matmul(*kt, f, q.data(), M, K, wp, N, acc.data());
+        matmul(isa, f, q.data(), M, K, wp, N, acc.data());
         for (int64_t m = 0; m < M; ++m)
             for (int64_t n = 0; n < N; ++n) op[m * N + n] = float(acc[size_t(m * N + n)]) * scale[size_t(m)];
     }
@@ -136,7 +144,7 @@ uint64_t py_read_sum(py::array buf, int nthreads, int streams) {
     const int64_t n = buf.size() / 128 * 128;
     const int nth = std::max(1, std::min(nthreads, pool_threads()));
     std::vector<uint64_t> part(size_t(nth), 0);
-    const bool avx2 = path_supported("avx2");
+    const bool avx2 = isa_supported(Isa::Avx2);
     {
         py::gil_scoped_release nogil;
         pool_run(nth, [&](int64_t i) {  // one share per thread: the probe measures nth streams at once
@@ -197,7 +205,7 @@ F32 py_rms_norm(F32 x, F32 w, float eps, int vec_width) {
 PYBIND11_MODULE(_C, m) {
     m.doc() = "bitnet158 native ternary kernels (int8 activations x packed ternary weights -> int32)";
     m.def("matmul", &py_matmul, py::arg("x"), py::arg("w"), py::arg("fmt"), py::arg("N"), py::arg("K"),
-          py::arg("out") = py::none(), py::arg("path") = "", py::arg("lut") = false,
+          py::arg("out") = py::none(), py::arg("path") = "",
           "out[M, N] = x[M, K] (int8) @ W[N, K]^T with W packed; exact int32.");
     m.def("int8_matmul", &py_int8_matmul, py::arg("x"), py::arg("w"), py::arg("path") = "",
           "out[M, N] = x[M, K] (int8) @ w[N, K]^T (int8, in [-127, 127]); exact int32.");
@@ -208,6 +216,11 @@ PYBIND11_MODULE(_C, m) {
           "fp32 rotary embedding, rotate_half layout: x [..., T, hd] * cos + rotate_half(x) * sin.");
     m.def("rms_norm", &py_rms_norm, py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("vec_width"),
           "fp32 RMSNorm over the last dim, rounding as torch's CPU rms_norm with that vector width.");
+    m.def("formats", [] {
+        py::list l;
+        for (const FormatSpec& spec : kFormats) l.append(spec.name);
+        return l;
+    }, "Names of the packed formats the kernels implement (the registry bitnet158.formats must match).");
     m.def("packed_nbytes", [](const std::string& f, int64_t N, int64_t K) { return packed_nbytes(parse_format(f), N, K); });
     m.def("cpu_features", [] {
         const CpuFeatures& f = cpu_features();
@@ -222,24 +235,17 @@ PYBIND11_MODULE(_C, m) {
         d["os_avx512"] = f.os_avx512;
         return d;
     });
-    m.def("available_paths", [] {
+    m.def("available_paths", [] {  // best first
         py::list l;
-        for (const char* p : {"avx512vnni", "avx2", "scalar"})
-            if (path_supported(p)) l.append(p);
+        for (int i = kNumIsas - 1; i >= 0; --i)
+            if (isa_supported(Isa(i))) l.append(kIsaNames[i]);
         return l;
     });
-    m.def("best_path", [] { return std::string(best_path()); });
-    m.def("path", [] { return std::string(current_table().name); });
+    m.def("best_path", [] { return std::string(kIsaNames[int(best_isa())]); });
+    m.def("path", [] { return std::string(kIsaNames[int(current_isa())]); });
     m.def("set_path", [](const std::string& p) {
-        try {
-            set_path(p);
-        } catch (const std::invalid_argument& e) {
-            throw py::value_error(e.what());
-        }
-    });
-    m.def("has_lut", [](const std::string& p) {
-        const KernelTable* t = table_by_name(p);
-        return t && t->i2_lut;
+        if (p.empty()) throw py::value_error("set_path needs a kernel path name");
+        set_isa(parse_path(p));
     });
     m.def("set_num_threads", [](int n) {
         if (n < 1) throw py::value_error("thread count must be >= 1");

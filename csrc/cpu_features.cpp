@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "formats.h"
+#include "cpu_features.h"
 
 namespace bn158 {
 
@@ -41,18 +41,26 @@ const CpuFeatures& cpu_features() {
     return f;
 }
 
-bool path_supported(const char* name) {
+bool isa_supported(Isa isa) {
     const CpuFeatures& f = cpu_features();
-    if (!std::strcmp(name, "scalar")) return true;
-    if (!std::strcmp(name, "avx2")) return f.avx2;
-    if (!std::strcmp(name, "avx512vnni")) return f.avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni;
+    switch (isa) {
+        case Isa::Scalar: return true;
+        case Isa::Avx2: return f.avx2;
+        case Isa::Avx512Vnni: return f.avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni;
+    }
     return false;
 }
 
-const char* best_path() {
-    if (path_supported("avx512vnni")) return "avx512vnni";
-    if (path_supported("avx2")) return "avx2";
-    return "scalar";
+Isa best_isa() {
+    int i = kNumIsas - 1;
+    while (!isa_supported(Isa(i))) --i;  // scalar always is
+    return Isa(i);
+}
+
+int isa_index(const char* name) {
+    for (int i = 0; i < kNumIsas; ++i)
+        if (!std::strcmp(name, kIsaNames[i])) return i;
+    return -1;
 }
 
 }  // namespace bn158

@@ -10,13 +10,51 @@
 //   i2    : file = [N/8 tiles][K/128 blocks][8 rows] I2Block          (K zero-padded to 128)
 //   base3 : file = [N/8 tiles]{ [K/160 blocks][8 rows] B3Block, [8 rows][tb bytes] tail }
 //   lut2  : file = [N/64 tiles][K/2 pairs] Lut2Pair                     (N padded to 64, K to 2)
+//
+// Everything one format is lives in its section below: the block struct, its geometry
+// (<fmt>_shape) and, where the kernels read activations in another order than x, how one row of
+// x is laid out for them. kFormats (the end of this file) is the one table, indexed by Format,
+// that the dispatcher and the bindings read; a new format is an enum value, a section, a row
+// there, and a kernel row in each ISA table that implements it (kernels.h).
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace bn158 {
 
-constexpr int kTileN = 8;  // output rows per tile
+constexpr int kTileN = 8;  // output rows per tile (i2, base3)
+
+enum class Format : int { I2 = 0, Base3 = 1, Lut2 = 2 };
+constexpr int kNumFormats = 3;
+
+// Geometry of one packed matrix, from its format's <fmt>_shape(N, K).
+struct WShape {
+    int64_t N, K;
+    int64_t ntiles;      // ceil(N / tile_rows)
+    int64_t tile_rows;   // kTileN (8), or kLut2TileN (64) for lut2
+    int64_t nfull;       // full K-blocks per row; lut2: K-pairs, ceil(K / 2)
+    int64_t rem;         // base3: weights in the tail (K % 160); i2, lut2: 0 (K padded instead)
+    int64_t tail_bytes;  // base3: bytes per row in the tail; i2, lut2: 0
+    int64_t tile_bytes;  // bytes of one tile
+    int64_t kp;          // length of a prepared activation row (see Act, kernels.h)
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The fields every format fills the same way; the format's shape function sets the rest.
+inline WShape tiled_shape(int64_t N, int64_t K, int64_t tile_rows) {
+    WShape s{};
+    s.N = N;
+    s.K = K;
+    s.tile_rows = tile_rows;
+    s.ntiles = ceil_div(N, tile_rows);
+    return s;
+}
+
+// One activation row for the kernels: xp (kp bytes, zero on entry) gets x in natural order, so
+// K padded to whole blocks reads zeros. Every format whose kernels read x as it is uses this.
+inline void x_row_natural(const int8_t* x, const WShape& s, int8_t* xp) { std::memcpy(xp, x, size_t(s.K)); }
 
 // ---- i2: 2 bits per weight --------------------------------------------------------------------
 // 128 weights of one row. Byte j holds weight k = 32*n + j of the block in bits 2n..2n+1
@@ -31,6 +69,14 @@ static_assert(sizeof(I2Block) * 8 == 2 * kI2BlockK, "i2 is exactly 2 bits per we
 constexpr int64_t kI2TileBlockBytes = kTileN * sizeof(I2Block);  // 256: one K-block of a tile
 static_assert(kI2TileBlockBytes == 256, "4 cache lines per tile block");
 
+inline WShape i2_shape(int64_t N, int64_t K) {
+    WShape s = tiled_shape(N, K, kTileN);
+    s.nfull = ceil_div(K, kI2BlockK);
+    s.tile_bytes = s.nfull * kI2TileBlockBytes;
+    s.kp = s.nfull * kI2BlockK;
+    return s;
+}
+
 // ---- base3: 5 trits per byte, 1.6 bits per weight ----------------------------------------------
 // 160 weights of one row. Byte j holds weights k = 32*n + j (n = 0..4) as trits t = w + 1:
 // q = t0*81 + t1*27 + t2*9 + t3*3 + t4 (t0 most significant), byte = ceil(q*256/243) (TQ1_0
@@ -43,6 +89,26 @@ struct B3Block {
 static_assert(sizeof(B3Block) == 32, "base3 block is 32 bytes");
 static_assert(sizeof(B3Block) * 8 * 5 == 8 * kB3BlockK, "base3 is exactly 1.6 bits per weight (8/5)");
 constexpr int64_t kB3TileBlockBytes = kTileN * sizeof(B3Block);  // 256
+
+inline WShape base3_shape(int64_t N, int64_t K) {
+    WShape s = tiled_shape(N, K, kTileN);
+    s.nfull = K / kB3BlockK;
+    s.rem = K % kB3BlockK;
+    s.tail_bytes = ceil_div(s.rem, 5);
+    s.tile_bytes = s.nfull * kB3TileBlockBytes + kTileN * s.tail_bytes;
+    s.kp = (s.nfull + (s.rem ? 1 : 0)) * kB3BlockK;
+    return s;
+}
+
+// The tail's activations are permuted to the tail's byte order, xp[k0 + 32n + j] = x[k0 + tb*n + j]
+// (k0 = nfull*160), so the kernels read the tail like one more full block (zeros past K).
+inline void base3_x_row(const int8_t* x, const WShape& s, int8_t* xp) {
+    const int64_t k0 = s.nfull * kB3BlockK, tb = s.tail_bytes;
+    std::memcpy(xp, x, size_t(k0));
+    for (int64_t n = 0; n < 5; ++n)
+        for (int64_t j = 0; j < tb; ++j)
+            if (tb * n + j < s.rem) xp[k0 + 32 * n + j] = x[k0 + tb * n + j];
+}
 
 // ---- lut2: 2 bits per weight, for the multiplication-free lookup-table kernel (T-MAC / TL1) ----
 // Weights go in pairs along K: (w0, w1) = (W[n, 2p], W[n, 2p+1]) becomes the nibble
@@ -63,108 +129,47 @@ static_assert(sizeof(Lut2Pair) == 32, "lut2 pair record is one 32-byte vector");
 static_assert(sizeof(Lut2Pair) * 8 == 2 * 2 * kLut2TileN, "lut2 is exactly 2 bits per weight");
 constexpr uint8_t kLut2Zero = 4;  // idx of (0, 0): the padding nibble
 
-enum class Format : int { I2 = 0, Base3 = 1, Lut2 = 2 };
-
-// Geometry of one packed matrix; filled by make_shape() (ternary_dispatch.cpp).
-struct WShape {
-    Format fmt;
-    int64_t N, K;
-    int64_t ntiles;      // ceil(N / tile_rows)
-    int64_t tile_rows;   // kTileN (8), or kLut2TileN (64) for lut2
-    int64_t nfull;       // full K-blocks per row; lut2: K-pairs, ceil(K / 2)
-    int64_t rem;         // base3: weights in the tail (K % 160); i2, lut2: 0 (K padded instead)
-    int64_t tail_bytes;  // base3: bytes per row in the tail; i2, lut2: 0
-    int64_t tile_bytes;  // bytes of one tile
-    int64_t kp;          // length of a prepared activation row (see Act)
-};
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline WShape make_shape(Format fmt, int64_t N, int64_t K) {
-    WShape s{};
-    s.fmt = fmt;
-    s.N = N;
-    s.K = K;
-    s.tile_rows = fmt == Format::Lut2 ? kLut2TileN : kTileN;
-    s.ntiles = ceil_div(N, s.tile_rows);
-    if (fmt == Format::Lut2) {
-        s.nfull = ceil_div(K, 2);
-        s.rem = 0;
-        s.tail_bytes = 0;
-        s.tile_bytes = s.nfull * int64_t(sizeof(Lut2Pair));
-        s.kp = 2 * s.nfull;
-    } else if (fmt == Format::I2) {
-        s.nfull = ceil_div(K, kI2BlockK);
-        s.rem = 0;
-        s.tail_bytes = 0;
-        s.tile_bytes = s.nfull * kI2TileBlockBytes;
-        s.kp = s.nfull * kI2BlockK;
-    } else {
-        s.nfull = K / kB3BlockK;
-        s.rem = K % kB3BlockK;
-        s.tail_bytes = ceil_div(s.rem, 5);
-        s.tile_bytes = s.nfull * kB3TileBlockBytes + kTileN * s.tail_bytes;
-        s.kp = (s.nfull + (s.rem ? 1 : 0)) * kB3BlockK;
-    }
+inline WShape lut2_shape(int64_t N, int64_t K) {
+    WShape s = tiled_shape(N, K, kLut2TileN);
+    s.nfull = ceil_div(K, 2);
+    s.tile_bytes = s.nfull * int64_t(sizeof(Lut2Pair));
+    s.kp = 2 * s.nfull;
     return s;
 }
 
-inline int64_t packed_nbytes(Format fmt, int64_t N, int64_t K) {
-    const WShape s = make_shape(fmt, N, K);
+// ---- the format table ---------------------------------------------------------------------------
+struct FormatSpec {
+    Format id;         // its index in kFormats (checked below)
+    const char* name;  // as registered in bitnet158.formats.FORMATS
+    WShape (*shape)(int64_t N, int64_t K);
+    // Lays out one activation row as the kernels read it (Act::xp): kp bytes, zero on entry.
+    void (*x_row)(const int8_t* x, const WShape& s, int8_t* xp);
+};
+
+inline constexpr FormatSpec kFormats[kNumFormats] = {
+    {Format::I2, "i2", i2_shape, x_row_natural},
+    {Format::Base3, "base3", base3_shape, base3_x_row},
+    {Format::Lut2, "lut2", lut2_shape, x_row_natural},
+};
+
+constexpr bool formats_in_enum_order() {
+    for (int i = 0; i < kNumFormats; ++i)
+        if (int(kFormats[i].id) != i || !kFormats[i].name) return false;
+    return true;
+}
+static_assert(formats_in_enum_order(), "kFormats has one row per Format, in enum order");
+
+inline const FormatSpec& format_spec(Format f) { return kFormats[int(f)]; }
+inline WShape make_shape(Format f, int64_t N, int64_t K) { return format_spec(f).shape(N, K); }
+inline int64_t packed_nbytes(Format f, int64_t N, int64_t K) {
+    const WShape s = make_shape(f, N, K);
     return s.ntiles * s.tile_bytes;
 }
 
-constexpr int kActPanelRows = 16;  // activation rows per Act::xv panel (one zmm of int32 lanes)
-
-// Activations as the SIMD kernels want them. x: the caller's int8 [M, K] rows (stride ldx).
-// xp: rows of length kp (stride ldxp) — x zero-padded to whole K-blocks; for a base3 tail, the
-// tail's activations are permuted so xp[nfull*160 + 32n + j] = x[nfull*160 + tb*n + j]; the tail
-// then reads like a full block. xsum[m] = sum_k x[m, k] (undoes the +1 offset of the codes).
-struct Act {
-    const int8_t* x;
-    int64_t ldx;
-    const int8_t* xp;
-    int64_t ldxp;
-    const int32_t* xsum;
-    int64_t M;
-    // Set only for a table with a `prep` step (the AVX-512 VNNI GEMM) and M >= its prep_min_m: x
-    // re-laid for vpdpbusd, ceil(M/kActPanelRows) panels of [kp/4][kActPanelRows rows][4 bytes],
-    // each byte x ^ 0x80 (x + 128, unsigned), panel p at xv + p * kActPanelRows * kp; rows past M
-    // read as x = 0.
-    const uint8_t* xv = nullptr;
-};
-
-// One kernel variant computes out[m, n] = sum_k x[m, k] * W[n, k] for the tiles [t0, t1).
-using RangeFn = void (*)(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo,
-                         int64_t t0, int64_t t1);
-
-struct KernelTable {
-    const char* name;
-    RangeFn i2;
-    RangeFn base3;
-    RangeFn i2_lut;  // optional lookup-table variant (nullptr when absent)
-    RangeFn lut2;    // lut2 format; nullptr: the dispatcher uses the AVX2 one (every SIMD path has AVX2)
-    // Optional once-per-call activation step for i2/base3 with M >= prep_min_m: fills Act::xv
-    // (ceil(M/kActPanelRows) * kActPanelRows * kp bytes, 64-byte aligned) before the tile ranges are split over threads.
-    void (*prep)(const Act& a, const WShape& s, uint8_t* xv) = nullptr;
-    int64_t prep_min_m = 0;
-};
-
-extern const KernelTable kScalarTable;
-extern const KernelTable kAvx2Table;
-extern const KernelTable kAvx512Table;
-
-// ternary_lut_avx2.cpp: the lut2 lookup-table kernel (needs AVX2).
-void lut2_range_avx2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
-                     int64_t t1);
-
-// cpu_features.cpp
-struct CpuFeatures {
-    bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false, avx512vnni = false;
-    bool os_avx = false, os_avx512 = false;
-};
-const CpuFeatures& cpu_features();
-bool path_supported(const char* name);  // "scalar" | "avx2" | "avx512vnni"
-const char* best_path();
+inline int format_index(const char* name) {  // position in kFormats, or -1
+    for (int i = 0; i < kNumFormats; ++i)
+        if (!std::strcmp(name, kFormats[i].name)) return i;
+    return -1;
+}
 
 }  // namespace bn158

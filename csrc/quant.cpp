@@ -12,7 +12,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "formats.h"
+#include "cpu_features.h"
 
 namespace bn158 {
 namespace {
@@ -68,12 +68,12 @@ void quantize_avx2(const float* x, int64_t n, float inv, int8_t* q) {
 }  // namespace
 
 float absmax(const float* x, int64_t n) {
-    static const bool simd = path_supported("avx2");
+    static const bool simd = isa_supported(Isa::Avx2);
     return simd ? absmax_avx2(x, n) : absmax_scalar(x, n);
 }
 
 void quantize_row(const float* x, int64_t n, float inv, int8_t* q) {
-    static const bool simd = path_supported("avx2");
+    static const bool simd = isa_supported(Isa::Avx2);
     simd ? quantize_avx2(x, n, inv, q) : quantize_scalar(x, n, inv, q);
 }
 

@@ -20,7 +20,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "formats.h"
+#include "kernels.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi2")
@@ -386,5 +386,8 @@ uint64_t read_sum_avx2(const uint8_t* p, int64_t n, int streams) {
 #pragma GCC pop_options
 
 namespace bn158 {
-const KernelTable kAvx2Table = {"avx2", range_i2, range_b3, nullptr, lut2_range_avx2};
+const KernelTable kAvx2Kernels = KernelTable{}
+                                     .with(Format::I2, {range_i2})
+                                     .with(Format::Base3, {range_b3})
+                                     .with(Format::Lut2, {lut2_range_avx2});
 }

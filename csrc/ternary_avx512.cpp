@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "formats.h"
+#include "kernels.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
@@ -430,5 +430,8 @@ void range_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int
 #pragma GCC pop_options
 
 namespace bn158 {
-const KernelTable kAvx512Table = {"avx512vnni", range_i2, range_b3, nullptr, nullptr, prep_panels, kPanelMinM};
+// No lut2 row: there is no AVX-512 lookup-table kernel, so the AVX2 one runs (this path implies AVX2).
+const KernelTable kAvx512VnniKernels = KernelTable{}
+                                           .with(Format::I2, {range_i2, prep_panels, kPanelMinM})
+                                           .with(Format::Base3, {range_b3, prep_panels, kPanelMinM});
 }

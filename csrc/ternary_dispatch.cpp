@@ -1,94 +1,67 @@
-// The driver shared by every path: prepares activations once (row sums, zero-padded / permuted
-// copy when K is not whole blocks), splits the row tiles (8 rows; 64 for lut2) across the thread
-// pool, and calls the selected kernel table. Compiled for the baseline ISA.
+// The driver shared by every path: prepares activations once (row sums, a copy laid out by the
+// format when K is not whole blocks or x is unaligned, an ISA's own GEMM layout), splits the row
+// tiles (8 rows; 64 for lut2) across the thread pool, and calls the kernel row of the selected
+// ISA's table. Compiled for the baseline ISA.
 #include "ternary_dispatch.h"
 
 #include <cstdint>
-#include <cstring>
-#include <stdexcept>
-#include <string>
 #include <vector>
 
+#include "kernels.h"
 #include "threadpool.h"
 
 namespace bn158 {
+namespace {
 
-static const KernelTable* g_table = nullptr;
+const KernelTable* const kTables[kNumIsas] = {&kScalarKernels, &kAvx2Kernels, &kAvx512VnniKernels};  // by Isa
 
-const KernelTable* table_by_name(const std::string& name) {
-    if (name == "scalar") return &kScalarTable;
-    if (name == "avx2") return &kAvx2Table;
-    if (name == "avx512vnni") return &kAvx512Table;
-    return nullptr;
+int g_isa = -1;  // set_isa's choice; -1: not chosen yet, the best supported
+
+// isa's kernel for fmt, or the nearest narrower ISA's: a wider ISA's requirements include the
+// narrower ones' (cpu_features.h), and the scalar table is complete, so the walk always stops.
+const KernelRow& kernel_row(Isa isa, Format fmt) {
+    int i = int(isa);
+    while (!kTables[i]->row[int(fmt)].range) --i;
+    return kTables[i]->row[int(fmt)];
 }
 
-const KernelTable& current_table() {
-    if (!g_table) g_table = table_by_name(best_path());
-    return *g_table;
-}
-
-void set_path(const std::string& name) {
-    const KernelTable* t = table_by_name(name);
-    if (!t) throw std::invalid_argument("unknown kernel path '" + name + "' (expected scalar, avx2 or avx512vnni)");
-    if (!path_supported(name.c_str()))
-        throw std::invalid_argument("kernel path '" + name + "' needs CPU features this machine lacks (best here: " +
-                                    best_path() + ")");
-    g_table = t;
-}
-
-void matmul(const KernelTable& kt, Format fmt, const int8_t* x, int64_t M, int64_t K, const uint8_t* w,
-            int64_t N, int32_t* out, bool lut) {
-    const WShape s = make_shape(fmt, N, K);
-    thread_local std::vector<int32_t> xsum;
-    thread_local std::vector<int8_t> xp;
-    xsum.resize(size_t(M));
+// xsum[m] = sum_k x[m, k]: the kernels multiply codes u = w + 1 and subtract it.
+void row_sums(const int8_t* x, int64_t M, int64_t K, int32_t* xsum) {
     for (int64_t m = 0; m < M; ++m) {
         const int8_t* r = x + m * K;
         int32_t acc = 0;
         for (int64_t k = 0; k < K; ++k) acc += r[k];
-        xsum[size_t(m)] = acc;
+        xsum[m] = acc;
     }
-    Act a{x, K, x, K, xsum.data(), M};
-    // K not whole blocks: zero-pad (and permute a base3 tail) into xp. The copy is also made when x
-    // is off a cache-line boundary (numpy's arrays start 16 bytes in): the kernels' 32-byte loads
-    // of x would straddle lines; a few KB per call.
-    if (s.kp != K || (reinterpret_cast<uintptr_t>(x) & 63) != 0) {
-        xp.assign(size_t(M * s.kp + 64), 0);
-        int8_t* base = xp.data() + (-reinterpret_cast<uintptr_t>(xp.data()) & 63);
-        for (int64_t m = 0; m < M; ++m) {
-            const int8_t* src = x + m * K;
-            int8_t* dst = base + m * s.kp;
-            if (fmt != Format::Base3) {  // i2, lut2: zeros after K
-                std::memcpy(dst, src, size_t(K));
-            } else {
-                const int64_t k0 = s.nfull * kB3BlockK, tb = s.tail_bytes;
-                std::memcpy(dst, src, size_t(k0));
-                for (int64_t n = 0; n < 5; ++n)
-                    for (int64_t j = 0; j < tb; ++j)
-                        if (tb * n + j < s.rem) dst[k0 + 32 * n + j] = src[k0 + tb * n + j];
-            }
-        }
-        a.xp = base;
-        a.ldxp = s.kp;
-    }
-    // A table that wants x in its own GEMM layout gets it once here, not once per tile range.
+}
+
+// K not whole blocks: each row is laid out by the format into a zeroed copy (padding, a base3
+// tail permuted). The copy is also made when x is off a cache-line boundary (numpy's arrays start
+// 16 bytes in): the kernels' 32-byte loads of x would straddle lines; a few KB per call.
+void lay_out_x(const FormatSpec& f, const WShape& s, Act& a) {
+    if (s.kp == a.ldx && (reinterpret_cast<uintptr_t>(a.x) & 63) == 0) return;
+    thread_local std::vector<int8_t> xp;
+    xp.assign(size_t(a.M * s.kp + 64), 0);
+    int8_t* base = xp.data() + (-reinterpret_cast<uintptr_t>(xp.data()) & 63);
+    for (int64_t m = 0; m < a.M; ++m) f.x_row(a.x + m * a.ldx, s, base + m * s.kp);
+    a.xp = base;
+    a.ldxp = s.kp;
+}
+
+// A kernel that wants x in its own GEMM layout gets it once here, not once per tile range.
+void prep_x(const KernelRow& k, const WShape& s, Act& a) {
+    if (!k.prep || a.M < k.prep_min_m) return;
     thread_local std::vector<uint8_t> xv;
-    if (kt.prep && M >= kt.prep_min_m && fmt != Format::Lut2) {
-        xv.resize(size_t(ceil_div(M, kActPanelRows) * kActPanelRows * s.kp + 64));
-        uint8_t* base = xv.data() + (-reinterpret_cast<uintptr_t>(xv.data()) & 63);
-        kt.prep(a, s, base);
-        a.xv = base;
-    }
-    RangeFn fn = nullptr;
-    switch (fmt) {
-        case Format::I2: fn = lut && kt.i2_lut ? kt.i2_lut : kt.i2; break;
-        case Format::Base3: fn = kt.base3; break;
-        // A table without its own lut2 kernel is a SIMD one (avx2, avx512vnni): both imply AVX2.
-        case Format::Lut2: fn = kt.lut2 ? kt.lut2 : lut2_range_avx2; break;
-    }
+    xv.resize(size_t(ceil_div(a.M, kActPanelRows) * kActPanelRows * s.kp + 64));
+    uint8_t* base = xv.data() + (-reinterpret_cast<uintptr_t>(xv.data()) & 63);
+    k.prep(a, s, base);
+    a.xv = base;
+}
+
+void run_tiles(RangeFn fn, const Act& a, const uint8_t* w, const WShape& s, int32_t* out) {
     const int64_t chunks = pool_chunks(s.ntiles);
     if (chunks <= 1) {
-        fn(a, w, s, out, N, 0, s.ntiles);
+        fn(a, w, s, out, s.N, 0, s.ntiles);
         return;
     }
     // Contiguous tile ranges, claimed in order and shrinking linearly (chunk c gets a share
@@ -99,8 +72,31 @@ void matmul(const KernelTable& kt, Format fmt, const int8_t* x, int64_t M, int64
     auto start = [&](int64_t c) { return s.ntiles * (c * chunks - c * (c - 1) / 2) / total; };
     pool_run(chunks, [&](int64_t c) {
         const int64_t t0 = start(c), t1 = start(c + 1);
-        if (t1 > t0) fn(a, w, s, out, N, t0, t1);
+        if (t1 > t0) fn(a, w, s, out, s.N, t0, t1);
     });
+}
+
+}  // namespace
+
+Isa current_isa() {
+    if (g_isa < 0) g_isa = int(best_isa());
+    return Isa(g_isa);
+}
+
+void set_isa(Isa isa) { g_isa = int(isa); }
+
+void matmul(Isa isa, Format fmt, const int8_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+            int32_t* out) {
+    const FormatSpec& f = format_spec(fmt);
+    const WShape s = f.shape(N, K);
+    const KernelRow& k = kernel_row(isa, fmt);
+    thread_local std::vector<int32_t> xsum;
+    xsum.resize(size_t(M));
+    row_sums(x, M, K, xsum.data());
+    Act a{x, K, x, K, xsum.data(), M};
+    lay_out_x(f, s, a);
+    prep_x(k, s, a);
+    run_tiles(k.range, a, w, s, out);
 }
 
 }  // namespace bn158

@@ -1,19 +1,18 @@
 #pragma once
-#include <algorithm>
 #include <cstdint>
-#include <string>
 
+#include "cpu_features.h"
 #include "formats.h"
 
 namespace bn158 {
 
-const KernelTable* table_by_name(const std::string& name);
-const KernelTable& current_table();
-void set_path(const std::string& name);  // throws std::invalid_argument (unknown / unsupported)
+Isa current_isa();      // best_isa() until set_isa
+void set_isa(Isa isa);  // the caller has checked isa_supported(isa)
 
-// out[M, N] = x[M, K] · W[N, K]ᵀ exactly, W packed in `fmt`. Blocks until done.
-void matmul(const KernelTable& kt, Format fmt, const int8_t* x, int64_t M, int64_t K, const uint8_t* w,
-            int64_t N, int32_t* out, bool lut = false);
+// out[M, N] = x[M, K] · W[N, K]ᵀ exactly, W packed in `fmt`, with isa's kernel for that format (or
+// the nearest narrower ISA's, see kernels.h). Blocks until done.
+void matmul(Isa isa, Format fmt, const int8_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+            int32_t* out);
 
 uint64_t read_sum_avx2(const uint8_t* p, int64_t n, int streams);  // ternary_avx2.cpp
 

@@ -26,7 +26,7 @@
 
 #include <cstdint>
 
-#include "formats.h"
+#include "kernels.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2")

@@ -6,7 +6,7 @@
 #include <cstring>
 #include <vector>
 
-#include "formats.h"
+#include "kernels.h"
 
 namespace bn158 {
 namespace {
@@ -89,7 +89,13 @@ void range_scalar(const Act& a, const uint8_t* w, const WShape& s, int32_t* out,
 
 }  // namespace
 
-const KernelTable kScalarTable = {"scalar", range_scalar<decode_tile_i2>, range_scalar<decode_tile_b3>,
-                                  nullptr, range_scalar<decode_tile_lut2>};
+// The oracle decodes every format, so the walk down to narrower ISAs for a missing row (kernels.h)
+// always ends in a kernel.
+constexpr KernelTable kScalarRows = KernelTable{}
+                                        .with(Format::I2, {range_scalar<decode_tile_i2>})
+                                        .with(Format::Base3, {range_scalar<decode_tile_b3>})
+                                        .with(Format::Lut2, {range_scalar<decode_tile_lut2>});
+static_assert(kScalarRows.complete(), "the scalar path needs a kernel for every format");
+const KernelTable kScalarKernels = kScalarRows;
 
 }  // namespace bn158

@@ -70,7 +70,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from bitnet158 import checkpoint
-    from bitnet158.interop.gguf import export_gguf, import_gguf
+    from bitnet158.interop.gguf_export import export_gguf
+    from bitnet158.interop.gguf_import import load_gguf
 
     torch.set_num_threads(args.threads)
     model, tok = checkpoint.load(args.model)
@@ -102,9 +103,9 @@ def main() -> int:
 
     # the fp16 block scale on its own: the same export with exact fp32 scale tensors vs fp16 block scales
     with tempfile.TemporaryDirectory() as d:
-        exact = import_gguf(export_gguf(model, f"{d}/x.gguf", "tq2_0", tokenizer=tok, scale_tensors=True).path)
+        exact, _ = load_gguf(export_gguf(model, f"{d}/x.gguf", "tq2_0", tokenizer=tok, scale_tensors=True).path)
         r16 = export_gguf(model, f"{d}/h.gguf", "tq2_0", tokenizer=tok)
-        half = import_gguf(r16.path)
+        half, _ = load_gguf(r16.path)
         a, b = ours(exact, chunks), ours(half, chunks)
         sa, sb = summarize("exact", a, a, chunks), summarize("fp16", a, b, chunks)
         print(f"fp16 block scales: max relative scale error {r16.max_scale_rel_error:.3e}; packed model with "

@@ -183,7 +183,7 @@ CHILD = textwrap.dedent("""
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    original = checkpoint.write_model_files
+    original = checkpoint.writer.write_model_files
 
     def slow_write_model_files(directory, *args, **kwargs):
         # Write model.safetensors the slow way: half of it, then more bytes forever.
@@ -196,7 +196,7 @@ CHILD = textwrap.dedent("""
                 f.flush()
                 time.sleep(0.01)
 
-    checkpoint.write_model_files = slow_write_model_files
+    checkpoint.writer.write_model_files = slow_write_model_files
     checkpoint.save_training_checkpoint(run_dir, 2, model, None, opt, {{"history": []}})
     print("UNREACHABLE", flush=True)
 """).format(tiny=TINY)

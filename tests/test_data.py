@@ -1,5 +1,7 @@
-"""Data pipeline: the default corpus split, bad inputs, file formats, batches, the unigram floor."""
+"""Data pipeline (train/data/): the default corpus split, bad inputs, file formats, batches, the
+unigram floor."""
 
+import hashlib
 import json
 import math
 import sysconfig
@@ -53,8 +55,6 @@ def test_default_corpus_split_is_whole_files_and_fixed(full):
 
 
 def test_heldout_rule_is_the_documented_hash():
-    import hashlib
-
     names = [f"doc{i}.txt" for i in range(200)] + ["os.py", "pydoc_data/with"]
     expected = [int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "big") % 20 == 0 for n in names]
     assert [is_heldout(n) for n in names] == expected

@@ -75,3 +75,42 @@ def test_stream_pieces_join_to_generate_and_seed_is_reproducible(model):
     assert "".join(p.text for p in pieces) == generate(model, tok, "def", 10, cfg, seed=3)
     assert pieces[-1].finish_reason in ("stop", "length")
     assert pieces[-1].generated_tokens == len(pieces)
+
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def roles_tok() -> Tokenizer:
+    """300 ids like the model; <|endoftext|> = 0 is eos, <|begin_of_text|> = 1 is bos."""
+    return Tokenizer.train(["def f(x):\n    return x * 2  # é ü 中文\n"] * 30, vocab_size=300,
+                           special_tokens=("<|endoftext|>", "<|begin_of_text|>", "<|eot_id|>"))
+
+
+def test_generation_stops_at_any_end_token(model, roles_tok):
+    free = list(generate_step(model, roles_tok.encode("def"), GREEDY, max_tokens=12))
+    assert 0 not in free  # eos never comes, so the plain run below goes to the length limit
+    stop_at = next(i for i, t in enumerate(free) if i >= 2 and t not in free[:i])
+    end = roles_tok.backend.id_to_token(free[stop_at])  # any vocabulary token may be declared an end
+    tok = Tokenizer.from_section(roles_tok.backend, {"eos_token": "<|endoftext|>",
+                                                     "end_tokens": ["<|endoftext|>", end]})
+    pieces = list(stream_generate(model, tok, "def", max_tokens=12, sampling=GREEDY))
+    assert [p.token for p in pieces] == free[:stop_at + 1]
+    assert pieces[-1].finish_reason == "stop" and all(p.finish_reason is None for p in pieces[:-1])
+    assert generate(model, tok, "def", 12, GREEDY) == tok.decode(free[:stop_at])  # the end token is not text
+    plain = list(stream_generate(model, roles_tok, "def", max_tokens=12, sampling=GREEDY))  # eos only
+    assert [p.token for p in plain] == free and plain[-1].finish_reason == "length"
+
+
+def test_prompt_starts_with_bos_when_add_bos(model, roles_tok):
+    tok = Tokenizer.from_section(roles_tok.backend, {"eos_token": "<|endoftext|>",
+                                                     "bos_token": "<|begin_of_text|>", "add_bos": True})
+    body = tok.encode("def")
+    pieces = list(stream_generate(model, tok, "def", max_tokens=6, sampling=GREEDY))
+    assert pieces[0].prompt_tokens == len(body) + 1
+    assert [p.token for p in pieces] == list(generate_step(model, [1] + body, GREEDY, max_tokens=6))
+    empty = list(stream_generate(model, tok, "", max_tokens=4, sampling=GREEDY))  # starts at bos
+    assert empty[0].prompt_tokens == 1
+    assert [p.token for p in empty] == list(generate_step(model, [1], GREEDY, max_tokens=4))
+    no_bos = list(stream_generate(model, roles_tok, "def", max_tokens=6, sampling=GREEDY))
+    assert no_bos[0].prompt_tokens == len(body)

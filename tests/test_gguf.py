@@ -13,11 +13,13 @@ import torch
 
 from bitnet158.config import ModelConfig
 from bitnet158.errors import BitNetError, ConfigError, FormatError
-from bitnet158.interop.gguf import export_gguf, import_gguf, load_gguf
+from bitnet158.interop.gguf_export import export_gguf
+from bitnet158.interop.gguf_import import load_gguf, read_gguf
 from bitnet158.interop.gguf_header import read_header
 from bitnet158.layers import BitLinear
 from bitnet158.model import Transformer
-from bitnet158.pack import PackConfig, PackedBitLinear, pack_
+from bitnet158.pack import pack_
+from bitnet158.packed_layers import PackConfig, PackedBitLinear
 from bitnet158.tokenizer import Tokenizer
 
 # independent of the code under test: (values per block, bytes per block), from ggml-common.h
@@ -78,7 +80,7 @@ def test_scale_tensors_are_exact_and_packed_input(tmp_path, tokenizer):
     path = tmp_path / "m.gguf"
     report = export_gguf(model, path, "tq2_0", tokenizer=tokenizer, scale_tensors=True)
     assert report.max_scale_rel_error == 0.0 and report.ffn_padded_to is None
-    back = import_gguf(path)
+    back, _ = load_gguf(path)
     for name, (codes, scale) in _ternary_layers(model).items():
         codes2, scale2 = _ternary_layers(back)[name]
         assert np.array_equal(codes, codes2) and scale2 == pytest.approx(scale, rel=1e-7)
@@ -143,14 +145,14 @@ def test_f16_import_exact_for_ternary_and_absmean_otherwise(tmp_path, tokenizer)
     model = _model(tokenizer, ffn=256, layers=1)
     path = tmp_path / "t.gguf"
     export_gguf(model, path, "f16", tokenizer=tokenizer)
-    back = import_gguf(path)
-    assert back.gguf_import["ternarized"] == []
+    back, _, report = read_gguf(path)
+    assert report.ternarized == ()
     for name, (codes, scale) in _ternary_layers(model).items():
         codes2, scale2 = _ternary_layers(back)[name]
         assert np.array_equal(codes, codes2) and abs(scale2 - scale) / scale <= FP16_REL
     fp = _model(tokenizer, ffn=256, layers=1, mode="fp")
     export_gguf(fp, tmp_path / "fp.gguf", "f16", tokenizer=tokenizer)
-    assert len(import_gguf(tmp_path / "fp.gguf").gguf_import["ternarized"]) == 7
+    assert len(read_gguf(tmp_path / "fp.gguf")[2].ternarized) == 7
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -174,7 +176,7 @@ def test_block_scales_that_differ_are_refused(tmp_path, tokenizer):
     data[d_at:d_at + 2] = np.float16(d * 2).tobytes()
     path.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="blk.0.ffn_up.weight.*different scales"):
-        import_gguf(path)
+        load_gguf(path)
 
 
 def test_cli_export_and_import(tmp_path, tokenizer, capsys):
@@ -259,7 +261,7 @@ def test_fuzz_corrupted_files_end_in_one_line_errors(tmp_path):
         cases += 1
         path.write_bytes(data)
         try:
-            import_gguf(path)
+            load_gguf(path)
             outcomes["ok"] += 1
         except BitNetError as e:
             msg = str(e)

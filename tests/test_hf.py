@@ -25,9 +25,10 @@ from transformers.integrations.bitnet import pack_weights, unpack_weights  # noq
 
 from bitnet158 import kernels, quant  # noqa: E402
 from bitnet158.errors import CheckpointError  # noqa: E402
-from bitnet158.interop.hf import latent_from_ternary, load_hf, unpack_hf_ternary  # noqa: E402
+from bitnet158.interop.hf_common import latent_from_ternary, unpack_hf_ternary  # noqa: E402
+from bitnet158.interop.hf_import import load_hf  # noqa: E402
 from bitnet158.layers import BitLinear  # noqa: E402
-from bitnet158.pack import PackedBitLinear  # noqa: E402
+from bitnet158.packed_layers import PackedBitLinear  # noqa: E402
 
 TOKENS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
 TOL = 1e-4  # fp32 on both sides, O(50) logits; only summation order (and 1/x of one scale) differ

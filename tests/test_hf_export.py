@@ -26,12 +26,14 @@ from bitnet158 import checkpoint  # noqa: E402
 from bitnet158.cli import main  # noqa: E402
 from bitnet158.config import ModelConfig  # noqa: E402
 from bitnet158.errors import ConfigError  # noqa: E402
-from bitnet158.interop.hf import import_hf, load_hf, pack_hf_ternary, unpack_hf_ternary  # noqa: E402
+from bitnet158.interop.hf_common import pack_hf_ternary, unpack_hf_ternary  # noqa: E402
+from bitnet158.interop.hf_import import load_hf  # noqa: E402
 from bitnet158.interop.hf_export import save_hf  # noqa: E402
-from bitnet158.interop.safetensors_stream import PlannedTensor, write_safetensors  # noqa: E402
+from bitnet158.safetensors_io import PlannedTensor, write_safetensors  # noqa: E402
 from bitnet158.layers import BitLinear  # noqa: E402
 from bitnet158.model import Transformer  # noqa: E402
-from bitnet158.pack import PackConfig, PackedBitLinear, pack_  # noqa: E402
+from bitnet158.pack import pack_  # noqa: E402
+from bitnet158.packed_layers import PackConfig, PackedBitLinear  # noqa: E402
 from bitnet158.tokenizer import Tokenizer  # noqa: E402
 
 TOKENS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -21,7 +21,7 @@ from bitnet158.cli import main  # noqa: E402
 from bitnet158.errors import CheckpointError  # noqa: E402
 from bitnet158.interop.hf_llama import hf_llama_config, is_hf_directory, load_hf_llama  # noqa: E402
 from bitnet158.tokenizer import Tokenizer  # noqa: E402
-from bitnet158.train import adapt  # noqa: E402
+from bitnet158.train import calibration, hooks, ternarize  # noqa: E402
 
 VOCAB = 300
 TOKENS = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -126,21 +126,21 @@ def test_unsupported_configs_are_one_line_errors(change, fragment):
 def test_conversion_inserts_sub_norms_at_the_inputs_rms(tmp_path):
     ours, _ = load_hf_llama(_save(_random_model(), tmp_path / "m"))
     stream = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(3))
-    model = adapt.rtn(ours, stream, calib_batches=1, batch_size=2, seq_len=32)
+    model = ternarize.rtn(ours, stream, calib_batches=1, batch_size=2, seq_len=32)
     assert model.config.mode == "b158" and model.config.sub_norm
-    calib = adapt.calibration_batches(stream, 1, 2, 32)
+    calib = calibration.calibration_batches(stream, 1, 2, 32)
     for i in range(2):
-        attn_in = adapt.capture_inputs(ours, f"layers.{i}.self_attn.o_proj", calib)
+        attn_in = calibration.capture_inputs(ours, f"layers.{i}.self_attn.o_proj", calib)
         gain = model.layers[i].self_attn.attn_sub_norm.weight
         assert torch.allclose(gain, attn_in.pow(2).mean(-1).sqrt().mean().expand_as(gain), rtol=1e-4)
         assert model.layers[i].mlp.ffn_sub_norm.weight.shape == (128,)
     # with λ = 0 (no quantization) the inserted norms keep each projection near its FP output
-    adapt.set_lambda(model, 0.0)
+    hooks.set_lambda(model, 0.0)
     with torch.no_grad():
         ref = ours(TOKENS)
         drift = (model(TOKENS) - ref).pow(2).mean() / ref.pow(2).mean()
     assert drift < 0.1, float(drift)
-    bare = adapt.rtn(ours)  # no calibration tokens: the gains start at 1
+    bare = ternarize.rtn(ours)  # no calibration tokens: the gains start at 1
     assert all(bool((m.weight == 1).all()) for n, m in bare.named_modules() if n.endswith("sub_norm"))
 
 

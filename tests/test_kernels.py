@@ -16,11 +16,12 @@ import torch.nn.functional as F
 
 from bitnet158 import kernels
 from bitnet158.errors import ConfigError
+from bitnet158.formats import FORMATS as REGISTRY
 from bitnet158.formats import get_format
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PATHS = kernels.available_paths()  # e.g. ["avx2", "scalar", "torch"]
-FORMATS = ["i2", "base3", "lut2"]
+FORMATS = list(REGISTRY)  # every registered format must have kernels on every path
 EDGE_M = [1, 2, 3, 17, 128]
 
 
@@ -57,6 +58,36 @@ def test_the_extension_is_built_and_every_supported_path_passes_its_self_check()
     assert kernels.extension_available(), "the compiled extension did not load"
     from bitnet158 import _C
     assert set(_C.available_paths()) <= set(kernels.available_paths())
+
+
+@pytest.mark.skipif(not kernels.extension_available(), reason="needs the compiled extension")
+def test_the_native_format_table_matches_the_registry():
+    """csrc/formats.h's kFormats and bitnet158.formats name the same formats and sizes."""
+    from bitnet158 import _C
+    assert sorted(_C.formats()) == sorted(REGISTRY)
+    for name, fmt in REGISTRY.items():
+        for n, k in ((1, 1), (9, 161), (65, 300), (2560, 6912)):
+            assert _C.packed_nbytes(name, n, k) == fmt.packed_nbytes(n, k), (name, n, k)
+    with pytest.raises(ValueError, match="unknown packed format 'i3'"):
+        _C.packed_nbytes("i3", 8, 8)
+
+
+@pytest.mark.skipif(not kernels.extension_available(), reason="needs the compiled extension")
+def test_native_path_names_are_checked():
+    from bitnet158 import _C
+    x, w = np.zeros((1, 8), np.int8), get_format("i2").pack(np.zeros((8, 8), np.int8))
+    with pytest.raises(ValueError, match="unknown kernel path 'neon'"):
+        _C.matmul(x, w, "i2", 8, 8, path="neon")
+    assert _C.best_path() == _C.available_paths()[0] and _C.available_paths()[-1] == "scalar"
+    _C.set_path(_C.path())  # a no-op round trip through the name table
+    with pytest.raises(ValueError, match="unknown kernel path 'neon'"):
+        _C.set_path("neon")
+    for path in ("scalar", "avx2", "avx512vnni"):
+        if path in _C.available_paths():
+            assert _C.matmul(x, w, "i2", 8, 8, path=path).tolist() == [[0] * 8]
+        else:
+            with pytest.raises(ValueError, match="not supported by this CPU"):
+                _C.matmul(x, w, "i2", 8, 8, path=path)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -161,7 +192,8 @@ def test_set_path_rejects_unknown_and_restores_best():
     with pytest.raises(ConfigError, match="unknown kernel path"):
         kernels.set_path("neon")
     assert kernels.set_path("torch") == "torch"
-    assert kernels.set_path(None) == PATHS[0]
+    forced = os.environ.get(kernels.ENV_PATH, "").strip()  # BITNET158_KERNEL runs the suite on one path
+    assert kernels.set_path(None) == (forced or PATHS[0])
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -187,7 +219,8 @@ MISSING_EXTENSION_RUN = """
 import warnings, torch
 from bitnet158.config import preset
 from bitnet158.model import Transformer
-from bitnet158.pack import pack_, PackConfig
+from bitnet158.pack import pack_
+from bitnet158.packed_layers import PackConfig
 from bitnet158 import kernels
 torch.manual_seed(0)
 m = Transformer(preset("tiny", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,

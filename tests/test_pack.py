@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,7 +17,8 @@ from bitnet158.config import preset
 from bitnet158.errors import CheckpointError, ConfigError
 from bitnet158.layers import BitLinear, convert
 from bitnet158.model import Transformer
-from bitnet158.pack import PackConfig, PackedBitLinear, pack_, quantize_rows_int8
+from bitnet158.pack import pack_
+from bitnet158.packed_layers import PackConfig, PackedBitLinear, quantize_rows_int8
 from bitnet158.tokenizer import Tokenizer
 
 SMALL = dict(hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=200,

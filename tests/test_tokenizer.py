@@ -147,3 +147,94 @@ def _valid_utf8(data: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+# --- special-token roles: bos, end tokens, add_bos, chat template (config.json's section) ------
+
+ROLES = ("<|end_of_text|>", "<|begin_of_text|>", "<|eot_id|>")
+TEMPLATE = "{% for m in messages %}{{ bos_token + m['content'] + '<|eot_id|>' }}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def llama_like() -> Tokenizer:
+    """Trained with three special tokens (ids 0, 1, 2), roles as LLaMA 3 assigns them."""
+    trained = Tokenizer.train(["def f(x):\n    return x\n", "hello world"] * 20, vocab_size=300,
+                              special_tokens=ROLES)
+    return Tokenizer.from_section(trained.backend, {
+        "eos_token": "<|end_of_text|>", "bos_token": "<|begin_of_text|>",
+        "end_tokens": ["<|end_of_text|>", "<|eot_id|>"], "add_bos": True, "chat_template": TEMPLATE})
+
+
+def test_trained_tokenizer_section_is_gpt2_convention(tok):
+    assert tok.section() == {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
+                             "end_tokens": ["<|endoftext|>"], "add_bos": False, "chat_template": None}
+    assert tok.bos_id == tok.eos_id and tok.end_ids == (tok.eos_id,)
+    assert tok.encode_prompt("x = 1") == tok.encode("x = 1")  # nothing prepended
+    assert tok.encode_prompt("") == []
+
+
+def test_roles_and_encode_prompt(llama_like):
+    tok = llama_like
+    assert (tok.eos_id, tok.bos_id, tok.end_ids) == (0, 1, (0, 2))
+    assert tok.end_tokens == ["<|end_of_text|>", "<|eot_id|>"] and tok.add_bos
+    body = tok.encode("hello world")
+    assert tok.encode_prompt("hello world") == [1] + body
+    assert tok.encode_prompt("<|begin_of_text|>hello world") == [1] + body  # never twice
+    assert tok.encode_prompt("") == [1]
+    assert tok.encode("<|eot_id|>x<|begin_of_text|>") == [2, tok.encode("x")[0], 1]
+
+
+def test_section_round_trips_through_json(llama_like, tmp_path):
+    section = json.loads(json.dumps(llama_like.section()))
+    assert section == {"eos_token": "<|end_of_text|>", "bos_token": "<|begin_of_text|>",
+                       "end_tokens": ["<|end_of_text|>", "<|eot_id|>"], "add_bos": True,
+                       "chat_template": TEMPLATE}
+    path = llama_like.save(tmp_path)
+    loaded = Tokenizer.load(path, section)
+    assert loaded.section() == section and loaded.end_ids == (0, 2) and loaded.bos_id == 1
+    assert Tokenizer.from_str(llama_like.to_str(), section=section).section() == section
+
+
+def test_end_tokens_are_normalized_and_replace_copies(llama_like):
+    ends = ["<|eot_id|>", "<|end_of_text|>", "<|eot_id|>"]  # eos not first, a duplicate
+    tok = Tokenizer.from_section(llama_like.backend, {"eos_token": "<|end_of_text|>", "end_tokens": ends})
+    assert tok.end_tokens == ["<|end_of_text|>", "<|eot_id|>"] and tok.end_ids == (0, 2)
+    tok.end_tokens.append("x")  # a copy: the roles cannot drift from end_ids
+    assert tok.end_tokens == ["<|end_of_text|>", "<|eot_id|>"]
+    other = llama_like.replace(chat_template=None, add_bos=False)
+    assert other.chat_template is None and not other.add_bos and other.end_ids == (0, 2)
+    assert llama_like.chat_template == TEMPLATE and llama_like.add_bos  # untouched
+    with pytest.raises(TypeError):
+        llama_like.replace(colour="blue")
+
+
+def test_old_sections_still_load(tok, tmp_path):
+    path = tok.save(tmp_path)
+    for section in (None, {"eos_token": "<|endoftext|>"}, {}):
+        old = Tokenizer.load(path, section)
+        assert (old.eos_token, old.bos_token, old.end_ids, old.add_bos, old.chat_template) == \
+            ("<|endoftext|>", None, (tok.eos_id,), False, None)
+        assert old.encode_prompt("x = 1") == tok.encode("x = 1")
+    assert Tokenizer.load(path, eos_token="<|endoftext|>").eos_id == tok.eos_id  # the old keyword
+    assert Tokenizer(tok.backend, eos_token="<|endoftext|>").end_ids == (tok.eos_id,)
+
+
+@pytest.mark.parametrize("section, needle", [
+    ([1, 2], "must be a JSON object"),
+    ({"eos_token": 5}, "eos_token must be a string"),
+    ({"bos_token": ["<|endoftext|>"]}, "bos_token must be a string or null"),
+    ({"chat_template": {"default": "x"}}, "chat_template must be a string or null"),
+    ({"end_tokens": "<|endoftext|>"}, "end_tokens must be a list of strings"),
+    ({"end_tokens": [7]}, "end_tokens must be a list of strings"),
+    ({"add_bos": "yes"}, "add_bos must be true or false"),
+    ({"eos_token": "<|nope|>"}, "no end-of-text token '<|nope|>'"),
+    ({"bos_token": "<|nope|>"}, "no beginning-of-text token '<|nope|>'"),
+    ({"end_tokens": ["<|endoftext|>", "<|nope|>"]}, "no end token '<|nope|>'"),
+    ({"add_bos": True}, "add_bos is set but there is no beginning-of-text token"),
+])
+def test_bad_sections_are_one_line_errors(tok, tmp_path, section, needle):
+    path = tok.save(tmp_path)
+    with pytest.raises(CheckpointError) as exc:
+        Tokenizer.load(path, section)
+    msg = str(exc.value)
+    assert needle in msg and str(path) in msg and "\n" not in msg

@@ -3,6 +3,7 @@ accumulation averages micro-batches."""
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -10,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from bitnet158 import checkpoint
+from bitnet158.cli import train as train_verb
 from bitnet158.config import DEFAULT_LR, STAGE2_RATIO, TrainConfig, preset
 from bitnet158.errors import ConfigError
 from bitnet158.model import Transformer
 from bitnet158.tokenizer import Tokenizer
 from bitnet158.train.data import batch_for_step, default_corpus, eval_windows, tokenize_corpus
-from bitnet158.train.schedule import cosine, lr_and_wd, peak_lrs, resolved_schedule, two_stage
+from bitnet158.train.schedule import constant, cosine, lr_and_wd, peak_lrs, resolved_schedule, two_stage
 from bitnet158.train.trainer import evaluate, train
 
 TINY = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
@@ -176,6 +178,39 @@ def test_schedule_override():
     assert lr_and_wd(tc, "b158", 55) == pytest.approx((5.5e-4, 0.1))
     tc = TrainConfig(steps=100, warmup=10, lr=1e-3, lr_stage2=6e-4, schedule="two-stage")
     assert lr_and_wd(tc, "fp", 50) == pytest.approx((6e-4, 0.0))
+
+
+def test_constant_schedule_for_fine_tuning():
+    tc = TrainConfig(steps=10, warmup=0, lr=1e-4, weight_decay=0.0, schedule="constant")
+    assert resolved_schedule(tc, "b158") == "constant"
+    assert {lr_and_wd(tc, mode, s) for mode in ("b158", "fp") for s in range(10)} == {(1e-4, 0.0)}
+    tc = TrainConfig(steps=10, warmup=4, lr=1e-3, weight_decay=0.1, schedule="constant")
+    assert lr_and_wd(tc, "b158", 0) == pytest.approx((2.5e-4, 0.1))  # linear warm-up first
+    assert [lr_and_wd(tc, "b158", s) for s in (3, 4, 9)] == [(1e-3, 0.1)] * 3
+    assert constant(0, 0, 2e-3, 0.0) == (2e-3, 0.0)
+    with pytest.raises(ConfigError, match="schedule"):
+        TrainConfig(schedule="linear").validate()
+
+
+def test_training_an_existing_model_in_place_without_heldout(data):
+    tok, streams = data
+    torch.manual_seed(1)
+    model = Transformer(tiny("b158", tok))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tc = TrainConfig(steps=3, batch_size=2, seq_len=16, warmup=0, eval_every=1, save_every=100)
+    result = train(model, tc, streams.train, progress=False)
+    assert result.model is model and result.evals == [] and math.isnan(result.final_perplexity)
+    assert [h["step"] for h in result.history] == [1, 2, 3]
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_train_defaults_are_train_config_defaults():
+    p = argparse.ArgumentParser()
+    train_verb.add_arguments(p)
+    args = p.parse_args([])
+    assert train_verb.NAME == "train" and train_verb.HELP
+    assert TrainConfig.from_dict(vars(args)) == TrainConfig()
+    assert args.mode == "b158" and args.preset == "tiny"
 
 
 def test_trainer_applies_the_schedule_and_keeps_norm_gains_undecayed(data):

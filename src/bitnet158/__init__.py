@@ -5,20 +5,21 @@
     >>> model = bn.Transformer(cfg)             # BitLinear layers: latent weights, fake-quant + STE
 """
 
-__version__ = "0.1.0"
-
-from .config import ModelConfig, TrainConfig, preset, PRESETS  # noqa: E402
-from .errors import BitNetError, CheckpointError, ConfigError, DataError, FormatError  # noqa: E402
-from .layers import BitLinear, RMSNorm, convert  # noqa: E402
-from .model import Transformer  # noqa: E402
-from .cache import KVCache  # noqa: E402
-from .checkpoint import load, save, save_packed  # noqa: E402
-from .pack import PackConfig, PackedBitLinear, pack_  # noqa: E402
-from .interop.hf import import_hf, load_hf  # noqa: E402
-from .interop.hf_export import save_hf  # noqa: E402
+from ._version import __version__
+from .cache import KVCache
+from .checkpoint import ModelDir, load, save, save_packed
+from .config import PRESETS, ModelConfig, TrainConfig, preset
+from .errors import BitNetError, CheckpointError, ConfigError, DataError, FormatError
+from .interop.hf_export import save_hf
+from .interop.hf_import import import_hf, load_hf
+from .layers import BitLinear, RMSNorm, convert
+from .model import Transformer
+from .pack import pack_
+from .packed_layers import PackConfig, PackedBitLinear
 
 __all__ = [
-    "ModelConfig", "TrainConfig", "preset", "PRESETS", "BitNetError", "CheckpointError", "ConfigError",
-    "DataError", "FormatError", "BitLinear", "RMSNorm", "convert", "Transformer", "KVCache", "load", "save",
-    "save_packed", "PackConfig", "PackedBitLinear", "pack_", "load_hf", "import_hf", "save_hf",
+    "__version__", "ModelConfig", "TrainConfig", "preset", "PRESETS", "BitNetError", "CheckpointError",
+    "ConfigError", "DataError", "FormatError", "BitLinear", "RMSNorm", "convert", "Transformer", "KVCache",
+    "ModelDir", "load", "save", "save_packed", "PackConfig", "PackedBitLinear", "pack_", "load_hf",
+    "import_hf", "save_hf",
 ]

@@ -52,7 +52,7 @@ def use_kernel_threads(threads: int | None = None) -> int:
 def run_bench(path: str, prompt_tokens: int = 128, decode_tokens: int = 64, threads: int | None = None,
               log=print) -> dict[str, float]:
     model, _ = checkpoint.load(path, with_tokenizer=False)
-    packing = getattr(model, "packing", None)
+    packing = model.packing
     if packing is not None:
         use_kernel_threads(threads)
     what = f"packed {packing.describe()}, head {packing.head}, kernel {kernels.current_path()}" if packing \

@@ -1,4 +1,5 @@
-"""Typed configs that travel with the weights: ModelConfig, TrainConfig, and the named presets.
+"""Typed configs that travel with the weights: ModelConfig, TrainConfig, ConvertConfig, and the named
+presets.
 
 `ModelConfig.from_dict` ignores keys it does not know, so a config.json written by a later
 version (or with extra bookkeeping) still loads; every value is checked by `validate()`.
@@ -16,6 +17,7 @@ MODES = ("b158", "b1", "fp")
 ACTIVATIONS = ("swiglu", "relu2")
 NORM_PLACEMENTS = ("subln", "inner")
 ACT_QUANT = ("token", "tensor")
+SCHEDULES = ("auto", "two-stage", "cosine", "constant")
 
 
 def _from_dict(cls, data: dict[str, Any]):
@@ -27,8 +29,26 @@ def _from_dict(cls, data: dict[str, Any]):
     return cfg
 
 
-@dataclass
-class ModelConfig:
+class _Serializable:
+    """to_dict / from_dict for the config dataclasses (from_dict ignores unknown keys, validates)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return _from_dict(cls, data)
+
+
+def _check_positive_ints(cfg: Any, what: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{what}: {name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Serializable):
     """Shapes and numerics of a LLaMA-like BitNet decoder.
 
     mode: "b158" ternary weights {-1,0,+1} (absmean), "b1" binary {-1,+1}, "fp" the full-precision
@@ -36,8 +56,10 @@ class ModelConfig:
     attn/ffn sub-norms of BitNet b1.58 2B4T); "inner" puts an RMSNorm inside every BitLinear and
     drops the block norms (the b1.58 FAQ recipe).
     sub_norm: with "subln", whether the attn/ffn sub-norms exist. False is plain LLaMA (a Hugging
-    Face FP model as imported); converting to b1.58 inserts them (train/adapt.py).
+    Face FP model as imported); converting to b1.58 inserts them (train/ternarize.py).
     qkv_bias: biases on q/k/v_proj (Qwen2); BitNet itself has none.
+
+    Frozen: it travels with the weights, so a change is a new config (`dataclasses.replace`).
     """
 
     vocab_size: int = 4096
@@ -62,11 +84,8 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     def validate(self) -> "ModelConfig":
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "intermediate_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+        _check_positive_ints(self, "model config", ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                                                    "num_kv_heads", "intermediate_size", "max_seq_len"))
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model config: hidden_size {self.hidden_size} is not divisible by "
                               f"num_heads {self.num_heads}")
@@ -91,19 +110,13 @@ class ModelConfig:
         """The same architecture with another weight mode (the FP twin is `cfg.twin("fp")`)."""
         return dataclasses.replace(self, mode=mode).validate()
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass
-class TrainConfig:
-    """How to train. `lr=None` picks the mode's default peak (high for b1.58/b1, as the paper
-    prescribes); `schedule="auto"` picks the paper's two-stage schedule for b1.58/b1 and warm-up +
-    cosine for FP."""
+class TrainConfig(_Serializable):
+    """How to train; its defaults are `bitnet158 train`'s. `lr=None` picks the mode's default peak
+    (high for b1.58/b1, as the paper prescribes); `schedule="auto"` picks the paper's two-stage
+    schedule for b1.58/b1 and warm-up + cosine for FP; "constant" (warm-up, then `lr`) is what
+    fine-tuning during an FP → ternary conversion uses."""
 
     steps: int = 300
     batch_size: int = 16
@@ -124,27 +137,65 @@ class TrainConfig:
     device: str = "cpu"
 
     def validate(self) -> "TrainConfig":
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "save_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"train config: {name} must be a positive integer, got {value!r}")
+        _check_positive_ints(self, "train config", ("steps", "batch_size", "seq_len", "grad_accum", "eval_every",
+                                                    "eval_batches", "save_every", "keep_checkpoints"))
         if self.warmup < 0 or self.warmup >= self.steps:
             raise ConfigError(f"train config: warmup {self.warmup} must be in [0, steps={self.steps})")
-        if self.schedule not in ("auto", "two-stage", "cosine"):
-            raise ConfigError(f"train config: schedule must be auto, two-stage or cosine; got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train config: schedule must be auto, two-stage, cosine or constant; "
+                              f"got {self.schedule!r}")
         for name in ("lr", "lr_stage2"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"train config: {name} must be positive, got {value!r}")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _from_dict(cls, data)
+@dataclass(frozen=True)
+class ConvertConfig(_Serializable):
+    """How to turn an FP model ternary (train/ternarize.py); its defaults are `bitnet158 convert`'s.
+
+    method: comma-separated (or a sequence) of rtn, adaround, lambda, noise (or quant-noise), qat,
+    distill. The fine-tuning methods run `steps` of `batch_size` × `seq_len` tokens at the constant
+    `lr` (AdamW, no weight decay, gradient clip 1); `warmup` is λ's warm-up (None: steps // 2);
+    Quant-Noise's share rises from `noise_start_p` to 1 at `noise_ramp` of the run; distillation
+    mixes (1 − alpha)·CE + alpha·KL at temperature `T`. AdaRound learns from `calib_batches`
+    windows for `adaround_iters` iterations per layer. `max_bytes` caps the default corpus;
+    `heldout_windows` is how many held-out windows the reported perplexities use.
+    """
+
+    method: str | tuple[str, ...] = "adaround,lambda,distill"
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 8
+    seq_len: int = 128
+    max_bytes: int | None = 2_000_000
+    seed: int = 0
+    warmup: int | None = None
+    noise_start_p: float = 0.1
+    noise_ramp: float = 0.75
+    T: float = 1.0
+    alpha: float = 1.0
+    calib_batches: int = 2
+    adaround_iters: int = 200
+    heldout_windows: int = 32
+
+    def validate(self) -> "ConvertConfig":
+        _check_positive_ints(self, "convert config", ("steps", "batch_size", "seq_len", "calib_batches",
+                                                      "adaround_iters", "heldout_windows"))
+        if not self.lr > 0:
+            raise ConfigError(f"convert config: lr must be positive, got {self.lr!r}")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ConfigError(f"convert config: max_bytes must be positive, got {self.max_bytes!r}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ConfigError(f"convert config: warmup must be ≥ 0, got {self.warmup!r}")
+        if not 0.0 <= self.noise_start_p <= 1.0:
+            raise ConfigError(f"convert config: noise_start_p must be in [0, 1]; got {self.noise_start_p}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"convert config: alpha must be in [0, 1]; got {self.alpha}")
+        if not self.T > 0:
+            raise ConfigError(f"convert config: T must be > 0; got {self.T}")
+        return self
 
 
 # Peak learning rates by mode. The paper trains b1.58 at a higher peak than its FP LLaMA twin

@@ -14,6 +14,7 @@ import torch
 from .cache import KVCache
 from .errors import ConfigError
 from .sampling import SamplingConfig, sample
+from .tokenizer import StreamingDetokenizer, Tokenizer
 
 
 @torch.no_grad()
@@ -50,16 +51,15 @@ class GenerationResponse:
     prompt_tokens: int
     tokens_per_second: float    # decode speed so far (excluding the prompt's prefill)
     prefill_seconds: float
-    finish_reason: str | None   # "stop" (end-of-text token), "length", or None while running
+    finish_reason: str | None   # "stop" (any end token), "length", or None while running
 
 
-def stream_generate(model, tokenizer, prompt: str, max_tokens: int = 100,
+def stream_generate(model, tokenizer: Tokenizer, prompt: str, max_tokens: int = 100,
                     sampling: SamplingConfig | None = None, seed: int | None = None) -> Iterator[GenerationResponse]:
-    from .tokenizer import StreamingDetokenizer
-
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        ids = [tokenizer.eos_id]  # an empty prompt starts a new document
+    ids = tokenizer.encode_prompt(prompt)  # with bos in front when the model expects it
+    if not ids:  # an empty prompt starts a new document: bos, or eos where it doubles as bos
+        ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
+    end_ids = frozenset(tokenizer.end_ids)  # eos and end-of-turn alike (LLaMA 3: <|eot_id|>)
     detok = StreamingDetokenizer(tokenizer)
     start = time.perf_counter()
     first = None
@@ -71,7 +71,7 @@ def stream_generate(model, tokenizer, prompt: str, max_tokens: int = 100,
         n += 1
         decode_time = now - first
         rate = (n - 1) / decode_time if decode_time > 0 else 0.0
-        if token == tokenizer.eos_id:
+        if token in end_ids:
             yield GenerationResponse(detok.finalize(), token, n, len(ids), rate, first - start, "stop")
             return
         text = detok.add(token)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 import warnings
 from typing import Any
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, FormatError
-from .formats import get_format
+from .formats import FORMATS, get_format
 from .formats.base import aligned_copy  # noqa: F401  (public here: the kernels are why it exists)
 
 ENV_PATH = "BITNET158_KERNEL"
@@ -84,14 +85,14 @@ def cpu_features() -> dict[str, bool]:
 
 
 def _self_check(path: str) -> bool:
-    """Compare a SIMD path with the scalar oracle once, on shapes that touch every code branch."""
+    """Compare a SIMD path with the scalar oracle once, on shapes that touch every code branch, in
+    every registered format (one the extension does not know raises here, at the first path choice)."""
     if path in _verified:
         return _verified[path]
     ok = True
     if path != "scalar":
         rng = np.random.default_rng(1234)
-        for fmt_name in ("i2", "base3", "lut2"):
-            fmt = get_format(fmt_name)
+        for fmt_name, fmt in FORMATS.items():
             for m, n, k in ((1, 13, 300), (5, 24, 517), (17, 9, 160)):
                 codes = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
                 x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
@@ -144,10 +145,6 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     ext = _load_extension()
     return ext.get_num_threads() if ext is not None else torch.get_num_threads()
-
-
-def packed_nbytes(fmt: str, n: int, k: int) -> int:
-    return get_format(fmt).packed_nbytes(n, k)
 
 
 def unpack_codes(packed: torch.Tensor, fmt: str, n: int, k: int) -> torch.Tensor:
@@ -283,8 +280,6 @@ def memory_read_bandwidth(nbytes: int = 1 << 29, threads: int = 1, repeats: int 
     """Best-of-`repeats` bytes/s of a streaming read of a buffer far larger than the caches; each
     thread reads its share as `streams` interleaved parts (one stream alone leaves bandwidth unused
     on many CPUs: the hardware prefetcher stops at every page)."""
-    import time
-
     ext = _load_extension()
     if ext is not None and ext.get_num_threads() < threads:
         ext.set_num_threads(threads)  # the probe runs on the pool: give it the threads asked for

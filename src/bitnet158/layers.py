@@ -13,6 +13,7 @@ applied after) reproduces it up to float summation order.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -155,16 +156,29 @@ def convert(module: nn.Module, mode: str = "b158", *, norm: bool = False, act_qu
         holder = nn.Module()
         holder.linear = module
         return convert(holder, mode, norm=norm, act_quant=act_quant, exclude=()).linear
-    targets = [(name, child) for name, child in module.named_modules()
-               if type(child) is nn.Linear and not any(name == e or name.endswith("." + e) for e in exclude)]
-    for name, linear in targets:
+    def wanted(name: str, m: nn.Module) -> bool:
+        return type(m) is nn.Linear and not any(name == e or name.endswith("." + e) for e in exclude)
+
+    def to_bitlinear(linear: nn.Linear) -> BitLinear:
         bit = BitLinear(linear.in_features, linear.out_features, mode=mode, norm=norm, act_quant=act_quant,
                         bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
             bit.weight.copy_(linear.weight)
             if linear.bias is not None:
                 bit.bias.copy_(linear.bias)
+        return bit
+
+    return swap_modules(module, wanted, to_bitlinear)
+
+
+def swap_modules(module: nn.Module, wanted: Callable[[str, nn.Module], bool],
+                 make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Replace, in place, every submodule for which `wanted(qualified_name, child)` holds by
+    `make(child)`; returns `module`. The targets are listed first, so replacements are never
+    visited."""
+    targets = [(name, child) for name, child in module.named_modules() if name and wanted(name, child)]
+    for name, child in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, bit)
+        setattr(parent, attr, make(child))
     return module

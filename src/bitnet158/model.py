@@ -22,7 +22,9 @@ from torch import nn
 from . import kernels
 from .cache import KVCache
 from .config import ModelConfig
+from .errors import ConfigError
 from .layers import WEIGHT_BITS, BitLinear, MetaSafeEmbedding, MetaSafeLinear, RMSNorm
+from .packed_layers import Int8Embedding, Int8Head, Int8Table, PackConfig, PackedBitLinear
 
 
 def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,9 +50,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-def _linear(config: ModelConfig, d_in: int, d_out: int, bias: bool = False) -> BitLinear:
-    return BitLinear(d_in, d_out, mode=config.mode, norm=config.norm_placement == "inner",
-                     eps=config.norm_eps, act_quant=config.act_quant, bias=bias)
+def _linear(config: ModelConfig, packing: PackConfig | None, d_in: int, d_out: int,
+            bias: bool = False) -> BitLinear | PackedBitLinear:
+    """The training-form BitLinear, or with `packing` the packed layer of the format it names for
+    this shape (empty codes: filled by a load or by pack_)."""
+    inner = config.norm_placement == "inner"
+    if packing is not None:
+        return PackedBitLinear(d_in, d_out, format=packing.format_for(d_out, d_in), act_quant=config.act_quant,
+                               norm=inner, eps=config.norm_eps, bias=bias)
+    return BitLinear(d_in, d_out, mode=config.mode, norm=inner, eps=config.norm_eps,
+                     act_quant=config.act_quant, bias=bias)
 
 
 def _subln(config: ModelConfig, dim: int, sub: bool = False) -> nn.Module:
@@ -60,15 +69,15 @@ def _subln(config: ModelConfig, dim: int, sub: bool = False) -> nn.Module:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, packing: PackConfig | None = None):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
         d = config.hidden_size
-        self.q_proj = _linear(config, d, self.n_heads * self.hd, config.qkv_bias)
-        self.k_proj = _linear(config, d, self.n_kv * self.hd, config.qkv_bias)
-        self.v_proj = _linear(config, d, self.n_kv * self.hd, config.qkv_bias)
+        self.q_proj = _linear(config, packing, d, self.n_heads * self.hd, config.qkv_bias)
+        self.k_proj = _linear(config, packing, d, self.n_kv * self.hd, config.qkv_bias)
+        self.v_proj = _linear(config, packing, d, self.n_kv * self.hd, config.qkv_bias)
         self.attn_sub_norm = _subln(config, self.n_heads * self.hd, sub=True)
-        self.o_proj = _linear(config, self.n_heads * self.hd, d)
+        self.o_proj = _linear(config, packing, self.n_heads * self.hd, d)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -92,14 +101,14 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, packing: PackConfig | None = None):
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
         self.relu2 = config.activation == "relu2"
-        self.gate_proj = _linear(config, d, f)
-        self.up_proj = _linear(config, d, f)
+        self.gate_proj = _linear(config, packing, d, f)
+        self.up_proj = _linear(config, packing, d, f)
         self.ffn_sub_norm = _subln(config, f, sub=True)
-        self.down_proj = _linear(config, f, d)
+        self.down_proj = _linear(config, packing, f, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_proj(x)
@@ -108,12 +117,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, packing: PackConfig | None = None):
         super().__init__()
         self.input_layernorm = _subln(config, config.hidden_size)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, packing)
         self.post_attention_layernorm = _subln(config, config.hidden_size)
-        self.mlp = FeedForward(config)
+        self.mlp = FeedForward(config, packing)
 
     def forward(self, x, cos, sin, cache, layer):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
@@ -121,17 +130,34 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """forward(tokens [B, T], cache=None) -> logits [B, T, vocab] (fp32)."""
+    """forward(tokens [B, T], cache=None) -> logits [B, T, vocab] (fp32).
 
-    def __init__(self, config: ModelConfig):
+    With `packing` the model is the packed runtime's: PackedBitLinear layers in the formats the
+    PackConfig names and, for head "int8", an int8 head (shared with the embedding when tied).
+    Built on the meta device it is the skeleton a packed directory loads into; `pack.pack_` turns
+    a trained model into the same thing in place. `packing` is None for the training form.
+    """
+
+    def __init__(self, config: ModelConfig, packing: PackConfig | None = None):
         super().__init__()
         self.config = config.validate()
-        self.embed_tokens = MetaSafeEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = None
-        if not config.tie_embeddings:
-            self.lm_head = MetaSafeLinear(config.hidden_size, config.vocab_size, bias=False)
+        if packing is not None and config.mode == "fp":
+            raise ConfigError("an fp (full-precision twin) model has no ternary weights to pack")
+        self.packing: PackConfig | None = packing.validate() if packing is not None else None
+        vocab, hidden = config.vocab_size, config.hidden_size
+        self.embed_tokens: nn.Module = MetaSafeEmbedding(vocab, hidden)
+        self.layers = nn.ModuleList(Block(config, packing) for _ in range(config.num_layers))
+        self.norm = RMSNorm(hidden, config.norm_eps)
+        self.lm_head: nn.Module | None = None
+        if packing is not None and packing.head == "int8":
+            if config.tie_embeddings:  # one table, stored once, serves both ends
+                table = Int8Table(vocab, hidden)
+                self.embed_tokens = Int8Embedding(table)
+                self.lm_head = Int8Head(table, shared=True)
+            else:
+                self.lm_head = Int8Head(Int8Table(vocab, hidden))
+        elif not config.tie_embeddings:
+            self.lm_head = MetaSafeLinear(hidden, vocab, bias=False)
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -149,9 +175,9 @@ class Transformer(nn.Module):
         scaled by 1/sqrt(2·layers) (GPT-2) so the stream's variance stays bounded with depth."""
         if self.embed_tokens.weight.is_meta:
             return
-        nn.init.normal_(self.embed_tokens.weight, std=std)
-        if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, std=std)
+        for head in (self.embed_tokens, self.lm_head):  # float tables only; int8 ones stay empty
+            if head is not None and head.weight.is_floating_point():
+                nn.init.normal_(head.weight, std=std)
         for name, p in self.layers.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
@@ -182,8 +208,6 @@ class Transformer(nn.Module):
     def stats(self) -> dict[str, float]:
         """Parameter counts and weight storage bits, for tables and `bitnet158 info` (training-form
         and packed models alike: counts come from the layer shapes, not the stored tensors)."""
-        from .pack import PackedBitLinear
-
         cfg = self.config
         quantized = sum(m.in_features * m.out_features for m in self.modules()
                         if isinstance(m, (BitLinear, PackedBitLinear)))

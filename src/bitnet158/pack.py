@@ -1,252 +1,38 @@
-"""The packed runtime: BitLinear layers become PackedBitLinear (ternary codes packed 2 or 1.6 bits
-per weight, one fp32 scale), the output head becomes int8 per row.
+"""Packing a trained model for the CPU runtime, in place: BitLinear layers become PackedBitLinear
+(ternary codes packed 2 or 1.6 bits a weight, one fp32 scale), the output head becomes int8 per
+row (or stays float, rounded to its storage precision).
 
     model, tok = bitnet158.load("runs/demo/b158")
     bitnet158.pack_(model, PackConfig(format="i2"))      # in place; returns the model
     bitnet158.save_packed(model, "runs/demo/b158-i2", tok)
 
-A PackedBitLinear computes exactly what the training-form BitLinear computes, but in integers:
-
-    q, s_x = absmax_int8(norm(x))                 (the same quantizer as training)
-    y      = (q @ codesᵀ) · (s_x · s_w)            (int32 product, both scales applied after)
-
-so the two differ only by float summation order. The head (and, when tied, the embedding) is
-int8 per row by default — at the 2B4T shapes the fp16 head would outweigh every ternary weight —
-and can be kept as fp16 or fp32 (`head="fp16" | "fp32"`).
+The result is exactly what `Transformer(config, packing=PackConfig(...))` builds, with the trained
+values in it; the layers themselves live in packed_layers.py. The head is int8 by default — at the
+2B4T shapes an fp16 head would outweigh every ternary weight.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from . import kernels, quant
+from .config import ModelConfig
 from .errors import ConfigError
-from .formats import FORMATS, get_format
-from .layers import BitLinear, RMSNorm
-
-HEADS = ("int8", "fp16", "fp32")
-
-
-AUTO = "auto"
-
-
-def shape_key(n: int, k: int) -> str:
-    """How PackConfig.shapes names an [n, k] weight."""
-    return f"{n}x{k}"
+from .formats import get_format
+from .layers import BitLinear, RMSNorm, swap_modules
+from .model import Transformer
+from .packed_layers import (AUTO, Int8Embedding, Int8Head, Int8Table, PackConfig, PackedBitLinear,
+                            float_head_dtype, shape_key)
+from .tuning import choose_formats
 
 
-@dataclass(frozen=True)
-class PackConfig:
-    """format: packed ternary layout (``i2`` 2 bits, ``base3`` 1.6 bits, ``lut2`` 2 bits for the
-    lookup-table kernel; see bitnet158.formats), or ``auto``: each weight shape in whichever is
-    fastest on this machine, timed when packing (bitnet158.tuning).
-    head: output head (and tied embedding) storage: ``int8`` per-row (default), ``fp16``, ``fp32``.
-    shapes: for ``auto``, the choice made ({"NxK": format}); stored with the packed model."""
-
-    format: str = "i2"
-    head: str = "int8"
-    shapes: dict[str, str] = field(default_factory=dict)
-
-    def validate(self) -> "PackConfig":
-        if self.format not in FORMATS and self.format != AUTO:
-            raise ConfigError(f"unknown packed format {self.format!r}; known: {', '.join(sorted(FORMATS))} or auto")
-        if self.head not in HEADS:
-            raise ConfigError(f"unknown head {self.head!r}; expected one of {', '.join(HEADS)}")
-        if not isinstance(self.shapes, dict):
-            raise ConfigError("packing shapes must map 'NxK' to a format")
-        for key, fmt in self.shapes.items():
-            if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", str(key)) or fmt not in FORMATS:
-                raise ConfigError(f"bad packing shape entry {key!r}: {fmt!r} (expected 'NxK': one of "
-                                  f"{', '.join(sorted(FORMATS))})")
-        return self
-
-    def format_for(self, n: int, k: int) -> str:
-        """The format of an [n, k] weight under this config."""
-        if self.format != AUTO:
-            return self.format
-        try:
-            return self.shapes[shape_key(n, k)]
-        except KeyError:
-            raise ConfigError(f"packing format auto has no choice for a {n}x{k} weight") from None
-
-    def describe(self) -> str:
-        if self.format != AUTO:
-            return self.format
-        return "auto (" + ", ".join(f"{k.replace('x', '×')} {v}" for k, v in sorted(self.shapes.items())) + ")"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if not d["shapes"]:  # only format auto records choices; files stay as they were otherwise
-            del d["shapes"]
-        return d
-
-
-class PackedBitLinear(nn.Module):
-    """Inference-only BitLinear over packed ternary (or binary) codes.
-
-    Buffers: ``packed`` (uint8, the format's bytes), ``weight_scale`` (fp32 [1]), ``bias`` if any;
-    an RMSNorm ``norm`` when the layer had one inside (FAQ placement).
-    """
-
-    def __init__(self, in_features: int, out_features: int, *, format: str = "i2", act_quant: str = "token",
-                 norm: bool = False, eps: float = 1e-5, bias: bool = False, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.format = get_format(format).name
-        self.act_quant = act_quant
-        nbytes = get_format(format).packed_nbytes(out_features, in_features)
-        self.register_buffer("packed", torch.zeros(nbytes, dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self.norm = RMSNorm(in_features, eps).to(device) if norm else None
-        self._codes: torch.Tensor | None = None  # unpacked weights, only for the torch fallback path
-
-    @classmethod
-    @torch.no_grad()
-    def from_bitlinear(cls, layer: BitLinear, format: str = "i2") -> "PackedBitLinear":
-        if layer.mode == "fp":
-            raise ConfigError("an fp (full-precision twin) layer cannot be packed to ternary")
-        packed = cls(layer.in_features, layer.out_features, format=format, act_quant=layer.act_quant,
-                     norm=layer.norm is not None, eps=layer.norm.eps if layer.norm is not None else 1e-5,
-                     bias=layer.bias is not None)
-        codes, scale = layer.quantized_weight()
-        packed.packed = torch.from_numpy(get_format(format).pack(codes.cpu()))
-        packed.weight_scale = scale.reshape(1).float().cpu()
-        if layer.bias is not None:
-            packed.bias = layer.bias.detach().float().cpu().clone()
-        if layer.norm is not None:
-            packed.norm.load_state_dict(layer.norm.state_dict())
-        return packed
-
-    def codes(self) -> torch.Tensor:
-        """The int8 ternary codes [out, in] (decoded from the packed bytes)."""
-        return kernels.unpack_codes(self.packed, self.format, self.out_features, self.in_features)
-
-    def _native_args(self) -> tuple[np.ndarray, float]:
-        """(packed bytes as numpy, weight scale as a float) for the native call, cached until a
-        buffer is replaced (load, pack, .to()). Read through ``_buffers``: nn.Module's attribute
-        lookup costs ~2 µs a buffer, and a decode step makes ~200 of these calls."""
-        bufs = self._buffers
-        packed, scale = bufs["packed"], bufs["weight_scale"]
-        cached = self.__dict__.get("_native_cache")
-        if cached is None or cached[0] is not packed or cached[1] is not scale:
-            cached = (packed, scale, packed.numpy(), float(scale))
-            self.__dict__["_native_cache"] = cached
-        return cached[2], cached[3]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = x.shape[-1]
-        if self.norm is not None:
-            x = self.norm(x)
-        path = kernels.current_path()
-        if path != kernels.TORCH_PATH and x.dtype == torch.float32 and not x.requires_grad and x.is_cpu:
-            # One native call (quantize, integer product, scales) with numpy around it: at decode
-            # sizes each torch op on the way (even a reshape, ~1.5 µs) costs as much as a small
-            # layer's product.
-            packed, scale = self._native_args()
-            xn = x.numpy()
-            y = kernels.bitlinear(xn.reshape(-1, k), packed, self.format, self.out_features, k, scale,
-                                  self.act_quant == "token", path)
-            y = torch.from_numpy(y.reshape(xn.shape[:-1] + (self.out_features,)))
-            bias = self._buffers["bias"]
-            return y if bias is None else y + bias
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
-        q, s = quant.ACT_QUANTIZERS[self.act_quant](x2)
-        if path == kernels.TORCH_PATH and self._codes is None:
-            self._codes = self.codes().float()
-        acc = kernels.ternary_matmul(q, self.packed, self.format, self.out_features, k, path=path,
-                                     codes=self._codes)
-        y = acc.to(torch.float32) * (s.reshape(-1, 1) * self.weight_scale)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_features}, {self.out_features}, format={self.format}, norm={self.norm is not None}, "
-                f"bias={self.bias is not None}")
-
-
-def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row absmax int8: codes in [-127, 127] and fp32 row scales with w ≈ codes · scale."""
-    wf = w.detach().float()
-    absmax = wf.abs().amax(dim=1).clamp(min=quant.EPS)
-    codes = (wf * (127.0 / absmax)[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return codes, absmax / 127.0
-
-
-class Int8Table(nn.Module):
-    """An int8 per-row table (``qweight`` [rows, dim], ``row_scale`` [rows]) serving as the output
-    head (logits = int8 x · int8 table, both scales after) and, when tied, as the embedding."""
-
-    def __init__(self, rows: int, dim: int, device=None):
-        super().__init__()
-        self.register_buffer("qweight", torch.zeros(rows, dim, dtype=torch.int8, device=device))
-        self.register_buffer("row_scale", torch.ones(rows, dtype=torch.float32, device=device))
-
-    @classmethod
-    def from_weight(cls, w: torch.Tensor) -> "Int8Table":
-        table = cls(*w.shape)
-        table.qweight, table.row_scale = quantize_rows_int8(w.cpu())
-        return table
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.qweight[tokens].to(torch.float32) * self.row_scale[tokens].unsqueeze(-1)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        lead, k = x.shape[:-1], x.shape[-1]
-        q, s = quant.absmax_int8_per_token(x.reshape(-1, k))
-        acc = kernels.int8_matmul(q, self.qweight)
-        return (acc.to(torch.float32) * s * self.row_scale).reshape(*lead, -1)
-
-
-class Int8Embedding(nn.Module):
-    """Embedding lookups from an Int8Table (owned here when the head is tied to it)."""
-
-    def __init__(self, table: Int8Table):
-        super().__init__()
-        self.table = table
-
-    @property
-    def weight(self) -> torch.Tensor:  # what code asking for the embedding's shape sees
-        return self.table.qweight
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.table.embed(tokens)
-
-
-class Int8Head(nn.Module):
-    """The output head over an Int8Table; `shared` tables (tied embeddings) are not re-registered,
-    so each tensor is stored once."""
-
-    def __init__(self, table: Int8Table, shared: bool = False):
-        super().__init__()
-        if shared:
-            object.__setattr__(self, "_table", table)
-        else:
-            self._table_owned = table
-
-    @property
-    def table(self) -> Int8Table:
-        shared = self.__dict__.get("_table")
-        return shared if shared is not None else self._table_owned
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.table.qweight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.table.logits(x)
-
-
-def _float_head_dtype(head: str) -> torch.dtype:
-    return torch.float16 if head == "fp16" else torch.float32
+def linear_shapes(model: nn.Module) -> set[tuple[int, int]]:
+    """The distinct (out, in) shapes of the model's BitLinear / PackedBitLinear layers."""
+    return {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, (BitLinear, PackedBitLinear))}
 
 
 def resolve_auto(config: PackConfig, shapes: set[tuple[int, int]]) -> PackConfig:
@@ -254,7 +40,6 @@ def resolve_auto(config: PackConfig, shapes: set[tuple[int, int]]) -> PackConfig
     and return the config with the choice recorded; other configs come back unchanged."""
     if config.format != AUTO:
         return config
-    from .tuning import choose_formats
     missing = {s for s in shapes if shape_key(*s) not in config.shapes}
     return replace(config, shapes={**config.shapes, **choose_formats(missing)})
 
@@ -264,22 +49,18 @@ def pack_(model: nn.Module, config: PackConfig | None = None) -> nn.Module:
     """Swap every BitLinear of `model` (in place) for a PackedBitLinear and, for our Transformer,
     the head and embedding for the configured head storage. Returns the model."""
     config = (config or PackConfig()).validate()
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
-    if not targets:
+    if not any(isinstance(m, BitLinear) for m in model.modules()):
         raise ConfigError("the model has no BitLinear layers to pack")
-    config = resolve_auto(config, {(m.out_features, m.in_features) for _, m in targets})
-    for name, layer in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        fmt = config.format_for(layer.out_features, layer.in_features)
-        setattr(parent, attr, PackedBitLinear.from_bitlinear(layer, fmt))
-    if hasattr(model, "embed_tokens") and hasattr(model, "config"):
+    config = resolve_auto(config, linear_shapes(model))
+    swap_modules(model, lambda _, m: isinstance(m, BitLinear),
+                 lambda m: PackedBitLinear.from_bitlinear(m, config.format_for(m.out_features, m.in_features)))
+    if isinstance(model, Transformer):
         _pack_head(model, config.head)
         model.packing = config
     return model
 
 
-def _pack_head(model: nn.Module, head: str) -> None:
+def _pack_head(model: Transformer, head: str) -> None:
     tied = model.lm_head is None
     if head == "int8":
         if tied:
@@ -289,92 +70,51 @@ def _pack_head(model: nn.Module, head: str) -> None:
         else:
             model.lm_head = Int8Head(Int8Table.from_weight(model.lm_head.weight))
     else:  # keep a float head; its dtype is what the file stores (fp16 is rounded here too)
-        dtype = _float_head_dtype(head)
+        dtype = float_head_dtype(head)
         src = model.embed_tokens if tied else model.lm_head
         src.weight.data = src.weight.data.to(dtype).to(torch.float32)
-
-
-def build_packed_skeleton(model: nn.Module, config: PackConfig) -> nn.Module:
-    """On a model built on the meta device: the packed modules with empty (meta) buffers, ready
-    for `load_state_dict(..., assign=True)`. No full-precision weight is ever allocated."""
-    config = config.validate()
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        fmt = config.format_for(layer.out_features, layer.in_features)
-        setattr(parent, attr, PackedBitLinear(layer.in_features, layer.out_features, format=fmt,
-                                              act_quant=layer.act_quant, norm=layer.norm is not None,
-                                              eps=layer.norm.eps if layer.norm is not None else 1e-5,
-                                              bias=layer.bias is not None, device="meta"))
-    if config.head == "int8":
-        vocab, hidden = model.config.vocab_size, model.config.hidden_size
-        if model.lm_head is None:
-            table = Int8Table(vocab, hidden, device="meta")
-            model.embed_tokens = Int8Embedding(table)
-            model.lm_head = Int8Head(table, shared=True)
-        else:
-            model.lm_head = Int8Head(Int8Table(vocab, hidden, device="meta"))
-    model.packing = config
-    return model
 
 
 def packed_linear_bytes(model: nn.Module) -> int:
     return sum(m.packed.numel() for m in model.modules() if isinstance(m, PackedBitLinear))
 
 
-def is_packed(model: nn.Module) -> bool:
-    return any(isinstance(m, PackedBitLinear) for m in model.modules())
-
-
 @torch.no_grad()
-def random_packed(config, pack_config: PackConfig | None = None, seed: int = 0, progress: bool = False) -> nn.Module:
+def random_packed(config: ModelConfig, pack_config: PackConfig | None = None, seed: int = 0,
+                  progress: bool = False) -> Transformer:
     """A packed Transformer with random ternary codes (uniform over {-1, 0, 1}), unit norms and
     a random head, built without ever allocating full-precision linear weights: for speed and
     memory measurements at real shapes (e.g. the 2B4T preset) with no training."""
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from .model import Transformer
-
     pack_config = (pack_config or PackConfig()).validate()
     if config.mode == "fp":
         raise ConfigError("random_packed needs a b158 or b1 config")
     with torch.device("meta"):
-        model = Transformer(config)
-    shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, BitLinear)}
-    build_packed_skeleton(model, resolve_auto(pack_config, shapes))
+        probe = Transformer(config)
+    pack_config = resolve_auto(pack_config, linear_shapes(probe))
+    with torch.device("meta"):
+        model = Transformer(config, pack_config)
     rng = np.random.default_rng(seed)
+    values = np.array([-1, 1] if config.mode == "b1" else [-1, 0, 1], dtype=np.int8)
     layers = [m for m in model.modules() if isinstance(m, PackedBitLinear)]
     for m in tqdm(layers, desc="random packed weights", disable=not progress, leave=False):
-        values = [-1, 1] if config.mode == "b1" else [-1, 0, 1]
-        codes = rng.choice(np.array(values, dtype=np.int8), size=(m.out_features, m.in_features))
+        codes = rng.choice(values, size=(m.out_features, m.in_features))
         m.packed = torch.from_numpy(get_format(m.format).pack(codes))
         m.weight_scale = torch.full((1,), 0.02)
         m.bias = None if m.bias is None else torch.zeros(m.out_features)
-        if m.norm is not None:
-            m.norm.weight = nn.Parameter(torch.ones(m.in_features))
-    for name, module in model.named_modules():
-        if isinstance(module, RMSNorm) and module.weight.is_meta:
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
             module.weight = nn.Parameter(torch.ones(module.weight.shape[0]))
     vocab, hidden = config.vocab_size, config.hidden_size
     gen = torch.Generator().manual_seed(seed)
-
-    def random_table() -> Int8Table:
-        table = Int8Table(vocab, hidden)
-        table.qweight = torch.randint(-127, 128, (vocab, hidden), dtype=torch.int8, generator=gen)
-        table.row_scale = torch.full((vocab,), 0.02 / 127)
-        return table
-
     if pack_config.head == "int8":
-        if config.tie_embeddings:
-            table = random_table()
-            model.embed_tokens = Int8Embedding(table)
-            model.lm_head = Int8Head(table, shared=True)
-        else:
+        tables = {id(t): t for t in (m for m in model.modules() if isinstance(m, Int8Table))}
+        for table in tables.values():
+            table.qweight = torch.randint(-127, 128, (vocab, hidden), dtype=torch.int8, generator=gen)
+            table.row_scale = torch.full((vocab,), 0.02 / 127)
+        if not config.tie_embeddings:
             model.embed_tokens = nn.Embedding(vocab, hidden)
-            model.lm_head = Int8Head(random_table())
     else:
-        dtype = _float_head_dtype(pack_config.head)
+        dtype = float_head_dtype(pack_config.head)
         model.embed_tokens = nn.Embedding(vocab, hidden, _weight=(torch.randn(vocab, hidden, generator=gen) * 0.02)
                                           .to(dtype).float())
         if not config.tie_embeddings:

@@ -8,6 +8,11 @@ character may span several tokens, which is why streaming output needs `Streamin
 The file format is the `tokenizers` library's tokenizer.json, so a checkpoint's tokenizer opens
 in any HF tool, and HF byte-level tokenizers (GPT-2, LLaMA 3, BitNet 2B4T) load here.
 
+Besides tokenizer.json a tokenizer carries what the vocabulary alone does not say: its
+beginning-of-text token, every token that ends generation (eos first, then e.g. LLaMA 3's
+<|eot_id|>), whether a prompt starts with bos, and the chat template. `section()` is that, as
+stored in a checkpoint's config.json; `from_section` / `load(path, section)` read it back.
+
 >>> tok = Tokenizer.train(["def f(x):\\n    return x\\n"] * 20, vocab_size=300)
 >>> tok.decode(tok.encode("naïve ☕ 代码"))
 'naïve ☕ 代码'
@@ -18,16 +23,18 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write_bytes
 
 DEFAULT_EOS = "<|endoftext|>"
+SECTION_KEYS = ("eos_token", "bos_token", "end_tokens", "add_bos", "chat_template")
 # 256 byte symbols + the special tokens; below this BPE cannot even represent the alphabet.
 MIN_VOCAB = 256 + 1
 
@@ -53,20 +60,84 @@ _UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 class Tokenizer:
-    """A thin, typed wrapper over `tokenizers.Tokenizer` with the one special token we need (EOS).
+    """A thin, typed wrapper over `tokenizers.Tokenizer` plus its special-token roles.
 
     Decoding keeps special tokens by default, so `decode(encode(s)) == s` for *every* string,
-    even one that happens to contain the literal text "<|endoftext|>".
+    even one that happens to contain the literal text "<|endoftext|>". `encode` never adds
+    tokens; `encode_prompt` adds bos when the tokenizer's model expects it (`add_bos`).
     """
 
-    def __init__(self, backend: _HFTokenizer, eos_token: str = DEFAULT_EOS):
-        eos_id = backend.token_to_id(eos_token)
-        if eos_id is None:
-            raise CheckpointError(f"tokenizer has no end-of-text token {eos_token!r}")
+    def __init__(self, backend: _HFTokenizer, eos_token: str = DEFAULT_EOS, *, bos_token: str | None = None,
+                 end_tokens: Sequence[str] | None = None, add_bos: bool = False,
+                 chat_template: str | None = None):
         self.backend = backend
         self.eos_token = eos_token
-        self.eos_id: int = eos_id
+        self.eos_id: int = self._id_of(eos_token, "end-of-text")
+        self.bos_token = bos_token
+        self.bos_id: int | None = None if bos_token is None else self._id_of(bos_token, "beginning-of-text")
+        # eos first, no duplicates: end_tokens[0] is what a single-eos format (GGUF eos, HF eos_token) gets
+        self._end_tokens = tuple(dict.fromkeys([eos_token, *(end_tokens or ())]))
+        self._end_ids = tuple(self._id_of(t, "end") for t in self._end_tokens)
+        if add_bos and bos_token is None:
+            raise CheckpointError("tokenizer: add_bos is set but there is no beginning-of-text token")
+        self.add_bos = bool(add_bos)
+        self.chat_template = chat_template
         self._id_bytes: list[bytes] | None = None  # built lazily for streaming decode
+
+    # ----- roles: bos, end tokens, chat template ------------------------------------------
+    def _id_of(self, token: str, role: str) -> int:
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise CheckpointError(f"tokenizer has no {role} token {token!r}")
+        return token_id
+
+    @property
+    def end_tokens(self) -> list[str]:
+        """Every token that ends generation, eos first (a copy: the roles are fixed at construction)."""
+        return list(self._end_tokens)
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """Ids of `end_tokens`, in the same order; generation stops at any of them."""
+        return self._end_ids
+
+    def section(self) -> dict[str, Any]:
+        """The special-token roles and chat template, JSON-safe: config.json's "tokenizer" section."""
+        return {"eos_token": self.eos_token, "bos_token": self.bos_token, "end_tokens": self.end_tokens,
+                "add_bos": self.add_bos, "chat_template": self.chat_template}
+
+    @classmethod
+    def from_section(cls, backend: _HFTokenizer, section: dict[str, Any] | None) -> "Tokenizer":
+        """`backend` with the roles of a config.json "tokenizer" section. A format-1 section
+        ({"eos_token": ...} alone) or None (older still: DEFAULT_EOS) gives no bos, eos as the only
+        end token, no bos added, no template. Unknown keys are ignored (a newer writer's additions)."""
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise CheckpointError(f"tokenizer section must be a JSON object, got {_short(section)}")
+        eos = section.get("eos_token", DEFAULT_EOS)
+        if not isinstance(eos, str):
+            raise CheckpointError(f"tokenizer section: eos_token must be a string, got {_short(eos)}")
+        for key in ("bos_token", "chat_template"):
+            if not isinstance(section.get(key), (str, type(None))):
+                raise CheckpointError(f"tokenizer section: {key} must be a string or null, "
+                                      f"got {_short(section[key])}")
+        ends = section.get("end_tokens")
+        if ends is not None and (not isinstance(ends, list) or not all(isinstance(t, str) for t in ends)):
+            raise CheckpointError(f"tokenizer section: end_tokens must be a list of strings, "
+                                  f"got {_short(ends)}")
+        add_bos = section.get("add_bos", False)
+        if not isinstance(add_bos, bool):
+            raise CheckpointError(f"tokenizer section: add_bos must be true or false, got {_short(add_bos)}")
+        return cls(backend, eos, bos_token=section.get("bos_token"), end_tokens=ends, add_bos=add_bos,
+                   chat_template=section.get("chat_template"))
+
+    def replace(self, **changes: Any) -> "Tokenizer":
+        """A copy sharing the vocabulary with some section fields changed (e.g. chat_template)."""
+        unknown = set(changes) - set(SECTION_KEYS)
+        if unknown:
+            raise TypeError(f"replace() got unknown fields {sorted(unknown)}")
+        return self.from_section(self.backend, {**self.section(), **changes})
 
     # ----- construction -------------------------------------------------------------------
     @classmethod
@@ -95,12 +166,16 @@ class Tokenizer:
             show_progress=False,
         )
         backend.train_from_iterator(texts, trainer)
-        return cls(backend, eos_token=special_tokens[0])
+        # GPT-2 convention: the one end-of-text token also opens a document, but is never prepended
+        return cls(backend, eos_token=special_tokens[0], bos_token=special_tokens[0])
 
     @classmethod
-    def from_str(cls, text: str, eos_token: str = DEFAULT_EOS) -> "Tokenizer":
-        """Parse tokenizer.json contents (as stored next to checkpoint weights)."""
-        return cls(_HFTokenizer.from_str(text), eos_token=eos_token)
+    def from_str(cls, text: str, eos_token: str = DEFAULT_EOS, *,
+                 section: dict[str, Any] | None = None) -> "Tokenizer":
+        """Parse tokenizer.json contents (as stored next to checkpoint weights); `section` wins
+        over `eos_token` when given."""
+        section = section if section is not None else {"eos_token": eos_token}
+        return cls.from_section(_HFTokenizer.from_str(text), section)
 
     def to_str(self) -> str:
         return self.backend.to_str()
@@ -116,38 +191,21 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = self.to_str().encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, self.to_str().encode("utf-8"))
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, eos_token: str = DEFAULT_EOS) -> "Tokenizer":
-        """Read a tokenizer.json (or a folder holding one); a one-line CheckpointError if missing
-        or unreadable."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise CheckpointError(f"{path}: tokenizer file not found")
+    def load(cls, path: str | os.PathLike, section: dict[str, Any] | None = None, *,
+             eos_token: str | None = None) -> "Tokenizer":
+        """Read a tokenizer.json (or a folder holding one) with the roles of `section` (see
+        `from_section`; `eos_token` alone is the old spelling of {"eos_token": ...}). Any problem
+        is a one-line CheckpointError naming the file."""
+        path = tokenizer_file(path)
+        backend = read_backend(path)
+        if section is None and eos_token is not None:
+            section = {"eos_token": eos_token}
         try:
-            text = path.read_text(encoding="utf-8")
-            json.loads(text)  # a clearer message than the Rust parser's for truncated files
-            backend = _HFTokenizer.from_str(text)
-        except Exception as exc:  # tokenizers raises plain Exception; json ValueError; decode errors
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CheckpointError(f"{path}: not a valid tokenizer.json ({first_line})") from None
-        try:
-            return cls(backend, eos_token=eos_token)
+            return cls.from_section(backend, section)
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
 
@@ -159,6 +217,14 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """`encode`, with bos in front when the model expects it (LLaMA 3 style) and the text does
+        not already start with it (a chat template may have written it)."""
+        ids = self.encode(text)
+        if self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+        return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts in parallel (the Rust side uses all cores); same ids as `encode`."""
@@ -190,7 +256,36 @@ class Tokenizer:
         return StreamingDetokenizer(self)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, eos_id={self.eos_id})"
+        return (f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, eos_id={self.eos_id}, "
+                f"bos={self.bos_token!r}, end_tokens={self.end_tokens!r}, add_bos={self.add_bos}, "
+                f"chat_template={'yes' if self.chat_template else 'no'})")
+
+
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """`path` itself, or `path/tokenizer.json` when it is a folder."""
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def read_backend(path: str | os.PathLike) -> _HFTokenizer:
+    """The `tokenizers` object of a tokenizer.json (or a folder holding one), without roles; a
+    one-line CheckpointError naming the file if it is missing or unreadable."""
+    path = tokenizer_file(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: tokenizer file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        json.loads(text)  # a clearer message than the Rust parser's for truncated files
+        return _HFTokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises plain Exception; json ValueError; decode errors
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a valid tokenizer.json ({first_line})") from None
+
+
+def _short(value: Any) -> str:
+    """A bad value for a one-line message, cut so a huge one cannot flood it."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class StreamingDetokenizer:

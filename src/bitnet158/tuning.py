@@ -22,7 +22,7 @@ import torch
 from . import kernels
 from .formats import FORMATS, get_format
 from .formats.base import aligned_copy
-from .pack import shape_key
+from .packed_layers import shape_key
 
 Shape = tuple[int, int]  # (N, K): W is [N, K]
 CACHE_BYTES = 64 << 20   # cycle at least this many weight bytes per timing (2× a 32 MiB L3)

@@ -19,7 +19,8 @@ from ..bench import time_model, use_kernel_threads
 from ..cache import KVCache
 from ..config import ModelConfig, preset
 from ..model import Transformer
-from ..pack import PackConfig, PackedBitLinear, random_packed
+from ..pack import random_packed
+from ..packed_layers import PackConfig, PackedBitLinear
 from .energy import Rapl, measure_joules, model_energy
 from .settings import CostShape, EvidenceSettings
 

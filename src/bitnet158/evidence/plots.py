@@ -15,7 +15,7 @@ STYLES = ("-", "--", ":", "-.")
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # heavy (~0.5 s): only a report that draws pays for it
 
     matplotlib.use("Agg")  # headless: CI and servers have no display
     import matplotlib.pyplot as plt
@@ -27,9 +27,7 @@ def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def _smooth(values: list[float], window: int) -> list[float]:

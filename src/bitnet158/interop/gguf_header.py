@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FormatError
 
@@ -47,7 +48,6 @@ def _known_blocks(ggml_type: int) -> tuple[int, int] | None:
     if ggml_type in _BLOCKS:
         return _BLOCKS[ggml_type]
     try:  # other ggml types gguf-py knows (e.g. Q8_0 embeddings written by llama-quantize)
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
         return GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
         return None
@@ -57,7 +57,6 @@ def type_name(ggml_type: int) -> str:
     if ggml_type in TYPE_NAMES:
         return TYPE_NAMES[ggml_type]
     try:
-        from gguf.constants import GGMLQuantizationType
         return GGMLQuantizationType(ggml_type).name
     except ValueError:
         return f"type {ggml_type}"

@@ -20,12 +20,13 @@ scales, and the FAQ's norm inside every BitLinear (HF BitNet has only block norm
 
 The source may be a model in memory or a checkpoint directory. A directory is never loaded as a
 model: its tensors are read one by one (plain reads, no mmap), converted and streamed into the output
-file (`safetensors_stream`), so peak memory stays near the largest tensor. The output directory
+file (`safetensors_io`), so peak memory stays near the largest tensor. The output directory
 appears in one rename.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -35,15 +36,17 @@ import torch
 from torch import nn
 
 from .. import quant
+from ..checkpoint import ModelDir
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_directory, atomic_write_json
 from ..formats import get_format
 from ..layers import BitLinear, RMSNorm
 from ..model import Transformer
-from ..pack import Int8Embedding, Int8Head, PackConfig, PackedBitLinear, build_packed_skeleton
-from .hf import _hf_name, _OnePacked, latent_from_ternary, pack_hf_ternary
-from .safetensors_stream import PlannedTensor, SafetensorsReader, all_finite, write_sharded
+from ..packed_layers import Int8Embedding, Int8Head, PackedBitLinear
+from ..safetensors_io import PlannedTensor, write_sharded
+from .hf_common import OnePacked, hf_name, latent_from_ternary, pack_hf_ternary
+from .hf_tokenizer import write_hf_tokenizer
 
 LAYOUTS = ("packed", "bf16")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,53 +69,16 @@ class _ModelSource:
 
 
 class _CheckpointSource:
-    """A checkpoint directory: modules built on the meta device (the packed skeleton for packed
-    directories), tensors read one at a time and checked against them."""
+    """A checkpoint directory through its ModelDir: the meta skeleton for module types and shapes,
+    each tensor read alone (no mmap) and validated when the plan asks for it."""
 
     def __init__(self, path: str | os.PathLike):
-        from ..checkpoint import WEIGHTS, load_config, read_config_document, resolve
-
-        self.directory = resolve(path)
-        self.doc = read_config_document(self.directory)
-        with torch.device("meta"):
-            self.model = Transformer(load_config(self.directory))
-        if self.doc.get("kind") == "packed":
-            try:
-                build_packed_skeleton(self.model, PackConfig(**self.doc.get("packing", {})))
-            except (TypeError, ConfigError) as e:
-                raise CheckpointError(f"{self.directory}: bad packing section ({e})") from None
-        self.label = str(self.directory)
-        self.file = self.directory / WEIGHTS
-        self._shapes = {n: t.shape for n, t in self.model.state_dict().items()}
-        if not self.file.exists():
-            raise CheckpointError(f"{self.file}: missing")
-        try:
-            self._handle = SafetensorsReader(self.file)
-            names = set(self._handle.keys())
-        except (OSError, ValueError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"{self.file}: truncated or corrupt safetensors file ({first})") from None
-        missing = sorted(set(self._shapes) - names)
-        if missing:
-            raise CheckpointError(f"{self.file}: tensor {missing[0]} is missing")
+        self.dir = ModelDir(path)
+        self.model = self.dir.skeleton()
+        self.label = str(self.dir.path)
 
     def get(self, name: str) -> torch.Tensor:
-        t = self._handle.get_tensor(name)
-        if t.shape != self._shapes[name]:
-            raise CheckpointError(f"{self.file}: tensor {name} has shape {list(t.shape)}, the config "
-                                  f"expects {list(self._shapes[name])}")
-        if t.is_floating_point() and not all_finite(t):
-            raise CheckpointError(f"{self.file}: tensor {name} holds NaN or infinite values")
-        return t
-
-    def tokenizer(self):
-        from ..checkpoint import TOKENIZER
-        from ..tokenizer import DEFAULT_EOS, Tokenizer
-
-        if not (self.directory / TOKENIZER).exists():
-            return None
-        eos = (self.doc.get("tokenizer") or {}).get("eos_token") or DEFAULT_EOS
-        return Tokenizer.load(self.directory / TOKENIZER, eos_token=eos)
+        return self.dir.tensor(name)
 
 
 # --- what HF BitNet can express -------------------------------------------------------------
@@ -188,29 +154,30 @@ def _plan(source, layout: str, dtype: torch.dtype) -> list[PlannedTensor]:
                     else (lambda: source.get("lm_head.weight")))
             add_float("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), make)
         elif isinstance(module, RMSNorm):
-            add_float(_hf_name(name + ".weight"), module.weight.shape, lambda n=name: source.get(n + ".weight"))
+            add_float(hf_name(name + ".weight"), module.weight.shape, lambda n=name: source.get(n + ".weight"))
         elif isinstance(module, (BitLinear, PackedBitLinear)):
-            weight = _hf_name(name + ".weight")
+            weight = hf_name(name + ".weight")
             shape = (module.out_features, module.in_features)
             if isinstance(module, BitLinear):
                 if layout == "bf16":  # the masters as they are (fp twin: plain weights)
                     add_float(weight, shape, lambda n=name: source.get(n + ".weight"))
                     continue
-                one = _OnePacked(lambda n=name: _latent_codes(source, n))
+                one = OnePacked(lambda n=name: _latent_codes(source, n))
             else:
-                one = _OnePacked(lambda n=name, m=module: _packed_codes(source, n, m))
+                one = OnePacked(lambda n=name, m=module: _packed_codes(source, n, m))
                 if layout == "bf16":
                     add_float(weight, shape, lambda one=one: latent_from_ternary(one.take_codes(), one.scale()))
                     continue
             entries.append(PlannedTensor(weight, torch.uint8, ((shape[0] + 3) // 4, shape[1]),
                                          lambda one=one: pack_hf_ternary(one.take_codes())))
-            add_float(_hf_name(name + ".weight_scale"), (1,), lambda one=one: torch.tensor([one.scale()]))
+            add_float(hf_name(name + ".weight_scale"), (1,), lambda one=one: torch.tensor([one.scale()]))
     return entries
 
 
 # --- the small JSON files -------------------------------------------------------------------
 
-def hf_config_document(config: ModelConfig, layout: str, dtype: str, eos_id: int | None = None) -> dict[str, Any]:
+def hf_config_document(config: ModelConfig, layout: str, dtype: str,
+                       token_ids: dict[str, Any] | None = None) -> dict[str, Any]:
     """config.json for transformers' BitNetForCausalLM (what `load_hf` reads back to `config`)."""
     doc: dict[str, Any] = {
         "architectures": ["BitNetForCausalLM"], "model_type": "bitnet",
@@ -223,22 +190,13 @@ def hf_config_document(config: ModelConfig, layout: str, dtype: str, eos_id: int
         "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "tie_word_embeddings": config.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
         "initializer_range": 0.02, "use_cache": True,
-        # our tokenizers have one special token, the end of text, which also opens a document
-        "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": None,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+        **(token_ids or {}),  # the tokenizer's bos and end ids (several end tokens: a list)
         "dtype": dtype, "torch_dtype": dtype,
     }
     if config.mode != "fp":
         doc["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear",
                                       "quantization_mode": "offline" if layout == "packed" else "online"}
-    return doc
-
-
-def _tokenizer_config(tokenizer, config: ModelConfig, chat_template: str | None) -> dict[str, Any]:
-    doc: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.eos_token,
-                           "eos_token": tokenizer.eos_token, "model_max_length": config.max_seq_len,
-                           "clean_up_tokenization_spaces": False}
-    if chat_template is not None:  # base models trained on raw text have no chat format of their own
-        doc["chat_template"] = chat_template
     return doc
 
 
@@ -266,20 +224,19 @@ def save_hf(model_or_ckpt: Transformer | str | os.PathLike, out_dir: str | os.Pa
     else:
         source = _CheckpointSource(model_or_ckpt)
         if tokenizer is None:
-            tokenizer = source.tokenizer()
+            tokenizer = source.dir.tokenizer()
     config = source.model.config
     check_exportable(config, layout)
     dtype = dtype or DEFAULT_DTYPE[layout]
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     entries = _plan(source, layout, DTYPES[dtype])
-    eos_id = tokenizer.eos_id if tokenizer is not None else None
-    generation = {"bos_token_id": eos_id, "eos_token_id": eos_id} if eos_id is not None else {}
+    if tokenizer is not None and chat_template is not None:  # the caller's template replaces the saved one
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = chat_template
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_sharded(tmp, entries, max_shard_bytes, metadata={"format": "pt", "producer": "bitnet158"})
-        atomic_write_json(tmp / "config.json", hf_config_document(config, layout, dtype, eos_id))
-        atomic_write_json(tmp / "generation_config.json", generation)
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
-            atomic_write_json(tmp / "tokenizer_config.json", _tokenizer_config(tokenizer, config, chat_template))
+        token_ids = write_hf_tokenizer(tokenizer, tmp, config.max_seq_len) if tokenizer is not None else {}
+        atomic_write_json(tmp / "config.json", hf_config_document(config, layout, dtype, token_ids))
+        atomic_write_json(tmp / "generation_config.json", token_ids)
     return out

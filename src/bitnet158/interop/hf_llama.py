@@ -1,12 +1,12 @@
 """Hugging Face LLaMA-family directories (full precision) → our Transformer in fp mode.
 
-    model, tokenizer = load_hf_llama("path/to/SmolLM2-135M")     # then train.adapt.convert_model
+    model, tokenizer = load_hf_llama("path/to/SmolLM2-135M")     # then train.ternarize.ternarize
 
 Supported: `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` — the decoders that are
 exactly our block without the BitNet sub-norms: pre-norm RMSNorm, RoPE in the rotate_half layout
 (default RoPE only), GQA, a SiLU-gated FFN, tied or separate output head. The import sets
 `sub_norm=False`, so the FP model computes what transformers computes (checked against its logits
-in tests/test_hf_llama.py); `convert_model` inserts the sub-norms when it ternarizes.
+in tests/test_hf_llama.py); `ternarize` inserts the sub-norms.
 
 Decisions:
 - Qwen2's q/k/v biases are kept (`ModelConfig.qkv_bias`): BitLinear and the packed runtime add a
@@ -35,7 +35,8 @@ import torch
 from ..config import ModelConfig
 from ..errors import BitNetError, CheckpointError
 from ..model import Transformer
-from .hf import _float_tensor, _hf_name, _load_tokenizer, _read_json, _TensorSource, rope_theta
+from .hf_common import TensorSource, float_tensor, hf_name, read_json, rope_theta
+from .hf_tokenizer import read_hf_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -136,16 +137,16 @@ def load_hf_llama(directory: str | os.PathLike, *, max_seq_len: int | None = Non
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     source = directory / "config.json"
-    doc = _read_json(source)
+    doc = read_json(source)
     config = hf_llama_config(doc, source, max_seq_len)
-    src = _TensorSource(directory)
+    src = TensorSource(directory)
     with torch.device("meta"):
         model = Transformer(config)
     tensors: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
     for name, t in model.state_dict().items():  # our names are HF's minus the "model." prefix
-        hf = _hf_name(name)
-        tensors[name] = _float_tensor(src, hf, t.shape)
+        hf = hf_name(name)
+        tensors[name] = float_tensor(src, hf, t.shape)
         consumed.add(hf)
     ignorable = {"lm_head.weight"} if config.tie_embeddings else set()  # a tied head may be saved too
     extra = sorted(n for n in src.names() - consumed - ignorable if not n.endswith("rotary_emb.inv_freq"))
@@ -153,7 +154,7 @@ def load_hf_llama(directory: str | os.PathLike, *, max_seq_len: int | None = Non
         raise CheckpointError(f"{directory}: unexpected tensor {extra[0]} (config.json has no such weight)")
     model.load_state_dict(tensors, strict=True, assign=True)
     model.init_buffers()
-    tokenizer = _load_tokenizer(directory, doc)
+    tokenizer = read_hf_tokenizer(directory, doc)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{directory}: tokenizer.json has {tokenizer.vocab_size} tokens, more than the "
                               f"model's vocab_size {config.vocab_size}")

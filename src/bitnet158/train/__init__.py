@@ -1,1 +1,2 @@
-"""Training: data pipeline (data.py), schedules, the training loop and FP → ternary adaptation."""
+"""Training: the data pipeline (data/), schedules, the one training loop (trainer.py) and FP →
+ternary conversion (ternarize.py with its hooks, calibration and AdaRound; convert_run.py)."""

@@ -7,7 +7,8 @@ BitNet b1.58 (FORMATS §3.3) trains in two stages:
   * at the midpoint the LR drops to the lower stage-2 peak and decays linearly to 0, with weight
     decay 0 — "the big loss drop happens at the mid-training decay".
 The FP twin uses the standard single stage: linear warm-up, cosine decay to min_lr_ratio·peak,
-constant weight decay.
+constant weight decay. Fine-tuning (FP → ternary conversion) runs at a constant LR after the
+warm-up, if any.
 """
 
 from __future__ import annotations
@@ -49,8 +50,18 @@ def cosine(step: int, total: int, warmup: int, lr: float, min_ratio: float, wd: 
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))), wd
 
 
+def constant(step: int, warmup: int, lr: float, wd: float) -> tuple[float, float]:
+    """(lr, weight_decay) of linear warm-up then a constant LR."""
+    if step < warmup:
+        return lr * (step + 1) / warmup, wd
+    return lr, wd
+
+
 def lr_and_wd(cfg: TrainConfig, mode: str, step: int) -> tuple[float, float]:
     lr1, lr2 = peak_lrs(cfg, mode)
-    if resolved_schedule(cfg, mode) == "two-stage":
+    schedule = resolved_schedule(cfg, mode)
+    if schedule == "two-stage":
         return two_stage(step, cfg.steps, cfg.warmup, lr1, lr2, cfg.weight_decay)
+    if schedule == "constant":
+        return constant(step, cfg.warmup, lr1, cfg.weight_decay)
     return cosine(step, cfg.steps, cfg.warmup, lr1, cfg.min_lr_ratio, cfg.weight_decay)

@@ -3,6 +3,11 @@ held-out perplexity, a progress bar, atomic step checkpoints and exact resume.
 
 Exactness of resume rests on three facts: the batch of a step is a pure function of (seed, step);
 the schedule is a pure function of the step; weights and AdamW moments are restored bit for bit.
+
+It is the package's only training loop. Pre-training starts from a ModelConfig; fine-tuning (the
+FP → ternary conversion in ternarize.py) starts from an existing model and adds two hooks:
+`on_step(step, model)` runs before each step (λ warm-up, Quant-Noise share) and
+`loss_fn(logits, inputs, targets) → (loss, parts)` replaces cross-entropy (distillation).
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from ..model import Transformer
 from .data import batch_for_step, eval_windows
 from .schedule import lr_and_wd
 
+# (logits [batch, seq, vocab], inputs, targets [batch, seq]) → (scalar loss, named parts to log)
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+StepHook = Callable[[int, Transformer], None]
+
 
 @dataclass
 class TrainResult:
@@ -37,6 +46,12 @@ class TrainResult:
     @property
     def final_perplexity(self) -> float:
         return self.evals[-1]["perplexity"] if self.evals else float("nan")
+
+
+def cross_entropy(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The default loss: mean next-token cross-entropy, nothing extra to log."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long()), {}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,17 +84,20 @@ def evaluate(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, ba
     return total / max(count, 1)
 
 
-def train(model_config: ModelConfig, train_config: TrainConfig, train_tokens: torch.Tensor,
-          heldout_tokens: torch.Tensor, *, tokenizer=None, run_dir: str | Path | None = None,
+def train(model: ModelConfig | Transformer, train_config: TrainConfig, train_tokens: torch.Tensor,
+          heldout_tokens: torch.Tensor | None = None, *, tokenizer=None, run_dir: str | Path | None = None,
           resume: bool = False, until: int | None = None, progress: bool = True, desc: str | None = None,
-          model: Transformer | None = None, on_step: Callable[[int, Transformer], None] | None = None,
-          ) -> TrainResult:
-    """Train a model (a new one from `model_config`, or `model` if given) and return it with its
-    loss history and held-out evaluations. `until` stops early (after saving a checkpoint there),
-    as a run cut off at that step would; `resume=True` continues from `run_dir`'s latest step.
-    `on_step(step, model)` runs before each step (conversion schedules use it)."""
+          on_step: StepHook | None = None, loss_fn: LossFn | None = None) -> TrainResult:
+    """Train `model` (a ModelConfig: a new model drawn from `train_config.seed`; a Transformer:
+    that model, in place) and return it with its loss history and held-out evaluations.
+
+    `until` stops early (after saving a checkpoint there), as a run cut off at that step would;
+    `resume=True` continues from `run_dir`'s latest step. `on_step(step, model)` runs before each
+    step; `loss_fn` replaces cross-entropy and the parts it returns join each history row
+    (averaged over micro-batches). Without `heldout_tokens` nothing is evaluated."""
     tc = train_config.validate()
-    mc = model_config.validate()
+    given = model if isinstance(model, Transformer) else None
+    mc = (given.config if given is not None else model).validate()
     device = resolve_device(tc.device)
     if train_tokens.numel() <= tc.seq_len + 1:
         raise ConfigError(f"the training text has {train_tokens.numel()} tokens, fewer than one "
@@ -88,12 +106,14 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tokens: to
         raise ConfigError(f"seq_len {tc.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}")
     run_dir = Path(run_dir) if run_dir is not None else None
 
+    loss_fn = loss_fn or cross_entropy
+
     torch.manual_seed(tc.seed)
-    if model is None:
-        model = Transformer(mc)
+    model = given if given is not None else Transformer(mc)
     model.to(device).train()
     optimizer = torch.optim.AdamW(param_groups(model), lr=0.0, betas=(0.9, 0.95), eps=1e-8)
-    eval_x, eval_y = eval_windows(heldout_tokens, tc.seq_len, tc.eval_batches * tc.batch_size)
+    eval_set = (None if heldout_tokens is None
+                else eval_windows(heldout_tokens, tc.seq_len, tc.eval_batches * tc.batch_size))
 
     start, history, evals, elapsed = 0, [], [], 0.0
     if resume:
@@ -121,14 +141,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tokens: to
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = lr, (wd if group["decay"] else 0.0)
         t0 = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum, parts_sum = 0.0, {}
         for micro in range(tc.grad_accum):
             x, y = batch_for_step(train_tokens, step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed)
             x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten().long()) / tc.grad_accum
+            loss, parts = loss_fn(model(x), x, y)
+            loss = loss / tc.grad_accum
             loss.backward()
             loss_sum += loss.item()
+            for name, value in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + value / tc.grad_accum
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
@@ -136,13 +158,13 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tokens: to
         if not math.isfinite(loss_sum):
             raise ConfigError(f"training diverged at step {step + 1} (loss {loss_sum}); lower --lr")
         dt = time.perf_counter() - t0
-        history.append({"step": step + 1, "loss": loss_sum, "lr": lr, "weight_decay": wd})
+        history.append({"step": step + 1, "loss": loss_sum, "lr": lr, "weight_decay": wd, **parts_sum})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
 
         done = step + 1
-        if done % tc.eval_every == 0 or done == tc.steps:
-            eval_loss = evaluate(model, eval_x, eval_y, tc.batch_size)
+        if eval_set is not None and (done % tc.eval_every == 0 or done == tc.steps):
+            eval_loss = evaluate(model, *eval_set, tc.batch_size)
             evals.append({"step": done, "loss": eval_loss, "perplexity": math.exp(eval_loss)})
             bar.write(f"  step {done}: held-out loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}") \
                 if progress else None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_output_path, atomic_write_json
+from .fileio import atomic_output_path, atomic_write_json
 
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                 torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",

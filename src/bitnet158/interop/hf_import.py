@@ -37,7 +37,6 @@ repo never allocates a full-precision linear weight nor the whole model.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -46,23 +45,22 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import write_model_dir
 from ..config import ModelConfig
 from ..errors import BitNetError, CheckpointError
-from ..fileio import atomic_directory, atomic_write_json
 from ..formats import get_format
 from ..layers import BitLinear
 from ..model import Transformer
-from ..pack import PackConfig, PackedBitLinear, build_packed_skeleton
-from .safetensors_stream import PlannedTensor, SafetensorsReader, all_finite, write_safetensors
+from ..packed_layers import PackConfig, PackedBitLinear
+from ..safetensors_io import PlannedTensor
+from ..tokenizer import Tokenizer
+from .hf_common import (OnePacked, TensorSource, float_tensor, hf_name, latent_from_ternary, read_json,
+                        rope_theta, unpack_hf_ternary)
+from .hf_tokenizer import read_hf_tokenizer
 
 ONEBITLLM_ARCHITECTURE = "BitnetForCausalLM"  # 1bitLLM's custom class (lower-case n), FORMATS §2.6
 SUPPORTED_ARCHITECTURES = ("BitNetForCausalLM", ONEBITLLM_ARCHITECTURE)
-# 1bitLLM's names for the two SubLN norms; everything else is named as in HF BitNet / LLaMA
-_ONEBITLLM_NAMES = {"attn_sub_norm": "inner_attn_ln", "ffn_sub_norm": "ffn_layernorm"}
 _ACTIVATIONS = {"relu2": "relu2", "silu": "swiglu"}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 PACKED_FORMAT = "i2"  # our packed runtime format for imported codes (2 bits, as in the HF file)
 
 
@@ -77,30 +75,6 @@ class HFLayout:
 
 
 # --- config.json ---------------------------------------------------------------------------
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return doc
-
-
-def rope_theta(doc: dict[str, Any], source: Path | str, default: float) -> float:
-    """RoPE base of an HF config.json (transformers 5 writes rope_parameters; earlier versions
-    rope_theta + rope_scaling); `default` is the architecture's own. Scaled RoPE is refused."""
-    params = doc.get("rope_parameters") or {}
-    scaling = doc.get("rope_scaling") or {}
-    for table in (params, scaling):
-        kind = table.get("rope_type", table.get("type", "default"))
-        if kind != "default":
-            raise CheckpointError(f"{source}: rope_type {kind!r} is not supported (only default RoPE)")
-    return float(doc.get("rope_theta", params.get("rope_theta", default)))
-
 
 def _is_onebitllm(doc: dict[str, Any]) -> bool:
     return ONEBITLLM_ARCHITECTURE in (doc.get("architectures") or [])
@@ -174,126 +148,10 @@ def _quant_layout(doc: dict[str, Any], source: Path | str) -> HFLayout:
 
 # --- tensors -------------------------------------------------------------------------------
 
-class _TensorSource:
-    """Name → tensor over one safetensors file or an index of shards, opened lazily, read one
-    tensor at a time."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        index = directory / INDEX_FILE
-        if index.exists():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: no weight_map")
-            self.files = {name: directory / file for name, file in weight_map.items()}
-            for file in sorted(set(self.files.values())):
-                if not file.exists():
-                    raise CheckpointError(f"{index}: shard {file.name} is missing")
-        elif (directory / SINGLE_FILE).exists():
-            single = directory / SINGLE_FILE
-            self.files = {name: single for name in self._open(single).keys()}
-        else:
-            pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-            if pickles:
-                raise CheckpointError(f"{directory}: only pickle weights ({pickles[0]}); pickle is refused "
-                                      f"for safety, convert to safetensors first")
-            raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
-        self._handles: dict[Path, Any] = {}
-
-    def _open(self, file: Path):
-        try:
-            return SafetensorsReader(file)
-        except (OSError, ValueError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({first})") from None
-
-    def names(self) -> set[str]:
-        return set(self.files)
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.files:
-            raise CheckpointError(f"{self.directory}: tensor {name} is missing")
-        file = self.files[name]
-        if file not in self._handles:
-            self._handles[file] = self._open(file)
-        try:
-            return self._handles[file].get_tensor(name)
-        except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"{file}: cannot read tensor {name} ({first})") from None
-
-
-def _hf_name(ours: str, names: str = "bitnet") -> str:
-    """Our module names are HF's without the `model.` prefix of the decoder stack (1bitLLM renames
-    the two sub-norms)."""
-    if names == "1bitllm":
-        for a, b in _ONEBITLLM_NAMES.items():
-            ours = ours.replace(f".{a}.", f".{b}.")
-    return ours if ours.startswith("lm_head") else "model." + ours
-
-
-def _float_tensor(src: _TensorSource, name: str, shape: torch.Size) -> torch.Tensor:
-    t = src.get(name)
-    if tuple(t.shape) != tuple(shape):
-        raise CheckpointError(f"{src.directory}: tensor {name} has shape {list(t.shape)}, "
-                              f"config.json implies {list(shape)}")
-    if not t.is_floating_point():
-        raise CheckpointError(f"{src.directory}: tensor {name} has dtype {t.dtype}, expected a float dtype "
-                              f"(config.json says the weights are not packed)")
-    if not all_finite(t):
-        raise CheckpointError(f"{src.directory}: tensor {name} holds NaN or infinite values")
-    return t.float()
-
-
-def unpack_hf_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """HF packed uint8 [ceil(out/4), in] → int8 codes [out, in] in {-1, 0, 1}.
-
-    Rows [i·R, (i+1)·R) are bits 2i+1:2i of the R = ceil(out/4) packed rows, minus 1. A 2-bit
-    field of 3 is invalid: ValueError naming its row.
-
-    >>> unpack_hf_ternary(torch.tensor([[0b10100001], [0b00011000]], dtype=torch.uint8), 8).flatten().tolist()
-    [0, -1, -1, 1, 1, 0, 1, -1]
-    """
-    fields = torch.cat([(packed >> (2 * i)) & 3 for i in range(4)], dim=0)[:out_features]
-    bad = (fields == 3).nonzero()
-    if len(bad):
-        raise ValueError(f"row {int(bad[0, 0])} column {int(bad[0, 1])} holds the unused 2-bit code 3")
-    return fields.to(torch.int8) - 1
-
-
-def pack_hf_ternary(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [out, in] in {-1, 0, 1} → HF packed uint8 [ceil(out/4), in] (the inverse of
-    `unpack_hf_ternary`); rows past `out` are padded with code 1, a zero weight.
-
-    >>> codes = torch.tensor([0, -1, -1, 1, 1, 0, 1, -1], dtype=torch.int8).reshape(8, 1)
-    >>> [bin(b) for b in pack_hf_ternary(codes).flatten().tolist()]
-    ['0b10100001', '0b11000']
-    """
-    out_features, in_features = codes.shape
-    rows = (out_features + 3) // 4
-    fields = torch.ones((4 * rows, in_features), dtype=torch.uint8)
-    fields[:out_features] = (codes + 1).to(torch.uint8)
-    fields = fields.view(4, rows, in_features)  # block i holds rows [i·R, (i+1)·R)
-    return fields[0] | (fields[1] << 2) | (fields[2] << 4) | (fields[3] << 6)
-
-
-def latent_from_ternary(codes: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """Latent fp32 weights whose absmean quantization gives back (codes, scale).
-
-    W = codes·s/f with f the share of non-zero codes: mean|W| = s, and W/s = ±1/f rounds and clips
-    back to ±1 (zeros stay 0). Plain codes·s would re-quantize to scale s·f.
-    """
-    nonzero = int(codes.count_nonzero())
-    if nonzero == 0:
-        return torch.zeros(codes.shape, dtype=torch.float32)
-    share = nonzero / codes.numel()
-    return codes.float() * (float(scale) / share)
-
-
-def _ternary(src: _TensorSource, layout: HFLayout, ours: str, out_features: int, in_features: int
+def _ternary(src: TensorSource, layout: HFLayout, ours: str, out_features: int, in_features: int
              ) -> tuple[torch.Tensor, float]:
     """(int8 codes [out, in], our dequantization multiplier s) of one packed projection."""
-    name = _hf_name(ours + ".weight", layout.names)
+    name = hf_name(ours + ".weight", layout.names)
     packed = src.get(name)
     shape = [(out_features + 3) // 4, in_features]
     if packed.dtype != torch.uint8:
@@ -306,7 +164,7 @@ def _ternary(src: _TensorSource, layout: HFLayout, ours: str, out_features: int,
         codes = unpack_hf_ternary(packed, out_features)
     except ValueError as e:
         raise CheckpointError(f"{src.directory}: tensor {name}: {e}") from None
-    scale_name = _hf_name(ours + ".weight_scale", layout.names)
+    scale_name = hf_name(ours + ".weight_scale", layout.names)
     ws = src.get(scale_name)
     if ws.numel() != 1 or not ws.is_floating_point():
         raise CheckpointError(f"{src.directory}: tensor {scale_name} has shape {list(ws.shape)} and dtype "
@@ -319,27 +177,6 @@ def _ternary(src: _TensorSource, layout: HFLayout, ours: str, out_features: int,
 
 
 # --- the conversion plan ---------------------------------------------------------------------
-
-class _OnePacked:
-    """Reads and unpacks one packed projection once, for the two tensors made from it (codes and
-    scale); the codes are dropped as soon as they are taken."""
-
-    def __init__(self, read: Callable[[], tuple[torch.Tensor, float]]):
-        self._read, self._codes, self._scale = read, None, None
-
-    def _load(self) -> None:
-        if self._scale is None:
-            self._codes, self._scale = self._read()
-
-    def take_codes(self) -> torch.Tensor:
-        self._load()
-        codes, self._codes = self._codes, None
-        return codes
-
-    def scale(self) -> float:
-        self._load()
-        return self._scale
-
 
 @dataclass
 class _Plan:
@@ -356,7 +193,7 @@ def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | Non
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     source = directory / "config.json"
-    doc = _read_json(source)
+    doc = read_json(source)
     config = hf_model_config(doc, source)
     layout = hf_layout(doc, source)
     if mode is not None:
@@ -366,15 +203,14 @@ def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | Non
             config = config.twin(mode)
         except BitNetError as e:
             raise CheckpointError(f"load_hf: {e}") from None
-    src = _TensorSource(directory)
+    src = TensorSource(directory)
+    packing = PackConfig(format=PACKED_FORMAT, head="fp32") if layout.packed and not latent else None
     with torch.device("meta"):
-        model = Transformer(config)
-    if layout.packed and not latent:
-        build_packed_skeleton(model, PackConfig(format=PACKED_FORMAT, head="fp32"))
+        model = Transformer(config, packing)
     fmt = get_format(PACKED_FORMAT)
 
     def hf(ours: str) -> str:
-        return _hf_name(ours, layout.names)
+        return hf_name(ours, layout.names)
 
     producers: dict[str, Callable[[], torch.Tensor]] = {}
     consumed: set[str] = set()
@@ -383,7 +219,7 @@ def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | Non
             continue
         if layout.packed:
             consumed.update({hf(name + ".weight"), hf(name + ".weight_scale")})
-            one = _OnePacked(lambda name=name, m=module: _ternary(src, layout, name, m.out_features, m.in_features))
+            one = OnePacked(lambda name=name, m=module: _ternary(src, layout, name, m.out_features, m.in_features))
             if isinstance(module, PackedBitLinear):
                 producers[name + ".packed"] = lambda one=one: torch.from_numpy(fmt.pack(one.take_codes().numpy()))
                 producers[name + ".weight_scale"] = lambda one=one: torch.tensor([one.scale()], dtype=torch.float32)
@@ -391,12 +227,12 @@ def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | Non
                 producers[name + ".weight"] = lambda one=one: latent_from_ternary(one.take_codes(), one.scale())
         else:
             shape = torch.Size([module.out_features, module.in_features])
-            producers[name + ".weight"] = lambda n=hf(name + ".weight"), shape=shape: _float_tensor(src, n, shape)
+            producers[name + ".weight"] = lambda n=hf(name + ".weight"), shape=shape: float_tensor(src, n, shape)
             consumed.add(hf(name + ".weight"))
     state = model.state_dict()  # meta tensors: names, shapes and dtypes only
     for name, t in state.items():
         if name not in producers:  # embedding, norms, untied head: plain floats
-            producers[name] = lambda n=hf(name), shape=t.shape: _float_tensor(src, n, shape)
+            producers[name] = lambda n=hf(name), shape=t.shape: float_tensor(src, n, shape)
             consumed.add(hf(name))
     ignorable = {"lm_head.weight"} if config.tie_embeddings else set()  # a tied head may be saved too
     extra = sorted(n for n in src.names() - consumed - ignorable if not n.endswith("rotary_emb.inv_freq"))
@@ -419,7 +255,7 @@ def load_hf(directory: str | os.PathLike, *, latent: bool = False, mode: str | N
     tensors = {name: make() for name, make in plan.producers.items()}
     plan.model.load_state_dict(tensors, strict=True, assign=True)
     plan.model.init_buffers()
-    return plan.model, _load_tokenizer(plan.directory, plan.doc)
+    return plan.model, read_hf_tokenizer(plan.directory, plan.doc)
 
 
 def import_hf(directory: str | os.PathLike, out: str | os.PathLike, *, latent: bool = False,
@@ -428,49 +264,17 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, *, latent: b
 
     Packed repos become a packed directory (format i2, fp32 head: what `load_hf` builds) and
     latent-master repos (or `latent=True`) a training-form one; `bitnet158.load` reads either.
-    Tensors are converted and written one at a time into a temporary directory renamed into place,
-    so peak memory is about the largest tensor, and a failure leaves `out` untouched.
+    The tokenizer keeps its special tokens (bos, eos and end-of-turn, generation_config.json's
+    list), whether bos starts a prompt, and the chat template. Tensors are converted and written
+    one at a time into a temporary directory renamed into place, so peak memory is about the
+    largest tensor, and a failure leaves `out` untouched.
     """
-    from ..checkpoint import CONFIG, FORMAT, TOKENIZER, WEIGHTS, _config_document
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists (pass overwrite=True / --force to replace it)")
     plan = _plan(directory, latent=latent)
-    tokenizer = _load_tokenizer(plan.directory, plan.doc)
+    tokenizer: Tokenizer | None = read_hf_tokenizer(plan.directory, plan.doc)
     state = plan.model.state_dict()
     entries = [PlannedTensor(name, state[name].dtype, tuple(state[name].shape), make)
                for name, make in plan.producers.items()]
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        write_safetensors(tmp / WEIGHTS, entries, metadata={"format": FORMAT, "kind": "model"})
-        atomic_write_json(tmp / CONFIG, _config_document(plan.model))
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER)
-    return out
-
-
-def _eos_token(directory: Path, doc: dict[str, Any]) -> str | None:
-    tc_file = directory / "tokenizer_config.json"
-    if tc_file.exists():
-        eos = _read_json(tc_file).get("eos_token")
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if isinstance(eos, str):
-            return eos
-    eos_id = doc.get("eos_token_id")
-    if isinstance(eos_id, list):
-        eos_id = eos_id[0] if eos_id else None
-    if eos_id is None:
-        return None
-    for token in _read_json(directory / "tokenizer.json").get("added_tokens") or []:
-        if token.get("id") == eos_id:
-            return token.get("content")
-    return None
-
-
-def _load_tokenizer(directory: Path, doc: dict[str, Any]):
-    if not (directory / "tokenizer.json").exists():
-        return None
-    from ..tokenizer import DEFAULT_EOS, Tokenizer
-
-    return Tokenizer.load(directory / "tokenizer.json", eos_token=_eos_token(directory, doc) or DEFAULT_EOS)
+    return write_model_dir(out, plan.model.config, plan.model.packing, entries, tokenizer, overwrite=overwrite)

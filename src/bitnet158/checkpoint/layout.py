@@ -1,0 +1,92 @@
+"""What a model directory is on disk: file names, the config.json document, and which directory a
+path names (itself, or the newest step of a training run).
+
+    config.json         {"format": "bitnet158", "format_version": 2, "kind": "model" | "packed",
+                         "bitnet158_version": ..., "model": {...}, "packing": {...} (packed only),
+                         "tokenizer": {...} (with a tokenizer: its special tokens and chat template)}
+    model.safetensors   the tensors (metadata: format, kind), 64-byte aligned for the kernels
+    tokenizer.json      when the model was saved with a tokenizer
+
+format_version 1 (release 0.1.0) had the same files; its tokenizer section held only
+`eos_token`. Both are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..packed_layers import PackConfig
+
+FORMAT = "bitnet158"
+FORMAT_VERSION = 2
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
+LATEST = "latest"
+WEIGHT_ALIGN = 64  # tensor data offsets in model.safetensors: whole cache lines for the kernels
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def config_document(config: ModelConfig, packing: PackConfig | None, tokenizer=None,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json of a model directory (`tokenizer`: a bitnet158 Tokenizer, for its section)."""
+    doc: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                           "kind": "packed" if packing is not None else "model",
+                           "bitnet158_version": __version__, "model": config.to_dict()}
+    if packing is not None:
+        doc["packing"] = packing.to_dict()
+    if tokenizer is not None:
+        doc["tokenizer"] = tokenizer.section()
+    doc.update(extra or {})
+    return doc
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The model directory `path` names: itself, or the newest step of a training run."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if path.is_file():
+        raise CheckpointError(f"{path}: expected a checkpoint directory, got a file")
+    if (path / CONFIG).exists():
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        try:
+            candidate = path / latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            candidate = None
+        if candidate is not None and (candidate / CONFIG).exists():
+            return candidate
+    steps = sorted((int(m.group(1)), child) for child in path.iterdir()
+                   if (m := STEP_DIR.match(child.name)) and (child / CONFIG).exists())
+    if steps:
+        return steps[-1][1]
+    raise CheckpointError(f"{path}: not a checkpoint (no {CONFIG}, no step directories)")
+
+
+def read_config_document(directory: Path) -> dict[str, Any]:
+    """config.json of a model directory, checked to be ours and not newer than this reader."""
+    file = directory / CONFIG
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: {CONFIG} is missing") from None
+    except (OSError, ValueError, RecursionError) as e:  # JSON, UTF-8 and "is a directory" errors alike
+        raise CheckpointError(f"{file}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "model" not in doc:
+        raise CheckpointError(f"{file}: not a bitnet158 config (no format/model keys)")
+    version = doc.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{file}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{file}: format_version {version} is newer than this bitnet158 reads "
+                              f"({FORMAT_VERSION}); upgrade bitnet158")
+    return doc

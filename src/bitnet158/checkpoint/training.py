@@ -1,0 +1,81 @@
+"""Training-run directories: step directories (`step-000200/`, each a model directory plus the
+optimizer state in `trainer.safetensors` and the loop's state in `trainer.json`) and a `latest`
+file naming the newest. Each step directory appears in one rename, so a process killed mid-save
+leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from ..errors import CheckpointError
+from ..fileio import atomic_directory, atomic_write_bytes, clean_stale_temporaries
+from ..model import Transformer
+from . import writer
+from .layout import FORMAT, LATEST, STEP_DIR
+
+TRAINER_TENSORS = "trainer.safetensors"
+TRAINER_STATE = "trainer.json"
+
+
+def save_training_checkpoint(run_dir: str | os.PathLike, step: int, model: Transformer, tokenizer,
+                             optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write run_dir/step-NNNNNN atomically, point `latest` at it, prune all but `keep` steps."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(run_dir)
+    target = run_dir / f"step-{step:06d}"
+    with atomic_directory(target, overwrite=True) as tmp:
+        writer.write_model_files(tmp, model, tokenizer)  # looked up at call time (a test slows it down)
+        opt_tensors = _optimizer_tensors(model, optimizer)
+        (tmp / TRAINER_TENSORS).write_bytes(safetensors_save(opt_tensors, metadata={"format": FORMAT,
+                                                                                   "kind": "optimizer"}))
+        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+    atomic_write_bytes(run_dir / LATEST, target.name.encode())
+    steps = sorted((int(m.group(1)), child) for child in run_dir.iterdir() if (m := STEP_DIR.match(child.name)))
+    for _, old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                out[f"{name}::{key}"] = value.detach().contiguous()
+    return out
+
+
+def load_training_state(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore the optimizer state saved beside a step's weights; return trainer.json."""
+    try:
+        state = json.loads((directory / TRAINER_STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: {TRAINER_STATE} is missing (a model directory, not a "
+                              "resumable training checkpoint)") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{directory / TRAINER_STATE}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+    file = directory / TRAINER_TENSORS
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        tensors = safetensors_load(str(file))
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({first})") from None
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        name, _, slot = key.partition("::")
+        if name not in params:
+            raise CheckpointError(f"{file}: optimizer state for unknown parameter {name}")
+        optimizer.state[params[name]][slot] = value.to(params[name].device)
+    return state

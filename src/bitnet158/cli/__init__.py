@@ -1,0 +1,45 @@
+"""`bitnet158 <verb>`: a thin shell over the library, as a table of verbs.
+
+Each verb is a small module here (`NAME`, `HELP`, `add_arguments(parser)`, `run(args) -> int`)
+whose option defaults come from the dataclass or function it drives, never repeated; the logic
+lives in the library module the verb drives. A user mistake (BitNetError) prints one line and
+exits 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import BitNetError
+
+# verb → module under bitnet158.cli, in the order `--help` lists them
+VERBS = {
+    "demo": "demo", "train": "train", "generate": "generate", "pack": "pack", "convert": "convert",
+    "export-hf": "export_hf", "import-hf": "import_hf", "bench": "bench", "evidence": "evidence",
+    "export-gguf": "export_gguf", "import-gguf": "import_gguf", "info": "info",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitnet158", description="1.58-bit BitNet models on a CPU")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb, module_name in VERBS.items():
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        p = sub.add_parser(verb, help=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BitNetError as e:
+        print(f"bitnet158: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bitnet158: interrupted", file=sys.stderr)
+        return 130

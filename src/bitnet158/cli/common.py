@@ -1,0 +1,31 @@
+"""What several verbs share: the runs folder, thread settings, defaults read from what a verb drives."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError
+
+DEFAULT_RUNS = "runs"
+
+
+def default_of(func: Callable[..., Any], name: str) -> Any:
+    """The default of `func`'s parameter `name`: a verb's flag defaults to what its function does."""
+    return inspect.signature(func).parameters[name].default
+
+
+def set_threads(n: int | None) -> None:
+    """torch's CPU threads (None: torch's own default, all cores)."""
+    if n is None:
+        return
+    if n < 1:
+        raise ConfigError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+
+
+def directory_megabytes(path: str | Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()) / 1e6

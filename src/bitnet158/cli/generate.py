@@ -1,0 +1,50 @@
+"""`bitnet158 generate CKPT --prompt ...`: stream text from a checkpoint to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import checkpoint
+from ..bench import use_kernel_threads
+from ..errors import CheckpointError
+from ..generate import stream_generate
+from ..sampling import SamplingConfig
+from .common import default_of, set_threads
+
+NAME = "generate"
+HELP = "generate text from a checkpoint (streams to the terminal)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-tokens", type=int, default=default_of(stream_generate, "max_tokens"))
+    p.add_argument("--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=SamplingConfig.top_k, help="0 disables")
+    p.add_argument("--top-p", type=float, default=SamplingConfig.top_p, help="1 disables")
+    p.add_argument("--repetition-penalty", type=float, default=SamplingConfig.repetition_penalty)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quiet", action="store_true", help="no statistics line")
+
+
+def run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    model, tokenizer = checkpoint.load(args.checkpoint)
+    if model.packing is not None:
+        use_kernel_threads(args.threads)
+    if tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint}: no tokenizer.json beside the weights")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty)
+    last = None
+    sys.stdout.write(args.prompt)
+    for last in stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.seed):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if last is not None and not args.quiet:
+        print(f"[{last.prompt_tokens} prompt tokens, {last.generated_tokens} generated, "
+              f"{last.tokens_per_second:.1f} tok/s, finish: {last.finish_reason}]", file=sys.stderr)
+    return 0

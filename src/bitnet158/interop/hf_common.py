@@ -1,0 +1,183 @@
+"""What the Hugging Face importers and exporters share: reading a directory's JSON files and
+safetensors weights (one file or shards; pickle refused), our names ⇄ HF's, and HF's packed
+ternary layout (uint8 [ceil(out/4), in], FORMATS §2.3) both ways.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..safetensors_io import SafetensorsReader, all_finite
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# 1bitLLM's names for the two SubLN norms; everything else is named as in HF BitNet / LLaMA
+ONEBITLLM_NAMES = {"attn_sub_norm": "inner_attn_ln", "ffn_sub_norm": "ffn_layernorm"}
+
+
+def read_json(file: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return doc
+
+
+def rope_theta(doc: dict[str, Any], source: Path | str, default: float) -> float:
+    """RoPE base of an HF config.json (transformers 5 writes rope_parameters; earlier versions
+    rope_theta + rope_scaling); `default` is the architecture's own. Scaled RoPE is refused."""
+    params = doc.get("rope_parameters") or {}
+    scaling = doc.get("rope_scaling") or {}
+    for table in (params, scaling):
+        kind = table.get("rope_type", table.get("type", "default"))
+        if kind != "default":
+            raise CheckpointError(f"{source}: rope_type {kind!r} is not supported (only default RoPE)")
+    return float(doc.get("rope_theta", params.get("rope_theta", default)))
+
+
+class TensorSource:
+    """Name → tensor over one safetensors file or an index of shards, opened lazily, read one
+    tensor at a time."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index = directory / INDEX_FILE
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: no weight_map")
+            self.files = {name: directory / file for name, file in weight_map.items()}
+            for file in sorted(set(self.files.values())):
+                if not file.exists():
+                    raise CheckpointError(f"{index}: shard {file.name} is missing")
+        elif (directory / SINGLE_FILE).exists():
+            single = directory / SINGLE_FILE
+            self.files = {name: single for name in self._open(single).keys()}
+        else:
+            pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise CheckpointError(f"{directory}: only pickle weights ({pickles[0]}); pickle is refused "
+                                      f"for safety, convert to safetensors first")
+            raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+        self._handles: dict[Path, Any] = {}
+
+    def _open(self, file: Path):
+        try:
+            return SafetensorsReader(file)
+        except (OSError, ValueError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({first})") from None
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise CheckpointError(f"{self.directory}: tensor {name} is missing")
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = self._open(file)
+        try:
+            return self._handles[file].get_tensor(name)
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({first})") from None
+
+
+def hf_name(ours: str, names: str = "bitnet") -> str:
+    """Our module names are HF's without the `model.` prefix of the decoder stack (1bitLLM renames
+    the two sub-norms)."""
+    if names == "1bitllm":
+        for a, b in ONEBITLLM_NAMES.items():
+            ours = ours.replace(f".{a}.", f".{b}.")
+    return ours if ours.startswith("lm_head") else "model." + ours
+
+
+def float_tensor(src: TensorSource, name: str, shape: torch.Size) -> torch.Tensor:
+    t = src.get(name)
+    if tuple(t.shape) != tuple(shape):
+        raise CheckpointError(f"{src.directory}: tensor {name} has shape {list(t.shape)}, "
+                              f"config.json implies {list(shape)}")
+    if not t.is_floating_point():
+        raise CheckpointError(f"{src.directory}: tensor {name} has dtype {t.dtype}, expected a float dtype "
+                              f"(config.json says the weights are not packed)")
+    if not all_finite(t):
+        raise CheckpointError(f"{src.directory}: tensor {name} holds NaN or infinite values")
+    return t.float()
+
+
+def unpack_hf_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """HF packed uint8 [ceil(out/4), in] → int8 codes [out, in] in {-1, 0, 1}.
+
+    Rows [i·R, (i+1)·R) are bits 2i+1:2i of the R = ceil(out/4) packed rows, minus 1. A 2-bit
+    field of 3 is invalid: ValueError naming its row.
+
+    >>> unpack_hf_ternary(torch.tensor([[0b10100001], [0b00011000]], dtype=torch.uint8), 8).flatten().tolist()
+    [0, -1, -1, 1, 1, 0, 1, -1]
+    """
+    fields = torch.cat([(packed >> (2 * i)) & 3 for i in range(4)], dim=0)[:out_features]
+    bad = (fields == 3).nonzero()
+    if len(bad):
+        raise ValueError(f"row {int(bad[0, 0])} column {int(bad[0, 1])} holds the unused 2-bit code 3")
+    return fields.to(torch.int8) - 1
+
+
+def pack_hf_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [out, in] in {-1, 0, 1} → HF packed uint8 [ceil(out/4), in] (the inverse of
+    `unpack_hf_ternary`); rows past `out` are padded with code 1, a zero weight.
+
+    >>> codes = torch.tensor([0, -1, -1, 1, 1, 0, 1, -1], dtype=torch.int8).reshape(8, 1)
+    >>> [bin(b) for b in pack_hf_ternary(codes).flatten().tolist()]
+    ['0b10100001', '0b11000']
+    """
+    out_features, in_features = codes.shape
+    rows = (out_features + 3) // 4
+    fields = torch.ones((4 * rows, in_features), dtype=torch.uint8)
+    fields[:out_features] = (codes + 1).to(torch.uint8)
+    fields = fields.view(4, rows, in_features)  # block i holds rows [i·R, (i+1)·R)
+    return fields[0] | (fields[1] << 2) | (fields[2] << 4) | (fields[3] << 6)
+
+
+def latent_from_ternary(codes: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Latent fp32 weights whose absmean quantization gives back (codes, scale).
+
+    W = codes·s/f with f the share of non-zero codes: mean|W| = s, and W/s = ±1/f rounds and clips
+    back to ±1 (zeros stay 0). Plain codes·s would re-quantize to scale s·f.
+    """
+    nonzero = int(codes.count_nonzero())
+    if nonzero == 0:
+        return torch.zeros(codes.shape, dtype=torch.float32)
+    share = nonzero / codes.numel()
+    return codes.float() * (float(scale) / share)
+
+
+class OnePacked:
+    """Reads and unpacks one packed projection once, for the two tensors made from it (codes and
+    scale); the codes are dropped as soon as they are taken."""
+
+    def __init__(self, read: Callable[[], tuple[torch.Tensor, float]]):
+        self._read, self._codes, self._scale = read, None, None
+
+    def _load(self) -> None:
+        if self._scale is None:
+            self._codes, self._scale = self._read()
+
+    def take_codes(self) -> torch.Tensor:
+        self._load()
+        codes, self._codes = self._codes, None
+        return codes
+
+    def scale(self) -> float:
+        self._load()
+        return self._scale

@@ -1,0 +1,247 @@
+"""Inference layers over packed weights: PackedBitLinear (ternary or binary codes, 2 or 1.6 bits a
+weight, one fp32 scale) and the int8 per-row table that serves as output head and tied embedding;
+with PackConfig, the typed description of how a model is packed.
+
+These sit at the layer level, beside BitLinear: the Transformer builds them directly when it is
+constructed with a PackConfig (`Transformer(config, packing=...)`, e.g. on the meta device to
+load a packed directory), and `pack.pack_` converts a trained model's layers into them.
+
+A PackedBitLinear computes exactly what the training-form BitLinear computes, but in integers:
+
+    q, s_x = absmax_int8(norm(x))                 (the same quantizer as training)
+    y      = (q @ codesᵀ) · (s_x · s_w)            (int32 product, both scales applied after)
+
+so the two differ only by float summation order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import kernels, quant
+from .errors import ConfigError
+from .formats import FORMATS, get_format
+from .layers import BitLinear, RMSNorm
+
+HEADS = ("int8", "fp16", "fp32")
+
+
+AUTO = "auto"
+
+
+def shape_key(n: int, k: int) -> str:
+    """How PackConfig.shapes names an [n, k] weight."""
+    return f"{n}x{k}"
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """format: packed ternary layout (``i2`` 2 bits, ``base3`` 1.6 bits, ``lut2`` 2 bits for the
+    lookup-table kernel; see bitnet158.formats), or ``auto``: each weight shape in whichever is
+    fastest on this machine, timed when packing (bitnet158.tuning).
+    head: output head (and tied embedding) storage: ``int8`` per-row (default), ``fp16``, ``fp32``.
+    shapes: for ``auto``, the choice made ({"NxK": format}); stored with the packed model."""
+
+    format: str = "i2"
+    head: str = "int8"
+    shapes: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> "PackConfig":
+        if self.format not in FORMATS and self.format != AUTO:
+            raise ConfigError(f"unknown packed format {self.format!r}; known: {', '.join(sorted(FORMATS))} or auto")
+        if self.head not in HEADS:
+            raise ConfigError(f"unknown head {self.head!r}; expected one of {', '.join(HEADS)}")
+        if not isinstance(self.shapes, dict):
+            raise ConfigError("packing shapes must map 'NxK' to a format")
+        for key, fmt in self.shapes.items():
+            if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", str(key)) or fmt not in FORMATS:
+                raise ConfigError(f"bad packing shape entry {key!r}: {fmt!r} (expected 'NxK': one of "
+                                  f"{', '.join(sorted(FORMATS))})")
+        return self
+
+    def format_for(self, n: int, k: int) -> str:
+        """The format of an [n, k] weight under this config."""
+        if self.format != AUTO:
+            return self.format
+        try:
+            return self.shapes[shape_key(n, k)]
+        except KeyError:
+            raise ConfigError(f"packing format auto has no choice for a {n}x{k} weight") from None
+
+    def describe(self) -> str:
+        if self.format != AUTO:
+            return self.format
+        return "auto (" + ", ".join(f"{k.replace('x', '×')} {v}" for k, v in sorted(self.shapes.items())) + ")"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if not d["shapes"]:  # only format auto records choices; files stay as they were otherwise
+            del d["shapes"]
+        return d
+
+
+class PackedBitLinear(nn.Module):
+    """Inference-only BitLinear over packed ternary (or binary) codes.
+
+    Buffers: ``packed`` (uint8, the format's bytes), ``weight_scale`` (fp32 [1]), ``bias`` if any;
+    an RMSNorm ``norm`` when the layer had one inside (FAQ placement).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, format: str = "i2", act_quant: str = "token",
+                 norm: bool = False, eps: float = 1e-5, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.format = get_format(format).name
+        self.act_quant = act_quant
+        nbytes = get_format(format).packed_nbytes(out_features, in_features)
+        self.register_buffer("packed", torch.zeros(nbytes, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.norm = RMSNorm(in_features, eps).to(device) if norm else None
+        self._codes: torch.Tensor | None = None  # unpacked weights, only for the torch fallback path
+
+    @classmethod
+    @torch.no_grad()
+    def from_bitlinear(cls, layer: BitLinear, format: str = "i2") -> "PackedBitLinear":
+        if layer.mode == "fp":
+            raise ConfigError("an fp (full-precision twin) layer cannot be packed to ternary")
+        packed = cls(layer.in_features, layer.out_features, format=format, act_quant=layer.act_quant,
+                     norm=layer.norm is not None, eps=layer.norm.eps if layer.norm is not None else 1e-5,
+                     bias=layer.bias is not None)
+        codes, scale = layer.quantized_weight()
+        packed.packed = torch.from_numpy(get_format(format).pack(codes.cpu()))
+        packed.weight_scale = scale.reshape(1).float().cpu()
+        if layer.bias is not None:
+            packed.bias = layer.bias.detach().float().cpu().clone()
+        if layer.norm is not None:
+            packed.norm.load_state_dict(layer.norm.state_dict())
+        return packed
+
+    def codes(self) -> torch.Tensor:
+        """The int8 ternary codes [out, in] (decoded from the packed bytes)."""
+        return kernels.unpack_codes(self.packed, self.format, self.out_features, self.in_features)
+
+    def _native_args(self) -> tuple[np.ndarray, float]:
+        """(packed bytes as numpy, weight scale as a float) for the native call, cached until a
+        buffer is replaced (load, pack, .to()). Read through ``_buffers``: nn.Module's attribute
+        lookup costs ~2 µs a buffer, and a decode step makes ~200 of these calls."""
+        bufs = self._buffers
+        packed, scale = bufs["packed"], bufs["weight_scale"]
+        cached = self.__dict__.get("_native_cache")
+        if cached is None or cached[0] is not packed or cached[1] is not scale:
+            cached = (packed, scale, packed.numpy(), float(scale))
+            self.__dict__["_native_cache"] = cached
+        return cached[2], cached[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        if self.norm is not None:
+            x = self.norm(x)
+        path = kernels.current_path()
+        if path != kernels.TORCH_PATH and x.dtype == torch.float32 and not x.requires_grad and x.is_cpu:
+            # One native call (quantize, integer product, scales) with numpy around it: at decode
+            # sizes each torch op on the way (even a reshape, ~1.5 µs) costs as much as a small
+            # layer's product.
+            packed, scale = self._native_args()
+            xn = x.numpy()
+            y = kernels.bitlinear(xn.reshape(-1, k), packed, self.format, self.out_features, k, scale,
+                                  self.act_quant == "token", path)
+            y = torch.from_numpy(y.reshape(xn.shape[:-1] + (self.out_features,)))
+            bias = self._buffers["bias"]
+            return y if bias is None else y + bias
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        q, s = quant.ACT_QUANTIZERS[self.act_quant](x2)
+        if path == kernels.TORCH_PATH and self._codes is None:
+            self._codes = self.codes().float()
+        acc = kernels.ternary_matmul(q, self.packed, self.format, self.out_features, k, path=path,
+                                     codes=self._codes)
+        y = acc.to(torch.float32) * (s.reshape(-1, 1) * self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, format={self.format}, norm={self.norm is not None}, "
+                f"bias={self.bias is not None}")
+
+
+def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8: codes in [-127, 127] and fp32 row scales with w ≈ codes · scale."""
+    wf = w.detach().float()
+    absmax = wf.abs().amax(dim=1).clamp(min=quant.EPS)
+    codes = (wf * (127.0 / absmax)[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return codes, absmax / 127.0
+
+
+class Int8Table(nn.Module):
+    """An int8 per-row table (``qweight`` [rows, dim], ``row_scale`` [rows]) serving as the output
+    head (logits = int8 x · int8 table, both scales after) and, when tied, as the embedding."""
+
+    def __init__(self, rows: int, dim: int, device=None):
+        super().__init__()
+        self.register_buffer("qweight", torch.zeros(rows, dim, dtype=torch.int8, device=device))
+        self.register_buffer("row_scale", torch.ones(rows, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor) -> "Int8Table":
+        table = cls(*w.shape)
+        table.qweight, table.row_scale = quantize_rows_int8(w.cpu())
+        return table
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.qweight[tokens].to(torch.float32) * self.row_scale[tokens].unsqueeze(-1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        q, s = quant.absmax_int8_per_token(x.reshape(-1, k))
+        acc = kernels.int8_matmul(q, self.qweight)
+        return (acc.to(torch.float32) * s * self.row_scale).reshape(*lead, -1)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding lookups from an Int8Table (owned here when the head is tied to it)."""
+
+    def __init__(self, table: Int8Table):
+        super().__init__()
+        self.table = table
+
+    @property
+    def weight(self) -> torch.Tensor:  # what code asking for the embedding's shape sees
+        return self.table.qweight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table.embed(tokens)
+
+
+class Int8Head(nn.Module):
+    """The output head over an Int8Table; `shared` tables (tied embeddings) are not re-registered,
+    so each tensor is stored once."""
+
+    def __init__(self, table: Int8Table, shared: bool = False):
+        super().__init__()
+        if shared:
+            object.__setattr__(self, "_table", table)
+        else:
+            self._table_owned = table
+
+    @property
+    def table(self) -> Int8Table:
+        shared = self.__dict__.get("_table")
+        return shared if shared is not None else self._table_owned
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.qweight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table.logits(x)
+
+
+def float_head_dtype(head: str) -> torch.dtype:
+    return torch.float16 if head == "fp16" else torch.float32
