@@ -22,3 +22,9 @@ class CheckpointError(BitNetError):
 
 class FormatError(BitNetError):
     """A packed or foreign file (GGUF, HF) whose bytes disagree with what its format says."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for a user-facing message (its first line, or its type)."""
+    text = str(exc)
+    return text.splitlines()[0][:limit] if text.strip() else type(exc).__name__

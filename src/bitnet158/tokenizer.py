@@ -30,7 +30,7 @@ from typing import Any
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 from .fileio import atomic_write_bytes
 
 DEFAULT_EOS = "<|endoftext|>"
@@ -278,9 +278,7 @@ def read_backend(path: str | os.PathLike) -> _HFTokenizer:
         json.loads(text)  # a clearer message than the Rust parser's for truncated files
         return _HFTokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises plain Exception; json ValueError; decode errors
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: not a valid tokenizer.json ({first_line})") from None
-
+        raise CheckpointError(f"{path}: not a valid tokenizer.json ({first_line(exc)})") from None
 
 def _short(value: Any) -> str:
     """A bad value for a one-line message, cut so a huge one cannot flood it."""

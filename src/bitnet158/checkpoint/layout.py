@@ -21,7 +21,7 @@ from typing import Any
 
 from .._version import __version__
 from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..packed_layers import PackConfig
 
 FORMAT = "bitnet158"
@@ -80,7 +80,7 @@ def read_config_document(directory: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{directory}: {CONFIG} is missing") from None
     except (OSError, ValueError, RecursionError) as e:  # JSON, UTF-8 and "is a directory" errors alike
-        raise CheckpointError(f"{file}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{file}: not valid JSON ({first_line(e)})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or "model" not in doc:
         raise CheckpointError(f"{file}: not a bitnet158 config (no format/model keys)")
     version = doc.get("format_version", 1)

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import ModelConfig
-from ..errors import BitNetError, CheckpointError
+from ..errors import BitNetError, CheckpointError, first_line
 from ..formats import get_format
 from ..model import Transformer
 from ..packed_layers import PackConfig, PackedBitLinear, float_head_dtype
@@ -32,9 +32,6 @@ from .layout import CONFIG, TOKENIZER, WEIGHTS, read_config_document, resolve
 
 _HEAD_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 class ModelDir:
@@ -132,7 +129,7 @@ class ModelDir:
         try:
             reader = SafetensorsReader(self.file)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{self.file}: truncated or corrupt safetensors file ({_first_line(e)})") from None
+            raise CheckpointError(f"{self.file}: truncated or corrupt safetensors file ({first_line(e)})") from None
         missing = [n for n in self._expected if n not in set(reader.keys())]
         if missing:
             raise CheckpointError(f"{self.file}: tensor {missing[0]} is missing")
@@ -146,7 +143,7 @@ class ModelDir:
         try:
             t = self._reader.get_tensor(name)
         except ValueError as e:
-            raise CheckpointError(f"{self.file}: cannot read tensor {name} ({_first_line(e)})") from None
+            raise CheckpointError(f"{self.file}: cannot read tensor {name} ({first_line(e)})") from None
         return self.check(name, t)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -158,7 +155,7 @@ class ModelDir:
             with safe_open(str(self.file), framework="pt") as f:
                 found = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
-            raise CheckpointError(f"{self.file}: truncated or corrupt safetensors file ({_first_line(e)})") from None
+            raise CheckpointError(f"{self.file}: truncated or corrupt safetensors file ({first_line(e)})") from None
         for name in self._expected:
             if name not in found:
                 raise CheckpointError(f"{self.file}: tensor {name} is missing")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..fileio import atomic_directory, atomic_write_bytes, clean_stale_temporaries
 from ..model import Transformer
 from . import writer
@@ -63,14 +63,14 @@ def load_training_state(directory: Path, model: Transformer, optimizer: torch.op
         raise CheckpointError(f"{directory}: {TRAINER_STATE} is missing (a model directory, not a "
                               "resumable training checkpoint)") from None
     except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{directory / TRAINER_STATE}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{directory / TRAINER_STATE}: not valid JSON ({first_line(e)})") from None
     file = directory / TRAINER_TENSORS
     if not file.exists():
         raise CheckpointError(f"{file}: missing")
     try:
         tensors = safetensors_load(str(file))
     except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({first})") from None
     params = dict(model.named_parameters())
     for key, value in tensors.items():

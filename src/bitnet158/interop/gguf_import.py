@@ -25,7 +25,7 @@ import torch
 
 from ..checkpoint import save_packed
 from ..config import ModelConfig
-from ..errors import BitNetError, CheckpointError, ConfigError, FormatError
+from ..errors import BitNetError, CheckpointError, ConfigError, FormatError, first_line
 from ..formats import get_format
 from ..model import Transformer
 from ..packed_layers import PackConfig
@@ -63,7 +63,7 @@ def _reader_tensors(header: GGUFHeader) -> dict[str, np.ndarray]:
     except BitNetError:
         raise
     except Exception as e:  # the header already passed our checks; anything left is gguf-py's own
-        line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        line = first_line(e)
         raise FormatError(f"{path}: gguf-py could not read the file ({type(e).__name__}: {line[:200]})") from None
     if set(out) != set(header.tensors):
         raise FormatError(f"{path}: gguf-py and the header disagree on the tensor list")
@@ -267,7 +267,7 @@ def read_gguf(path: str | os.PathLike, *, format: str = "i2") -> tuple[Transform
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # a name or shape this importer did not anticipate: say so in one line
-        raise FormatError(f"{header.path}: tensors do not fit the model ({str(e).splitlines()[0][:200]})") from None
+        raise FormatError(f"{header.path}: tensors do not fit the model ({first_line(e)})") from None
     model.init_buffers()
     report = GGUFImport(Path(header.path), tuple(sorted({type_name(t.ggml_type) for t in header.tensors.values()})),
                         tuple(ternarized))

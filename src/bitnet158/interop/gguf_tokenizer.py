@@ -25,7 +25,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..errors import BitNetError, ConfigError, FormatError
+from ..errors import BitNetError, ConfigError, FormatError, first_line
 from ..tokenizer import Tokenizer
 from .gguf_header import GGUFHeader
 
@@ -186,7 +186,7 @@ def tokenizer_from_gguf(header: GGUFHeader) -> Tokenizer | None:
         raise FormatError(f"{header.path}: {e}") from None
     except Exception as e:  # tokenizers raises plain Exceptions for bad merges
         raise FormatError(f"{header.path}: the tokenizer metadata does not make a BPE tokenizer "
-                          f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+                          f"({first_line(e)})") from None
 
 
 __all__ = ["LLAMA3_SPLIT", "LLAMA_CPP_END_TEXTS", "add_gguf_tokenizer", "tokenizer_from_gguf"]

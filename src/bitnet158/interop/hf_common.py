@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..safetensors_io import SafetensorsReader, all_finite
 
 SINGLE_FILE = "model.safetensors"
@@ -23,14 +23,16 @@ ONEBITLLM_NAMES = {"attn_sub_norm": "inner_attn_ln", "ffn_sub_norm": "ffn_layern
 
 
 def read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`; every problem (missing, a directory, not UTF-8, not JSON, nested
+    too deep, not an object) is a one-line CheckpointError naming the file."""
     try:
         doc = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{file}: not a readable JSON file ({first_line(e)})") from None
     if not isinstance(doc, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(doc).__name__}")
     return doc
 
 
@@ -76,7 +78,7 @@ class TensorSource:
         try:
             return SafetensorsReader(file)
         except (OSError, ValueError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            first = first_line(e)
             raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({first})") from None
 
     def names(self) -> set[str]:
@@ -91,7 +93,7 @@ class TensorSource:
         try:
             return self._handles[file].get_tensor(name)
         except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            first = first_line(e)
             raise CheckpointError(f"{file}: cannot read tensor {name} ({first})") from None
 
 

@@ -28,29 +28,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..fileio import atomic_write_json
 from ..tokenizer import DEFAULT_EOS, Tokenizer, read_backend
+from .hf_common import read_json
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON file ({_first_line(exc)})") from None
-    if not isinstance(doc, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(doc).__name__}")
-    return doc
 
 
 def _token_text(value: Any, path: Path, key: str) -> str | None:
@@ -89,7 +77,7 @@ def _chat_template(value: Any, path: Path) -> str | None:
 def _post_processor_bos(path: Path) -> str | None:
     """The special token a TemplateProcessing post-processor puts first in a single sequence (as
     LLaMA 3's does with <|begin_of_text|>), or None. Looked for inside a Sequence too."""
-    proc = _read_json(path).get("post_processor")
+    proc = read_json(path).get("post_processor")
     procs = proc.get("processors") if isinstance(proc, dict) and proc.get("type") == "Sequence" else [proc]
     for p in procs if isinstance(procs, list) else []:
         if not isinstance(p, dict) or p.get("type") != "TemplateProcessing":
@@ -119,7 +107,7 @@ def read_hf_tokenizer(directory: Path, config_doc: dict[str, Any] | None = None)
     added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
 
     tc_path = directory / "tokenizer_config.json"
-    tc = _read_json(tc_path) if tc_path.is_file() else {}
+    tc = read_json(tc_path) if tc_path.is_file() else {}
     bos = _token_text(tc.get("bos_token"), tc_path, "bos_token")
     eos = _token_text(tc.get("eos_token"), tc_path, "eos_token")
     add_bos = tc.get("add_bos_token")
@@ -131,12 +119,12 @@ def read_hf_tokenizer(directory: Path, config_doc: dict[str, Any] | None = None)
         try:
             template = jinja.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{jinja}: not a readable template ({_first_line(exc)})") from None
+            raise CheckpointError(f"{jinja}: not a readable template ({first_line(exc)})") from None
 
     gen_path, cfg_path = directory / "generation_config.json", directory / "config.json"
-    gen = _read_json(gen_path) if gen_path.is_file() else {}
+    gen = read_json(gen_path) if gen_path.is_file() else {}
     if config_doc is None:
-        config_doc = _read_json(cfg_path) if cfg_path.is_file() else {}
+        config_doc = read_json(cfg_path) if cfg_path.is_file() else {}
     ends: list[str] = [eos] if eos is not None else []
     bos_candidates: list[str] = [bos] if bos is not None else []
     for doc, path in ((gen, gen_path), (config_doc, cfg_path)):

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ...errors import DataError
+from ...errors import DataError, first_line
 from .corpus import Corpus, Document, is_heldout
 
 HELDOUT_FRACTION = 0.05  # the tail fraction held out when whole files cannot be
@@ -138,7 +138,7 @@ def _read_parquet(path: Path) -> list[Document]:
     except DataError:
         raise
     except Exception as exc:  # pyarrow.ArrowInvalid and friends: not a parquet file
-        raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{path}: not a readable parquet file ({first_line(exc)})") from None
     docs = []
     for row, value in enumerate(column.to_pylist()):
         if value is None or value == "":
