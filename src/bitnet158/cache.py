@@ -1,26 +1,58 @@
-"""A preallocated per-layer key/value cache with one shared offset.
+"""Preallocated key/value caches, and attention over them.
 
-The model writes each layer's new keys and values at [offset, offset + T) and attends over
-[0, offset + T); after the whole forward it calls `advance(T)`. Preallocation keeps decode free of
-reallocation and makes the memory it takes known up front.
+`KVCache` holds a batch of sequences that advance together (one shared offset): the model writes
+each layer's new keys and values at [offset, offset + T) and attends over [0, offset + T); after the
+whole forward it calls `advance(T)`. `SlotKVCache` holds independent sequences in slots, each with
+its own length, for continuous batching: `bind(slots)` names which slot each row of the next
+forward belongs to — one sequence's prefill, or one new token for each of several sequences at
+their own positions. Preallocation keeps decode free of reallocation and makes the memory it takes
+known up front.
+
+The caches own attention (`attend`) because only they know where each row's keys live; every path
+calls `scaled_dot_product_attention` with the same shapes for the same sequence, so a sequence
+decoded alone or beside others computes the same floats.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import ConfigError
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """q [B, H, T, hd] at positions [past, past + T) over k, v [B, Hkv, past + T, hd]."""
+    gqa = k.shape[1] != q.shape[1]
+    T = q.shape[2]
+    if past == 0 or T == 1:
+        # T == 1 attends to everything cached; past == 0 is a plain causal prefix.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+    # a chunk appended to a non-empty cache: query i sees keys [0, past + i]
+    mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _tables(config: ModelConfig, rows: int, max_len: int, dtype: torch.dtype,
+            device: torch.device | str) -> list[torch.Tensor]:
+    shape = (rows, config.num_kv_heads, max_len, config.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
 
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int = 1, max_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.max_len = max_len or config.max_seq_len
-        shape = (batch_size, config.num_kv_heads, self.max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.keys = _tables(config, batch_size, self.max_len, dtype, device)
+        self.values = _tables(config, batch_size, self.max_len, dtype, device)
         self.offset = 0
+
+    def positions(self, T: int) -> int:
+        """Where the next T positions start (the same for every row)."""
+        return self.offset
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, n_kv, T, hd] at the current offset; return all keys and values so far."""
@@ -31,6 +63,12 @@ class KVCache:
         self.values[layer][:, :, self.offset:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this step's k, v and attend q over everything cached."""
+        past = self.offset
+        keys, values = self.update(layer, k, v)
+        return _attend(q, keys, values, past)
+
     def advance(self, n: int) -> None:
         self.offset += n
 
@@ -40,3 +78,68 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class SlotKVCache:
+    """`slots` independent sequences of up to `max_len` positions each (continuous batching)."""
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if slots < 1:
+            raise ConfigError(f"a slot cache needs at least one slot, got {slots}")
+        self.max_len = max_len or config.max_seq_len
+        self.keys = _tables(config, slots, self.max_len, dtype, device)
+        self.values = _tables(config, slots, self.max_len, dtype, device)
+        self.lengths = [0] * slots
+
+    @property
+    def slots(self) -> int:
+        return len(self.lengths)
+
+    def bind(self, slots: Sequence[int]) -> "SlotBatch":
+        """The cache as the next forward sees it: row b belongs to slot `slots[b]`."""
+        return SlotBatch(self, list(slots))
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class SlotBatch:
+    """One forward's view of a SlotKVCache: a single sequence (any T, e.g. a prefill), or one new
+    token (T = 1) for each of several sequences at their own positions."""
+
+    def __init__(self, cache: SlotKVCache, slots: list[int]):
+        if not slots or len(set(slots)) != len(slots):
+            raise ConfigError(f"a batch needs distinct slots, got {slots}")
+        self.cache, self.slots = cache, slots
+
+    def positions(self, T: int) -> int | torch.Tensor:
+        """One sequence: where it continues (an int, as KVCache says); several: [B, 1] positions."""
+        lengths = [self.cache.lengths[s] for s in self.slots]
+        if any(n + T > self.cache.max_len for n in lengths):
+            raise ConfigError(f"a sequence would exceed the KV cache length {self.cache.max_len}")
+        if len(self.slots) == 1:
+            return lengths[0]
+        if T != 1:
+            raise ConfigError("several sequences advance one token at a time")
+        return torch.tensor(lengths, dtype=torch.long).unsqueeze(1)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values, lengths = self.cache.keys[layer], self.cache.values[layer], self.cache.lengths
+        T = q.shape[2]
+        outs = []
+        for b, s in enumerate(self.slots):
+            past = lengths[s]
+            keys[s, :, past:past + T] = k[b]
+            values[s, :, past:past + T] = v[b]
+            # the same shapes and call as a lone sequence in a KVCache: the same floats
+            outs.append(_attend(q[b:b + 1], keys[s:s + 1, :, :past + T], values[s:s + 1, :, :past + T], past))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def advance(self, n: int) -> None:
+        for s in self.slots:
+            self.cache.lengths[s] += n

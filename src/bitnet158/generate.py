@@ -1,46 +1,104 @@
 """Generation in three layers (as mlx-lm does): `generate_step` yields token ids from a KV-cached
 model; `stream_generate` turns them into text pieces with speed statistics; `generate` returns the
-whole string. The CLI (and later chat and server) call only `stream_generate`.
+whole string. The CLI (and chat and server) call only `stream_generate` or its request form.
+
+The per-sequence decisions — sampling with the sequence's own seeded generator, penalties'
+history, stream detokenizing, end tokens, stop strings, max_tokens, logprobs — live in one
+object, `SequenceDecoder`, which takes next-token logits and answers a `GenerationResponse`.
+`stream_generate` drives it with a model over a `PromptCache`; the batching engine drives one per
+request from a batched forward. So a request gives the same tokens through either.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .cache import KVCache
+from .config import ModelConfig
 from .errors import ConfigError
-from .sampling import SamplingConfig, sample
-from .tokenizer import StreamingDetokenizer, Tokenizer
+from .sampling import SamplingConfig, TokenSampler
+from .stops import StopMatcher
+from .tokenizer import Tokenizer
+
+MAX_LOGPROBS = 20  # alternatives per token; OpenAI's own limit, and what a response can afford
 
 
-@torch.no_grad()
-def generate_step(model, prompt: list[int], sampling: SamplingConfig | None = None, max_tokens: int = 100,
-                  seed: int | None = None) -> Iterator[int]:
-    """Yield up to max_tokens new token ids. The prompt is prefilled in one forward; each new
-    token then costs one single-position forward over the KV cache."""
-    sampling = (sampling or SamplingConfig()).validate()
-    if not prompt:
-        raise ConfigError("the prompt is empty: give at least one token")
-    cfg = model.config
-    if len(prompt) >= cfg.max_seq_len:
-        raise ConfigError(f"the prompt has {len(prompt)} tokens; the model's context is {cfg.max_seq_len}")
-    max_tokens = min(max_tokens, cfg.max_seq_len - len(prompt))
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = KVCache(cfg, batch_size=1, device=device)
-    model.eval()
-    tokens = torch.tensor([prompt], dtype=torch.long, device=device)
-    seen = torch.tensor(prompt, dtype=torch.long, device=device)
-    logits = model(tokens, cache, last_only=True)[0, -1]
-    for _ in range(max_tokens):
-        token = int(sample(logits, sampling, seen, generator))
-        yield token
-        seen = torch.cat([seen, seen.new_tensor([token])])
-        logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw next-token distribution: log_softmax of the
+    logits before any penalty, temperature or filter (what OpenAI reports, and what scoring a
+    multiple-choice answer needs). `top`: the k most likely tokens as (id, text, logprob), most
+    likely first; it may include the chosen token. Texts are each token decoded alone."""
+    token: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """One token's text decoded alone; a piece of a multi-byte character becomes U+FFFD."""
+    return tokenizer.token_bytes(token).decode("utf-8", "replace")
+
+
+def token_logprobs(tokenizer: Tokenizer, logits: torch.Tensor, chosen: Sequence[int],
+                   k: int) -> list[TokenLogprob]:
+    """logits [N, vocab] (raw), chosen N ids → their TokenLogprob with k alternatives each."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.as_tensor(list(chosen), dtype=torch.long, device=logprobs.device)
+    picked = logprobs.gather(-1, ids[:, None])[:, 0].tolist()
+    if k > 0:
+        values, indices = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)  # sorted, descending
+        tops = [[(i, token_text(tokenizer, i), v) for i, v in zip(row_i, row_v)]
+                for row_i, row_v in zip(indices.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in picked]
+    return [TokenLogprob(t, token_text(tokenizer, t), lp, top)
+            for t, lp, top in zip(ids.tolist(), picked, tops)]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion request, as the API, chat and server take it. `prompt` holds token ids with
+    bos already in place. logprobs: None for none, k >= 0 for the chosen token's logprob and k
+    alternatives. echo: the first response also carries the prompt's own logprobs."""
+    prompt: tuple[int, ...]
+    max_tokens: int = 100
+    sampling: SamplingConfig = SamplingConfig()  # frozen, so one shared default is safe
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+
+    def __post_init__(self) -> None:
+        # accept lists (and one bare stop string) but keep the request hashable and immutable
+        object.__setattr__(self, "prompt", tuple(self.prompt))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+
+    def validate(self) -> "GenerationRequest":
+        if not self.prompt:
+            raise ConfigError("the prompt is empty: give at least one token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.prompt):
+            raise ConfigError("the prompt must be token ids: integers >= 0")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.sampling, SamplingConfig):
+            raise ConfigError(f"sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
+        self.sampling.validate()
+        StopMatcher(self.stop)  # refuses empty or non-text stop strings
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2**63 <= self.seed < 2**64):
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        k = self.logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+            raise ConfigError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not isinstance(self.echo, bool):
+            raise ConfigError(f"echo must be true or false, got {self.echo!r}")
+        return self
 
 
 @dataclass
@@ -51,37 +109,238 @@ class GenerationResponse:
     prompt_tokens: int
     tokens_per_second: float    # decode speed so far (excluding the prompt's prefill)
     prefill_seconds: float
-    finish_reason: str | None   # "stop" (any end token), "length", or None while running
+    finish_reason: str | None   # "stop" (an end token or a stop string), "length", or None while running
+    logprob: TokenLogprob | None = None        # when the request asks for logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # echo, first response only; [0] is None
 
 
-def stream_generate(model, tokenizer: Tokenizer, prompt: str, max_tokens: int = 100,
-                    sampling: SamplingConfig | None = None, seed: int | None = None) -> Iterator[GenerationResponse]:
+class SequenceDecoder:
+    """One sequence's state machine: next-token logits in, one `GenerationResponse` out.
+
+    Samples (own generator, seeded from request.seed), stream-detokenizes, holds back text that may
+    start a stop string, and finishes on an end token (eos or end-of-turn; its text is not
+    emitted), a stop string, or max_tokens (clamped to what `context` leaves after the prompt).
+    Timing fields are 0: the caller measures them and fills them with dataclasses.replace. A
+    driver (stream_request, the batching engine) runs it like this:
+
+        decoder = SequenceDecoder(tokenizer, request, context=model.config.max_seq_len)
+        logits = model(prompt, cache, last_only=not request.echo)[0]
+        if request.echo:
+            decoder.prompt_logprobs(logits)       # carried by the first response
+        response = decoder.step(logits[-1])
+        while not decoder.finished:
+            response = decoder.step(model([[decoder.next_input]], cache)[0, -1])
+    """
+
+    def __init__(self, tokenizer: Tokenizer, request: GenerationRequest, *, context: int | None = None):
+        self.tokenizer = tokenizer
+        self.request = request.validate()
+        self.max_tokens = request.max_tokens
+        if context is not None:
+            if len(request.prompt) >= context:
+                raise ConfigError(f"the prompt has {len(request.prompt)} tokens; "
+                                  f"the model's context is {context}")
+            self.max_tokens = min(self.max_tokens, context - len(request.prompt))
+        self._sampler = TokenSampler(request.sampling, request.prompt, request.seed)
+        self._end_ids = frozenset(tokenizer.end_ids)
+        self._detok = tokenizer.streaming_detokenizer()
+        self._stops = StopMatcher(request.stop)
+        self._prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def next_input(self) -> int:
+        """The id to feed the model next: the token sampled last."""
+        if not self.tokens or self.finished:
+            raise RuntimeError("next_input exists only after a step that did not finish the sequence")
+        return self.tokens[-1]
+
+    def prompt_logprobs(self, logits: torch.Tensor) -> list[TokenLogprob | None]:
+        """From the prefill's logits [T, vocab] at every prompt position: entry i is the logprob of
+        prompt token i given the tokens before it (entry 0, with nothing before it, is None).
+        Also remembered for the next `step`'s response."""
+        prompt = self.request.prompt
+        if logits.dim() != 2 or logits.shape[0] != len(prompt):
+            raise ValueError(f"prompt_logprobs needs logits [{len(prompt)}, vocab], got {list(logits.shape)}")
+        k = self.request.logprobs or 0
+        entries: list[TokenLogprob | None] = [None]
+        entries += token_logprobs(self.tokenizer, logits[:-1], prompt[1:], k) if len(prompt) > 1 else []
+        self._prompt_logprobs = entries
+        return entries
+
+    def step(self, logits: torch.Tensor) -> GenerationResponse:
+        """Sample the next token from next-token logits [vocab] and answer what it adds."""
+        if self.finished:
+            raise RuntimeError("the sequence has already finished")
+        token = self._sampler(logits)
+        self.tokens.append(token)
+        logprob = None
+        if self.request.logprobs is not None:
+            logprob = token_logprobs(self.tokenizer, logits[None], [token], self.request.logprobs)[0]
+        if token in self._end_ids:  # its text (e.g. "<|eot_id|>") is a signal, not output
+            text = self._finish(self._detok.finalize(), "stop")
+        else:
+            at_length = len(self.tokens) >= self.max_tokens
+            piece = self._detok.add(token) + (self._detok.finalize() if at_length else "")
+            text = self._finish(piece, "length" if at_length else None)
+        response = GenerationResponse(text, token, len(self.tokens), len(self.request.prompt), 0.0, 0.0,
+                                      self.finish_reason, logprob, self._prompt_logprobs)
+        self._prompt_logprobs = None  # only the first response carries the prompt's logprobs
+        return response
+
+    def _finish(self, piece: str, reason: str | None) -> str:
+        """Run `piece` through the stop matcher; set finish_reason if a stop string or `reason`
+        ends the sequence (a stop string wins: it is why the text ends where it does)."""
+        text, stopped = self._stops.feed(piece)
+        if stopped:
+            self.finish_reason = "stop"
+        elif reason is not None:
+            text += self._stops.flush()
+            self.finish_reason = reason
+        return text
+
+
+class PromptCache:
+    """A KV cache that remembers which tokens it holds, so the next prompt that starts the same
+    way (a chat's next turn) prefills only what is new. Positions past `tokens` hold stale keys;
+    they are overwritten before anything reads them, so truncating is just moving the offset."""
+
+    def __init__(self, config: ModelConfig, max_len: int | None = None, *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.config = config
+        self.kv = KVCache(config, batch_size=1, max_len=max_len, dtype=dtype, device=device)
+        self.tokens: list[int] = []
+        self.last_prefill = 0  # tokens the last prefill ran through the model (the rest were reused)
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.max_len
+
+    def reset(self) -> None:
+        self.kv.reset()
+        self.tokens = []
+
+    def _truncate(self, n: int) -> None:
+        self.kv.offset = n
+        del self.tokens[n:]
+
+    def prefill(self, model: torch.nn.Module, prompt: Sequence[int], *,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run the prompt's uncached tail through the model; logits [1, vocab] for the last position,
+        or with all_logits [len(prompt), vocab] for every position (then nothing is reused: the
+        cached positions have no logits)."""
+        if model.config != self.config:
+            raise ConfigError("this PromptCache was made for a different model configuration")
+        prompt = list(prompt)
+        reuse = 0
+        if not all_logits:
+            limit = min(len(self.tokens), len(prompt) - 1)  # the last prompt token always runs: its logits
+            while reuse < limit and self.tokens[reuse] == prompt[reuse]:
+                reuse += 1
+        self._truncate(reuse)  # before the forward, so a failed one leaves tokens and offset in step
+        device = self.kv.keys[0].device
+        logits = model(torch.tensor([prompt[reuse:]], dtype=torch.long, device=device), self.kv,
+                       last_only=not all_logits)[0]
+        self.tokens.extend(prompt[reuse:])
+        self.last_prefill = len(prompt) - reuse
+        return logits
+
+    def feed(self, model: torch.nn.Module, token: int) -> torch.Tensor:
+        """Run one generated token through the model; the next-token logits [vocab]."""
+        device = self.kv.keys[0].device
+        logits = model(torch.tensor([[token]], dtype=torch.long, device=device), self.kv)[0, -1]
+        self.tokens.append(token)
+        return logits
+
+
+def _prepare(model: torch.nn.Module, cache: PromptCache | None,
+             prompt: Sequence[int]) -> tuple[PromptCache, int]:
+    """The cache to run on (a fresh one when none is given) and the context it leaves."""
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for t in prompt):  # the embedding would fail with a bare IndexError
+        raise ConfigError(f"the prompt has token ids outside the model's vocabulary [0, {vocab})")
+    if cache is None:
+        cache = PromptCache(model.config, device=next(model.parameters()).device)
+    model.eval()
+    return cache, min(model.config.max_seq_len, cache.max_len)
+
+
+@torch.no_grad()
+def generate_step(model, prompt: list[int], sampling: SamplingConfig | None = None, max_tokens: int = 100,
+                  seed: int | None = None, *, cache: PromptCache | None = None) -> Iterator[int]:
+    """Yield up to max_tokens new token ids (end tokens included: ids carry no text, so end
+    tokens, stop strings and logprobs belong to `stream_generate`). The prompt is prefilled in one
+    forward; each new token then costs one single-position forward over the KV cache."""
+    if not prompt:
+        raise ConfigError("the prompt is empty: give at least one token")
+    sampler = TokenSampler(sampling or SamplingConfig(), prompt, seed)
+    cache, context = _prepare(model, cache, prompt)
+    if len(prompt) >= context:
+        raise ConfigError(f"the prompt has {len(prompt)} tokens; the model's context is {context}")
+    max_tokens = min(max_tokens, context - len(prompt))
+    logits = cache.prefill(model, prompt)[-1]
+    for i in range(max_tokens):
+        token = sampler(logits)
+        yield token
+        if i + 1 < max_tokens:  # the last token needs no forward (a chat's next prefill runs it)
+            logits = cache.feed(model, token)
+
+
+def _prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    if not isinstance(prompt, str):
+        return list(prompt)
     ids = tokenizer.encode_prompt(prompt)  # with bos in front when the model expects it
     if not ids:  # an empty prompt starts a new document: bos, or eos where it doubles as bos
         ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
-    end_ids = frozenset(tokenizer.end_ids)  # eos and end-of-turn alike (LLaMA 3: <|eot_id|>)
-    detok = StreamingDetokenizer(tokenizer)
+    return ids
+
+
+@torch.no_grad()
+def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
+                   cache: PromptCache | None = None) -> Iterator[GenerationResponse]:
+    """`stream_generate` for a ready GenerationRequest. With a cache, the longest common prefix of
+    cache.tokens and the prompt is reused (not with echo, which needs logits at every prompt
+    position); afterwards cache.tokens is the prompt plus the generated tokens the model has run."""
+    cache, context = _prepare(model, cache, request.prompt)
+    decoder = SequenceDecoder(tokenizer, request, context=context)
     start = time.perf_counter()
+    logits = cache.prefill(model, request.prompt, all_logits=request.echo)
+    if request.echo:
+        decoder.prompt_logprobs(logits)
+    logits = logits[-1]
     first = None
-    n = 0
-    for token in generate_step(model, ids, sampling, max_tokens, seed):
+    while True:
+        response = decoder.step(logits)
         now = time.perf_counter()
         if first is None:
             first = now
-        n += 1
         decode_time = now - first
-        rate = (n - 1) / decode_time if decode_time > 0 else 0.0
-        if token in end_ids:
-            yield GenerationResponse(detok.finalize(), token, n, len(ids), rate, first - start, "stop")
+        rate = (response.generated_tokens - 1) / decode_time if decode_time > 0 else 0.0
+        yield dataclasses.replace(response, tokens_per_second=rate, prefill_seconds=first - start)
+        if decoder.finished:
             return
-        text = detok.add(token)
-        finish = "length" if n == max_tokens else None
-        if finish:
-            text += detok.finalize()
-        yield GenerationResponse(text, token, n, len(ids), rate, first - start, finish)
+        logits = cache.feed(model, decoder.next_input)
 
 
-def generate(model, tokenizer, prompt: str, max_tokens: int = 100, sampling: SamplingConfig | None = None,
-             seed: int | None = None) -> str:
+def stream_generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 100,
+                    sampling: SamplingConfig | None = None, seed: int | None = None, *,
+                    stop: Sequence[str] = (), logprobs: int | None = None, echo: bool = False,
+                    cache: PromptCache | None = None) -> Iterator[GenerationResponse]:
+    """Stream the continuation of `prompt` (text, encoded with bos as the tokenizer wants, or
+    token ids) as GenerationResponses; the last one has finish_reason set."""
+    request = GenerationRequest(tuple(_prompt_ids(tokenizer, prompt)), max_tokens,
+                                sampling or SamplingConfig(), stop, seed, logprobs, echo)  # stop → tuple
+    return stream_request(model, tokenizer, request.validate(), cache=cache)
+
+
+def generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 100,
+             sampling: SamplingConfig | None = None, seed: int | None = None, *, stop: Sequence[str] = (),
+             cache: PromptCache | None = None) -> str:
     """The generated continuation of `prompt` as one string."""
-    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, sampling, seed))
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, sampling, seed,
+                                                   stop=stop, cache=cache))

@@ -20,11 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .cache import KVCache
+from .cache import KVCache, SlotBatch
 from .config import ModelConfig
 from .errors import ConfigError
 from .layers import WEIGHT_BITS, BitLinear, MetaSafeEmbedding, MetaSafeLinear, RMSNorm
 from .packed_layers import Int8Embedding, Int8Head, Int8Table, PackConfig, PackedBitLinear
+
+Cache = KVCache | SlotBatch  # what a forward can read and extend
 
 
 def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +44,9 @@ def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.T
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, hd]; cos/sin [T, hd]. rotate_half(x) = cat(-x2, x1)."""
-    if kernels.native_small_ops(x):  # inference: one native call instead of seven torch ops
+    """x [B, H, T, hd]; cos/sin [T, hd], or [B, 1, T, hd] when each row has its own positions.
+    rotate_half(x) = cat(-x2, x1)."""
+    if cos.dim() == 2 and kernels.native_small_ops(x):  # inference: one native call instead of seven torch ops
         return kernels.rope(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -80,22 +83,16 @@ class Attention(nn.Module):
         self.o_proj = _linear(config, packing, self.n_heads * self.hd, d)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                cache: Cache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
-        if cache is not None:
-            past = cache.offset
-            k, v = cache.update(layer, k, v)
-        if past == 0 or T == 1:
-            # T == 1 attends to everything cached; past == 0 is a plain causal prefix.
+        if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
-        else:  # a chunk appended to a non-empty cache: query i sees keys [0, past + i]
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        else:  # the cache stores k, v and knows which keys each row sees
+            out = cache.attend(layer, q, k, v)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         return self.o_proj(self.attn_sub_norm(out))
 
@@ -185,14 +182,20 @@ class Transformer(nn.Module):
                 scaled = name.endswith(("o_proj.weight", "down_proj.weight"))
                 nn.init.normal_(p, std=std / (2 * self.config.num_layers) ** 0.5 if scaled else std)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: Cache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab]; with last_only, [B, 1, vocab] for the last position (a prefill
-        that only needs the next token skips the head on every other position)."""
+        that only needs the next token skips the head on every other position). `cache`: a
+        KVCache (rows advance together) or a SlotKVCache's bound batch (rows at their own positions)."""
         B, T = tokens.shape
-        start = cache.offset if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"positions up to {start + T} exceed max_seq_len {self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        start = cache.positions(T) if cache is not None else 0
+        if isinstance(start, int):
+            if start + T > self.config.max_seq_len:
+                raise ValueError(f"positions up to {start + T} exceed max_seq_len {self.config.max_seq_len}")
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        else:  # [B, T] positions, one row per sequence
+            if int(start.max()) >= self.config.max_seq_len:
+                raise ValueError(f"position {int(start.max())} exceeds max_seq_len {self.config.max_seq_len}")
+            cos, sin = self.rope_cos[start].unsqueeze(1), self.rope_sin[start].unsqueeze(1)
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)

@@ -16,9 +16,10 @@ from ..errors import BitNetError
 
 # verb → module under bitnet158.cli, in the order `--help` lists them
 VERBS = {
-    "demo": "demo", "train": "train", "generate": "generate", "pack": "pack", "convert": "convert",
+    "demo": "demo", "train": "train", "generate": "generate", "chat": "chat", "pack": "pack",
+    "convert": "convert",
     "export-hf": "export_hf", "import-hf": "import_hf", "bench": "bench", "evidence": "evidence",
-    "export-gguf": "export_gguf", "import-gguf": "import_gguf", "info": "info",
+    "export-gguf": "export_gguf", "import-gguf": "import_gguf", "info": "info", "serve": "serve",
 }
 
 

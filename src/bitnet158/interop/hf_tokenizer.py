@@ -24,7 +24,6 @@ config.json and generation_config.json (eos_token_id a list when there are sever
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

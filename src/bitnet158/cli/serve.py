@@ -1,0 +1,151 @@
+"""`bitnet158 serve CKPT`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one checkpoint.
+
+    bitnet158 serve runs/my-model/final --port 8080
+    curl http://127.0.0.1:8080/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "final", "prompt": "def f(x):", "max_tokens": 32}'
+
+It binds 127.0.0.1 unless told otherwise. SIGTERM (or Ctrl-C) stops accepting connections, lets
+the running requests finish (up to --drain-timeout seconds), drains the engine and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoint
+from ..bench import use_kernel_threads
+from ..chat_template import read_template_file
+from ..errors import BitNetError, CheckpointError, ConfigError
+from ..serve.engine import Engine
+from ..tokenizer import Tokenizer
+from .common import default_of, set_threads
+
+NAME = "serve"
+HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (chat, completions, streaming)"
+DEFAULT_HOST = "127.0.0.1"  # local only unless the user says otherwise
+DEFAULT_PORT = 8080
+DEFAULT_DRAIN_TIMEOUT = 30.0  # seconds; what container runtimes commonly allow between SIGTERM and SIGKILL
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--max-concurrency", type=int, default=default_of(Engine.__init__, "max_concurrency"),
+                   help="requests generating at once (slots); default %(default)s")
+    p.add_argument("--max-queue", type=int, default=default_of(Engine.__init__, "max_queue"),
+                   help="requests waiting for a slot before new ones get 429; default %(default)s")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (default: the tokenizer's "
+                   "own, else a plain System/User/Assistant transcript)")
+    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (default: the server's, 1 MiB)")
+    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
+                   help="seconds a shutdown waits for running requests; default %(default)s")
+
+
+def engine_loader(path: str | Path, *, max_concurrency: int, max_queue: int,
+                  threads: int | None = None) -> Callable[[], tuple[Engine, Tokenizer]]:
+    """What the app runs in its loading thread: the checkpoint → a started Engine and its tokenizer."""
+    def load() -> tuple[Engine, Tokenizer]:
+        model, tokenizer = checkpoint.load(path)
+        if tokenizer is None:
+            raise CheckpointError(f"{path}: no tokenizer.json beside the weights")
+        if model.packing is not None:
+            use_kernel_threads(threads)
+        return Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue).start(), tokenizer
+    return load
+
+
+def model_name_for(path: str | Path) -> str:
+    """The checkpoint folder's name, which is what a user would call the model."""
+    resolved = Path(path).resolve()
+    return resolved.name or "model"
+
+
+def run(args: argparse.Namespace) -> int:
+    # the HTTP stack is imported here, not at the top: every other verb would pay for it
+    import uvicorn
+
+    from ..serve.api import create_app
+
+    set_threads(args.threads)
+    if not Path(args.checkpoint).exists():
+        raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
+    if args.max_concurrency < 1 or args.max_queue < 0:
+        raise ConfigError("--max-concurrency must be at least 1 and --max-queue at least 0")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_body_bytes is not None and args.max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
+    template = read_template_file(args.chat_template) if args.chat_template else None
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"bitnet158: warning: serving on {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+
+    failure: list[BaseException] = []
+    server: Any = None
+
+    def stop_on_load_error(exc: BaseException) -> None:
+        failure.append(exc)
+        if server is not None:
+            server.should_exit = True  # read by uvicorn's main loop
+
+    options: dict[str, Any] = {"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}
+    app = create_app(engine_loader(args.checkpoint, max_concurrency=args.max_concurrency,
+                                   max_queue=args.max_queue, threads=args.threads),
+                     model_name=args.model_name or model_name_for(args.checkpoint), api_key=args.api_key,
+                     chat_template=template, drain_timeout=args.drain_timeout,
+                     on_load_error=stop_on_load_error, **options)
+    _show_server_log()
+    # uvicorn handles SIGINT/SIGTERM itself: stop accepting, wait for open requests (at most
+    # timeout_graceful_shutdown), then the app's lifespan shutdown drains the engine
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.drain_timeout)
+    server = uvicorn.Server(config)
+
+    def stop(signum: int, frame: Any) -> None:
+        server.should_exit = True
+
+    # uvicorn installs its own handlers while it runs and, after its graceful shutdown, re-raises
+    # the signal to the handlers it found, so with the default ones a drained stop would still die
+    # by SIGTERM. Ours (also covering the moments before uvicorn's are in place) just ask it to
+    # stop, so a drained stop exits 0.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        exc = failure[0]
+        raise exc if isinstance(exc, BitNetError) else CheckpointError(f"the model failed to load: {exc}")
+    return 0 if server.started else 1
+
+
+def _show_server_log() -> None:
+    """The server's own lines (model loaded, load failures) on stderr, in uvicorn's style; only
+    our logger, so an embedding program's logging setup is left alone."""
+    log = logging.getLogger("bitnet158.serve")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,270 @@
+"""Continuous batching: one engine thread advances every active request by one token per step in
+one batched forward. It knows nothing of HTTP.
+
+    engine = Engine(model, tokenizer, max_concurrency=8)
+    engine.start()
+    stream = engine.submit(GenerationRequest(prompt=tuple(ids), max_tokens=64))
+    for response in stream:            # or `async for` inside an event loop
+        print(response.text, end="")
+
+Each request holds a slot of a SlotKVCache while it runs. A step first prefills waiting requests
+into free slots (one forward each, so a long prompt never stalls the others for more than its own
+prefill), then runs one forward over the newest token of every active sequence — M rows through
+the packed GEMM, each at its own position with its own keys — so the weights are read once per
+step for all of them. Requests beyond the slots wait in a bounded queue; beyond that `submit`
+raises QueueFull. A finished or cancelled request frees its slot at once.
+
+Every sequence is decoded by its own `SequenceDecoder` (sampling with its own seeded generator,
+stop strings, end tokens, logprobs), the same object `stream_generate` uses, and attention reads
+each sequence's keys alone: a request gives the same tokens whether it runs alone or beside others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import torch
+
+from ..cache import SlotKVCache
+from ..errors import BitNetError, ConfigError
+from ..generate import GenerationRequest, GenerationResponse, SequenceDecoder
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+
+
+class QueueFull(BitNetError):
+    """Every slot is busy and the waiting queue is full."""
+
+
+class EngineStopped(BitNetError):
+    """The engine shut down before the request finished."""
+
+
+class RequestStream:
+    """The responses of one request, in order, ending with the one whose finish_reason is set.
+    Iterate it (`for`, blocking) or, when it was submitted from an event loop, `async for`."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None):
+        self.request = request
+        self._loop = loop
+        self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._queue: queue.Queue = queue.Queue()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop this request: its slot is freed at the engine's next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _deliver(self, item: GenerationResponse | BaseException) -> None:  # engine thread
+        if self._async_queue is None:
+            self._queue.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._cancelled.set()
+
+    def __iter__(self) -> Iterator[GenerationResponse]:
+        if self._async_queue is not None:
+            raise RuntimeError("this stream was submitted from an event loop: use `async for`")
+        while True:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[GenerationResponse]:
+        if self._async_queue is None:
+            raise RuntimeError("this stream was not submitted from an event loop: use `for`")
+        while True:
+            item = await self._async_queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+
+@dataclasses.dataclass
+class _Sequence:
+    stream: RequestStream
+    decoder: SequenceDecoder
+    slot: int
+    submitted: float
+    first_token: float | None = None
+
+
+class Engine:
+    """The batching loop over one model (see the module docstring)."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int = 64,
+                 max_len: int | None = None):
+        """`max_len`: positions per slot (prompt + answer), the model's context by default; the
+        KV cache takes max_concurrency × max_len positions up front."""
+        if max_concurrency < 1 or max_queue < 0:
+            raise ConfigError(f"max_concurrency must be ≥ 1 and max_queue ≥ 0, got {max_concurrency}, {max_queue}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_queue = max_queue
+        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.cache = SlotKVCache(model.config, max_concurrency, self.max_len)
+        self._free = list(range(max_concurrency))[::-1]
+        self._waiting: collections.deque[tuple[RequestStream, float]] = collections.deque()
+        self._active: list[_Sequence] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._drain = True
+        self._thread: threading.Thread | None = None
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode forwards by rows
+
+    # --- the caller's side ----------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def max_concurrency(self) -> int:
+        return self.cache.slots
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._torch_threads = torch.get_num_threads()  # the starter's setting (use_kernel_threads: 1)
+            self._thread = threading.Thread(target=self._run, name="bitnet158-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; its stream delivers the responses. ConfigError for a prompt that does
+        not fit the context, QueueFull when max_queue requests already wait."""
+        request.validate()
+        if not request.prompt:
+            raise ConfigError("the prompt is empty: give at least one token")
+        if len(request.prompt) >= self.max_len:
+            raise ConfigError(f"the prompt has {len(request.prompt)} tokens; the model's context is {self.max_len}")
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        stream = RequestStream(request, loop)
+        with self._wake:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._waiting) - len(self._free) >= self.max_queue:  # free slots take waiters first
+                raise QueueFull(f"all {self.max_concurrency} slots are busy and {len(self._waiting)} requests wait")
+            self._waiting.append((stream, time.perf_counter()))
+            self._wake.notify()
+        return stream
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the engine thread: after the running and waiting requests finish (drain), or at
+        once, ending every open stream with EngineStopped."""
+        with self._wake:
+            self._stopping, self._drain = True, drain
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_num_threads(self._torch_threads)  # OpenMP settings are per thread too
+        with torch.no_grad():  # grad mode is per thread: the engine thread sets its own
+            while True:
+                with self._wake:
+                    while not (self._waiting or self._active or self._stopping):
+                        self._wake.wait()
+                    if self._stopping and (not self._drain or not (self._waiting or self._active)):
+                        break
+                self._step()
+        self._abort_all(EngineStopped("the server shut down before the request finished"))
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        while self._free:
+            with self._wake:
+                if not self._waiting:
+                    break
+                stream, submitted = self._waiting.popleft()
+            if not stream.cancelled:
+                self._prefill(stream, submitted)
+        if self._active:
+            self._decode()
+
+    def _prefill(self, stream: RequestStream, submitted: float) -> None:
+        request = stream.request
+        slot = self._free.pop()
+        seq = _Sequence(stream, SequenceDecoder(self.tokenizer, request), slot, submitted)
+        try:
+            tokens = torch.tensor([request.prompt], dtype=torch.long)
+            logits = self.model(tokens, self.cache.bind([slot]), last_only=not request.echo)[0]
+            prompt_logprobs = seq.decoder.prompt_logprobs(logits) if request.echo else None
+            response = seq.decoder.step(logits[-1])
+        except Exception as e:  # a bug must not take the engine (and every other request) down
+            self._release(seq)
+            stream._deliver(e)
+            return
+        seq.first_token = time.perf_counter()
+        self._active.append(seq)
+        self._emit(seq, dataclasses.replace(response, prompt_logprobs=prompt_logprobs))
+
+    def _decode(self) -> None:
+        rows = list(self._active)
+        tokens = torch.tensor([[seq.decoder.next_input] for seq in rows], dtype=torch.long)
+        self.batch_sizes[len(rows)] += 1
+        try:
+            logits = self.model(tokens, self.cache.bind([seq.slot for seq in rows]))[:, -1]
+        except Exception as e:
+            for seq in rows:
+                self._release(seq)
+                seq.stream._deliver(e)
+            return
+        for b, seq in enumerate(rows):
+            try:
+                response = seq.decoder.step(logits[b])
+            except Exception as e:  # one sequence's failure ends that sequence, not the engine
+                self._release(seq)
+                seq.stream._deliver(e)
+                continue
+            self._emit(seq, response)
+
+    def _emit(self, seq: _Sequence, response: GenerationResponse) -> None:
+        now = time.perf_counter()
+        n = response.generated_tokens
+        rate = (n - 1) / (now - seq.first_token) if n > 1 and now > seq.first_token else 0.0
+        seq.stream._deliver(dataclasses.replace(response, tokens_per_second=rate,
+                                                prefill_seconds=seq.first_token - seq.submitted))
+        if response.finish_reason is not None:
+            self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        if seq in self._active:
+            self._active.remove(seq)
+        self.cache.free(seq.slot)
+        self._free.append(seq.slot)
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._active if s.stream.cancelled]:
+            self._release(seq)
+
+    def _abort_all(self, error: BitNetError) -> None:
+        for seq in list(self._active):
+            self._release(seq)
+            seq.stream._deliver(error)
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for stream, _ in waiting:
+            stream._deliver(error)

@@ -1,0 +1,165 @@
+"""GenerationResponses → OpenAI's JSON: chat completions and text completions, whole or as stream
+chunks, with logprobs in each endpoint's own shape.
+
+One object per request (`ChatShape`, `CompletionShape`) sees every response in order: `add`
+returns the stream chunk for that response (or None when it adds nothing a client can see) and
+accumulates what `whole` returns for a non-streamed answer, so both paths share one walk.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any
+
+from ..generate import GenerationResponse, TokenLogprob, token_text
+from ..tokenizer import Tokenizer
+
+# OpenAI reports -9999.0 for a token the model gives no chance at all; JSON has no -Infinity
+FLOOR_LOGPROB = -9999.0
+
+
+def finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else FLOOR_LOGPROB
+
+
+def usage(last: GenerationResponse | None) -> dict[str, int]:
+    prompt = last.prompt_tokens if last else 0
+    completion = last.generated_tokens if last else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Shape:
+    """What both endpoints share: ids, the end-token rule for logprobs, the last response."""
+    object_whole = ""
+    object_chunk = ""
+    id_prefix = ""
+
+    def __init__(self, tokenizer: Tokenizer, model: str):
+        self.tokenizer = tokenizer
+        self.model = model
+        self.id = f"{self.id_prefix}{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.last: GenerationResponse | None = None
+        self._end_ids = frozenset(tokenizer.end_ids)
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _shown_logprob(self, response: GenerationResponse) -> TokenLogprob | None:
+        # an end token is a signal, not text: OpenAI lists no logprob for it
+        if response.finish_reason == "stop" and response.token in self._end_ids:
+            return None
+        return response.logprob
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Chunks to send before the first token arrives."""
+        return []
+
+    def usage_chunk(self) -> dict[str, Any]:
+        """stream_options.include_usage: the last chunk, with no choices and the counts."""
+        return {**self._head(self.object_chunk), "choices": [], "usage": usage(self.last)}
+
+
+class ChatShape(Shape):
+    object_whole = "chat.completion"
+    object_chunk = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def __init__(self, tokenizer: Tokenizer, model: str, *, logprobs: bool):
+        super().__init__(tokenizer, model)
+        self.logprobs = logprobs
+        self.text: list[str] = []
+        self.entries: list[dict[str, Any]] = []
+
+    def _entry(self, lp: TokenLogprob) -> dict[str, Any]:
+        def one(token: int, text: str, logprob: float) -> dict[str, Any]:
+            return {"token": text, "logprob": finite(logprob), "bytes": list(self.tokenizer.token_bytes(token))}
+        return {**one(lp.token, lp.text, lp.logprob), "top_logprobs": [one(*t) for t in lp.top]}
+
+    def _chunk(self, delta: dict[str, Any], entries: list[dict[str, Any]] | None,
+               finish: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": {"content": entries} if entries is not None else None,
+                  "finish_reason": finish}
+        return {**self._head(self.object_chunk), "choices": [choice]}
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [self._chunk({"role": "assistant", "content": ""}, None, None)]
+
+    def add(self, response: GenerationResponse) -> dict[str, Any] | None:
+        self.last = response
+        self.text.append(response.text)
+        entries = None
+        if self.logprobs:
+            lp = self._shown_logprob(response)
+            entries = [self._entry(lp)] if lp is not None else []
+            self.entries += entries
+        if not response.text and not entries and response.finish_reason is None:
+            return None  # half a character so far: nothing to show yet
+        delta = {"content": response.text} if response.text else {}
+        return self._chunk(delta, entries, response.finish_reason)
+
+    def whole(self) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
+                  "logprobs": {"content": self.entries} if self.logprobs else None,
+                  "finish_reason": self.last.finish_reason if self.last else None}
+        return {**self._head(self.object_whole), "choices": [choice], "usage": usage(self.last)}
+
+
+class CompletionShape(Shape):
+    object_whole = "text_completion"
+    object_chunk = "text_completion"
+    id_prefix = "cmpl-"
+
+    def __init__(self, tokenizer: Tokenizer, model: str, *, prompt_ids: list[int], prompt_text: str,
+                 logprobs: bool, echo: bool):
+        super().__init__(tokenizer, model)
+        self.prompt_ids, self.prompt_text = prompt_ids, prompt_text
+        self.logprobs, self.echo = logprobs, echo
+        # OpenAI's text_offset counts from the start of the prompt, echoed or not
+        self.offset = 0 if echo else len(prompt_text)
+        self.text: list[str] = []
+        self.arrays: dict[str, list[Any]] = _empty_arrays()
+
+    def _arrays(self, pairs: list[tuple[int, TokenLogprob | None]]) -> dict[str, list[Any]]:
+        """The four parallel lists for these (token id, logprob entry) pairs; None for the prompt's
+        first token, which nothing predicts."""
+        out = _empty_arrays()
+        for token, lp in pairs:
+            text = lp.text if lp is not None else token_text(self.tokenizer, token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(finite(lp.logprob) if lp is not None else None)
+            out["top_logprobs"].append({t: finite(v) for _, t, v in lp.top} if lp is not None else None)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        for key, values in out.items():
+            self.arrays[key] += values
+        return out
+
+    def add(self, response: GenerationResponse) -> dict[str, Any] | None:
+        first = self.last is None
+        self.last = response
+        text, pairs = response.text, []
+        if first and self.echo:
+            text = self.prompt_text + text
+            prompt_lps = response.prompt_logprobs or [None] * len(self.prompt_ids)
+            pairs += list(zip(self.prompt_ids, prompt_lps))
+        lp = self._shown_logprob(response)
+        if lp is not None:
+            pairs.append((response.token, lp))
+        self.text.append(text)
+        arrays = self._arrays(pairs) if self.logprobs else None
+        if not text and not (arrays and arrays["tokens"]) and response.finish_reason is None:
+            return None
+        choice = {"index": 0, "text": text, "logprobs": arrays, "finish_reason": response.finish_reason}
+        return {**self._head(self.object_chunk), "choices": [choice]}
+
+    def whole(self) -> dict[str, Any]:
+        choice = {"index": 0, "text": "".join(self.text), "logprobs": self.arrays if self.logprobs else None,
+                  "finish_reason": self.last.finish_reason if self.last else None}
+        return {**self._head(self.object_whole), "choices": [choice], "usage": usage(self.last)}
+
+
+def _empty_arrays() -> dict[str, list[Any]]:
+    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}

@@ -1,0 +1,242 @@
+"""The OpenAI-compatible bodies: requests as pydantic v2 models (what FastAPI validates and what the
+OpenAPI schema shows), responses as models for the schema only (the handlers build plain dicts,
+which is cheaper per streamed chunk than validating a model each time).
+
+Requests are strict: OpenAI answers 400 for "0.5" where a number belongs or 1 where a boolean
+belongs, and lax coercion would accept them silently. Unknown fields are ignored, so a client that
+sends newer options (tools, response_format, ...) still gets an answer. `null` means "the default"
+for every optional field, as some clients send every field they know. Ranges are OpenAI's; top_k,
+min_p and repetition_penalty are extensions (repetition_penalty kept within [0.01, 100], where
+logits / penalty stays finite in float32).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+
+from ..generate import MAX_LOGPROBS
+
+MAX_STOP = 4            # OpenAI's limit on stop sequences
+MAX_INT = 2**31 - 1     # token counts beyond this cannot fit any context; refusing them keeps ints small
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator's seed can hold
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+
+StopText = Annotated[str, StringConstraints(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    # "developer" is OpenAI's newer name for the system role; the API maps it to "system"
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class _GenerationFields(_Strict):
+    """What chat and text completions share."""
+    model: str
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=MAX_INT, description="extension: 0 disables")
+    min_p: float | None = Field(None, ge=0, le=1, description="extension: 0 disables")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # bounded so logits / penalty stays far inside float32 (a penalty near 0 overflows to inf)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
+                                             description="extension: 1 disables")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
+    n: int | None = Field(1, description="only 1 is supported")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int | None) -> int:
+        if n not in (None, 1):
+            raise ValueError(f"must be 1 (this server generates one choice per request), got {n}")
+        return 1
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_GenerationFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        # OpenAI refuses alternatives without logprobs; 0 or null is what some clients always send
+        if top and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs set to true")
+        return top
+
+
+class CompletionRequest(_GenerationFields):
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        description="text, or token ids; a list holds one prompt (batches are not supported)")
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_TOKENS, ge=1, le=MAX_INT)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="the chosen token's logprob and this many alternatives")
+    echo: bool | None = False
+    best_of: int | None = Field(None, description="only 1 is supported")
+    suffix: str | None = Field(None, description="not supported (insertion)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> str | list[int]:
+        """One prompt, as text or as token ids: ["text"] → "text", [[ids]] → [ids]."""
+        if isinstance(prompt, str):
+            return prompt
+        if not prompt:
+            raise ValueError("is empty: give text or at least one token id")
+        if isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ValueError(f"holds {len(prompt)} prompts; this server takes one per request")
+            return _one_prompt_inner(prompt[0])
+        return prompt
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise ValueError(f"must be 1 (this server generates one choice), got {best_of}")
+        return best_of
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("is not supported (insertion)")
+        return suffix
+
+
+def _one_prompt_inner(prompt: str | list[int]) -> str | list[int]:
+    if isinstance(prompt, list) and not prompt:
+        raise ValueError("is empty: give at least one token id")
+    return prompt
+
+
+# ----- responses (for the OpenAPI schema) ----------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletion(BaseModel):
+    """The whole answer; with `stream` the body is server-sent events instead: `data: {chunk}`
+    lines of object "chat.completion.chunk" (choices[0].delta: role first, then content) and a
+    final `data: [DONE]`."""
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    """The whole answer; with `stream` the body is server-sent events of the same object (each
+    choice's text is the new piece) and a final `data: [DONE]`."""
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "error"]
+    message: str | None = None
