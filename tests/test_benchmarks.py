@@ -42,3 +42,11 @@ def test_decode_benchmark_runs_on_a_tiny_model(tmp_path):
     assert "the model's own peak" in out and "ratio" in out
     doc = json.loads((tmp_path / "d.json").read_text())
     assert doc["speed"][0]["packed"]["decode_s"] > 0 and doc["model_peak_bytes"] > 0
+
+
+def test_serve_benchmark_runs_on_a_tiny_model(tmp_path):
+    out = run("serve.py", "--preset", "tiny", "--streams", "1,3", "--prompt", "4", "--tokens", "3",
+              "--json", str(tmp_path / "s.json"))
+    assert "decode step tok/s" in out
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["streams"] for r in rows] == [1, 3] and all(r["aggregate_tok_s"] > 0 for r in rows)

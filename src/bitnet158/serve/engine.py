@@ -127,6 +127,7 @@ class Engine:
         self._drain = True
         self._thread: threading.Thread | None = None
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode forwards by rows
+        self.decode_seconds: collections.Counter[int] = collections.Counter()  # their time, by rows
 
     # --- the caller's side ----------------------------------------------------------------------
     @property
@@ -225,8 +226,10 @@ class Engine:
         rows = list(self._active)
         tokens = torch.tensor([[seq.decoder.next_input] for seq in rows], dtype=torch.long)
         self.batch_sizes[len(rows)] += 1
+        start = time.perf_counter()
         try:
             logits = self.model(tokens, self.cache.bind([seq.slot for seq in rows]))[:, -1]
+            self.decode_seconds[len(rows)] += time.perf_counter() - start
         except Exception as e:
             for seq in rows:
                 self._release(seq)
