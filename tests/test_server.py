@@ -238,3 +238,32 @@ def test_serve_verb_stops_with_one_line_when_the_model_does_not_load(tmp_path, c
     assert main(["serve", str(tmp_path), "--port", str(_free_port())]) == 2
     assert "bitnet158: error:" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing")]) == 2
+
+
+def test_32_concurrent_streams_with_stops_each_equal_their_single_request_output(model_dir, reference):
+    """32 streaming requests at once (mixed prompts and lengths, a third with stop strings), on a
+    server with 32 slots: every stream completes and equals generate() for its request, and the
+    engine really ran decode forwards over several sequences."""
+    model, tok = reference
+    words = "def f x return the with for i in range print block code".split()
+    jobs = []
+    for i in range(32):
+        prompt = " ".join(words[(i * 5 + j) % len(words)] for j in range(1 + i % 7))
+        stop = [" the", "(", "\n"][i % 3] if i % 3 == 0 else None
+        jobs.append((prompt, 4 + (i * 7) % 21, stop))
+    expected = [generate(model, tok, p, n, GREEDY, stop=(s,) if s else ()) for p, n, s in jobs]
+    app = create_app(engine_loader(model_dir, max_concurrency=32, max_queue=8), model_name=NAME)
+    with running_server(app) as url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                                                   timeout=120) as client:
+        def ask(job) -> str:
+            prompt, n, stop = job
+            stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=n, temperature=0,
+                                               stop=stop, stream=True)
+            return "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            got = list(pool.map(ask, jobs))
+        batch_sizes = app.state.server.engine.batch_sizes
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g == e, (i, jobs[i])
+    assert max(batch_sizes) > 1
