@@ -352,7 +352,7 @@ def test_invalid_config_json(model_dir, content):
     (model_dir / "config.json").write_bytes(content.encode("latin-1"))
     with pytest.raises(CheckpointError) as e:
         checkpoint.load(model_dir)
-    assert_one_line(e.value, "config.json", "not valid JSON")
+    assert_one_line(e.value, "config.json", "not a readable JSON file")  # not JSON, not UTF-8 alike
 
 
 def test_config_json_of_something_else(model_dir):

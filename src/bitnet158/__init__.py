@@ -9,7 +9,7 @@ from ._version import __version__
 from .cache import KVCache
 from .checkpoint import ModelDir, load, save, save_packed
 from .config import PRESETS, ModelConfig, TrainConfig, preset
-from .errors import BitNetError, CheckpointError, ConfigError, DataError, FormatError
+from .errors import BitNetError, CheckpointError, ConfigError, DataError, FormatError, GenerationError
 from .interop.hf_export import save_hf
 from .interop.hf_import import import_hf, load_hf
 from .layers import BitLinear, RMSNorm, convert
@@ -19,7 +19,8 @@ from .packed_layers import PackConfig, PackedBitLinear
 
 __all__ = [
     "__version__", "ModelConfig", "TrainConfig", "preset", "PRESETS", "BitNetError", "CheckpointError",
-    "ConfigError", "DataError", "FormatError", "BitLinear", "RMSNorm", "convert", "Transformer", "KVCache",
+    "ConfigError", "DataError", "FormatError", "GenerationError", "BitLinear", "RMSNorm", "convert",
+    "Transformer", "KVCache",
     "ModelDir", "load", "save", "save_packed", "PackConfig", "PackedBitLinear", "pack_", "load_hf",
     "import_hf", "save_hf",
 ]

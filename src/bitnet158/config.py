@@ -8,16 +8,37 @@ version (or with extra bookkeeping) still loads; every value is checked by `vali
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, short_repr
+from .jsonio import as_number
 
 MODES = ("b158", "b1", "fp")
 ACTIVATIONS = ("swiglu", "relu2")
 NORM_PLACEMENTS = ("subln", "inner")
 ACT_QUANT = ("token", "tensor")
 SCHEDULES = ("auto", "two-stage", "cosine", "constant")
+
+# Upper bounds on a model's shape, each far above any real model (the largest open ones have ~126
+# layers, hidden 16384, FFN 53248, 128 heads, 262144-token vocabularies and 1M-token contexts).
+# They make a hostile or mistyped config fail in validate(), before the skeleton is built (every
+# layer is several modules even on the meta device: 20,000 layers took 20 s, 10^6 reached 24 GB)
+# and before any tensor is sized from it.
+MAX_SHAPE = {
+    "vocab_size": 2**22,           # 16x the largest real vocabulary (262144)
+    "hidden_size": 65536,          # 4x the largest real hidden size (16384)
+    "num_layers": 1024,            # 8x the deepest real decoder (126); the skeleton still builds in ~1 s
+    "num_heads": 1024,             # 8x the most heads (128)
+    "num_kv_heads": 1024,          # never more than num_heads
+    "intermediate_size": 262144,   # ~5x the widest real FFN (53248)
+    "max_seq_len": 2**20,          # the longest real contexts (~1M tokens)
+}
+# The RoPE tables are max_seq_len x head_dim floats (cos and sin, built in float64 first): a 1M
+# context at head_dim 256 is 2^28 entries; beyond that the tables alone would take many GB.
+MAX_ROPE_ENTRIES = 2**28
+ROPE_THETA_MAX = 1e12  # real bases go up to ~3.6e9 (long-context LLaMA 3 variants); above is a typo
 
 
 def _from_dict(cls, data: dict[str, Any]):
@@ -40,11 +61,23 @@ class _Serializable:
         return _from_dict(cls, data)
 
 
-def _check_positive_ints(cfg: Any, what: str, names: tuple[str, ...]) -> None:
+def _check_positive_ints(cfg: Any, what: str, names: tuple[str, ...],
+                         limits: dict[str, int] | None = None) -> None:
     for name in names:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{what}: {name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{what}: {name} must be a positive integer, got {short_repr(value)}")
+        if limits and name in limits and value > limits[name]:
+            raise ConfigError(f"{what}: {name} {short_repr(value)} is over the limit {limits[name]:,} "
+                              f"(far above any real model)")
+
+
+def _check_real(what: str, name: str, value: Any, lo: float, hi: float, hi_open: bool) -> None:
+    """A finite number in (lo, hi] or (lo, hi): JSON's 1e400 arrives as inf, "x" as a string."""
+    number = as_number(value)
+    if not (math.isfinite(number) and lo < number and (number < hi if hi_open else number <= hi)):
+        raise ConfigError(f"{what}: {name} must be a finite number in ({lo:g}, {hi:g}{')' if hi_open else ']'}, "
+                          f"got {short_repr(value)}")
 
 
 @dataclass(frozen=True)
@@ -85,7 +118,7 @@ class ModelConfig(_Serializable):
 
     def validate(self) -> "ModelConfig":
         _check_positive_ints(self, "model config", ("vocab_size", "hidden_size", "num_layers", "num_heads",
-                                                    "num_kv_heads", "intermediate_size", "max_seq_len"))
+                                                    "num_kv_heads", "intermediate_size", "max_seq_len"), MAX_SHAPE)
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model config: hidden_size {self.hidden_size} is not divisible by "
                               f"num_heads {self.num_heads}")
@@ -94,16 +127,20 @@ class ModelConfig(_Serializable):
                               f"num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"model config: head_dim {self.head_dim} must be even for RoPE")
+        if self.max_seq_len * self.head_dim > MAX_ROPE_ENTRIES:
+            raise ConfigError(f"model config: max_seq_len {self.max_seq_len:,} × head_dim {self.head_dim} is over "
+                              f"{MAX_ROPE_ENTRIES:,} RoPE table entries; lower max_seq_len")
+        _check_real("model config", "rope_theta", self.rope_theta, 0.0, ROPE_THETA_MAX, hi_open=False)
+        _check_real("model config", "norm_eps", self.norm_eps, 0.0, 1.0, hi_open=True)
         for name, allowed in (("mode", MODES), ("activation", ACTIVATIONS),
                               ("norm_placement", NORM_PLACEMENTS), ("act_quant", ACT_QUANT)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model config: {name} must be one of {', '.join(allowed)}; "
-                                  f"got {getattr(self, name)!r}")
+                                  f"got {short_repr(getattr(self, name))}")
         for name in ("tie_embeddings", "sub_norm", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
-        if not (self.rope_theta > 0 and self.norm_eps > 0):
-            raise ConfigError("model config: rope_theta and norm_eps must be positive")
+                raise ConfigError(f"model config: {name} must be true or false, "
+                                  f"got {short_repr(getattr(self, name))}")
         return self
 
     def twin(self, mode: str) -> "ModelConfig":

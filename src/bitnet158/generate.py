@@ -20,7 +20,7 @@ import torch
 
 from .cache import KVCache
 from .config import ModelConfig
-from .errors import ConfigError
+from .errors import ConfigError, GenerationError
 from .sampling import SamplingConfig, TokenSampler
 from .stops import StopMatcher
 from .tokenizer import Tokenizer
@@ -59,6 +59,16 @@ def token_logprobs(tokenizer: Tokenizer, logits: torch.Tensor, chosen: Sequence[
         tops = [[] for _ in picked]
     return [TokenLogprob(t, token_text(tokenizer, t), lp, top)
             for t, lp, top in zip(ids.tolist(), picked, tops)]
+
+
+def check_logits(logits: torch.Tensor, position: int) -> None:
+    """GenerationError unless next-token logits are all finite. Sampling would fail with a bare
+    RuntimeError (multinomial) and greedy argmax would silently pick a NaN's index, so a model
+    whose weights or scales overflow (set after loading, where no file check sees them) is
+    stopped here with one line. `position`: 1 for the first generated token."""
+    if not bool(torch.isfinite(logits).all()):
+        raise GenerationError(f"the model produced non-finite logits at token {position} "
+                              f"(its weights or scales are out of range)")
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,7 @@ class SequenceDecoder:
         """Sample the next token from next-token logits [vocab] and answer what it adds."""
         if self.finished:
             raise RuntimeError("the sequence has already finished")
+        check_logits(logits, len(self.tokens) + 1)
         token = self._sampler(logits)
         self.tokens.append(token)
         logprob = None
@@ -285,6 +296,7 @@ def generate_step(model, prompt: list[int], sampling: SamplingConfig | None = No
     max_tokens = min(max_tokens, context - len(prompt))
     logits = cache.prefill(model, prompt)[-1]
     for i in range(max_tokens):
+        check_logits(logits, i + 1)
         token = sampler(logits)
         yield token
         if i + 1 < max_tokens:  # the last token needs no forward (a chat's next prefill runs it)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import first_line, short_repr
 from .fileio import atomic_output_path, atomic_write_json
 
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -137,6 +138,7 @@ def write_sharded(directory: str | os.PathLike, entries: Sequence[PlannedTensor]
 
 
 _NAMES_TO_DTYPE = {v: k for k, v in _DTYPE_NAMES.items()}
+MAX_HEADER_BYTES = 100_000_000  # what the safetensors library itself accepts: no header of ours comes close
 
 
 class SafetensorsReader:
@@ -155,10 +157,13 @@ class SafetensorsReader:
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
                 raise ValueError(f"header length {n} runs past the end of the file")
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(f"header length {n} is over {MAX_HEADER_BYTES} bytes (the safetensors limit)")
             try:
                 header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"header is not JSON ({e})") from None
+            # ValueError: not JSON, not UTF-8, an integer of thousands of digits; RecursionError: nested too deeply
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"header is not JSON ({first_line(e, 120)})") from None
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
@@ -170,7 +175,7 @@ class SafetensorsReader:
                 shape = tuple(int(d) for d in info["shape"])
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise ValueError(f"tensor {name}: bad header entry {info!r}") from None
+                raise ValueError(f"tensor {short_repr(name)}: bad header entry {short_repr(info, 80)}") from None
             if end - begin != math.prod(shape) * torch.empty((), dtype=dtype).element_size() or begin < 0:
                 raise ValueError(f"tensor {name}: data_offsets {[begin, end]} disagree with shape {list(shape)}")
             if self._start + end > size:

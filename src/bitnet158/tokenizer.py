@@ -32,6 +32,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .errors import CheckpointError, ConfigError, first_line
 from .fileio import atomic_write_bytes
+from .tokenizer_checks import check_document, check_ids, no_panics
 
 DEFAULT_EOS = "<|endoftext|>"
 SECTION_KEYS = ("eos_token", "bos_token", "end_tokens", "add_bos", "chat_template")
@@ -57,6 +58,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 _UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+# Run through a freshly parsed tokenizer, so a component that panics only when used (a charsmap
+# that parses but indexes out of bounds) fails at load rather than on a user's first prompt.
+_PROBE = "Hello, World! 123 naïve café\t\n  中文 😀 <|x|> \u0301\x00"
 
 
 class Tokenizer:
@@ -175,7 +179,11 @@ class Tokenizer:
         """Parse tokenizer.json contents (as stored next to checkpoint weights); `section` wins
         over `eos_token` when given."""
         section = section if section is not None else {"eos_token": eos_token}
-        return cls.from_section(_HFTokenizer.from_str(text), section)
+        try:
+            backend = parse_backend(text)
+        except CheckpointError as exc:
+            raise CheckpointError(f"not a valid tokenizer.json ({exc})") from None
+        return cls.from_section(backend, section)
 
     def to_str(self) -> str:
         return self.backend.to_str()
@@ -216,7 +224,8 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        with no_panics("encoding"):
+            return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_prompt(self, text: str) -> list[int]:
         """`encode`, with bos in front when the model expects it (LLaMA 3 style) and the text does
@@ -228,10 +237,12 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts in parallel (the Rust side uses all cores); same ids as `encode`."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        with no_panics("encoding"):
+            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        with no_panics("decoding"):
+            return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one id stands for (special tokens: their UTF-8 text). Ids past the
@@ -269,16 +280,39 @@ def tokenizer_file(path: str | os.PathLike) -> Path:
 
 def read_backend(path: str | os.PathLike) -> _HFTokenizer:
     """The `tokenizers` object of a tokenizer.json (or a folder holding one), without roles; a
-    one-line CheckpointError naming the file if it is missing or unreadable."""
+    one-line CheckpointError naming the file if it is missing, unreadable or refused by
+    `check_document`."""
     path = tokenizer_file(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: tokenizer file not found")
     try:
         text = path.read_text(encoding="utf-8")
-        json.loads(text)  # a clearer message than the Rust parser's for truncated files
-        return _HFTokenizer.from_str(text)
-    except Exception as exc:  # tokenizers raises plain Exception; json ValueError; decode errors
+    except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not a valid tokenizer.json ({first_line(exc)})") from None
+    try:
+        return parse_backend(text)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: not a valid tokenizer.json ({exc})") from None
+
+
+def parse_backend(text: str) -> _HFTokenizer:
+    """tokenizer.json contents → `tokenizers` object: JSON first (a clearer message than the Rust
+    parser's for truncated files), then `check_document`, then the library, whose panics become
+    CheckpointError, with a probe encode and then the id check. Messages carry no file name."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: brackets nested thousands deep
+        raise CheckpointError(first_line(exc)) from None
+    check_document(doc)
+    with no_panics("reading the file"):
+        try:
+            backend = _HFTokenizer.from_str(text)
+            backend.decode(backend.encode(_PROBE).ids)
+        except Exception as exc:  # noqa: BLE001 — the library reports a bad file as a plain Exception
+            raise CheckpointError(first_line(exc)) from None
+    check_ids(backend)
+    return backend
+
 
 def _short(value: Any) -> str:
     """A bad value for a one-line message, cut so a huge one cannot flood it."""

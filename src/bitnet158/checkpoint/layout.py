@@ -13,7 +13,6 @@ format_version 1 (release 0.1.0) had the same files; its tokenizer section held 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any
 
 from .._version import __version__
 from ..config import ModelConfig
-from ..errors import CheckpointError, first_line
+from ..errors import CheckpointError, first_line, short_repr
+from ..jsonio import read_json_object
 from ..packed_layers import PackConfig
 
 FORMAT = "bitnet158"
@@ -51,20 +51,23 @@ def config_document(config: ModelConfig, packing: PackConfig | None, tokenizer=N
 def resolve(path: str | os.PathLike) -> Path:
     """The model directory `path` names: itself, or the newest step of a training run."""
     path = Path(path)
+    try:
+        return _resolve(path)
+    except (OSError, ValueError) as e:  # a name too long for the filesystem, a NUL byte, no permission
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise CheckpointError(f"{path}: cannot read the checkpoint directory ({reason})") from None
+
+
+def _resolve(path: Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if path.is_file():
         raise CheckpointError(f"{path}: expected a checkpoint directory, got a file")
     if (path / CONFIG).exists():
         return path
-    latest = path / LATEST
-    if latest.is_file():
-        try:
-            candidate = path / latest.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            candidate = None
-        if candidate is not None and (candidate / CONFIG).exists():
-            return candidate
+    latest = _latest_step(path)
+    if latest is not None and (latest / CONFIG).exists():
+        return latest
     steps = sorted((int(m.group(1)), child) for child in path.iterdir()
                    if (m := STEP_DIR.match(child.name)) and (child / CONFIG).exists())
     if steps:
@@ -72,20 +75,30 @@ def resolve(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{path}: not a checkpoint (no {CONFIG}, no step directories)")
 
 
+def _latest_step(run: Path) -> Path | None:
+    """The step directory `latest` names, or None when it names none: we write it as one line
+    `step-NNNNNN`, so anything else (a directory, other bytes, a path elsewhere, a huge file) is
+    ignored and the newest complete step directory is used instead."""
+    latest = run / LATEST
+    try:
+        if not latest.is_file():
+            return None
+        with open(latest, "rb") as f:
+            name = f.read(64).decode("utf-8").strip()  # a step name is ~12 bytes; more is not ours
+    except (OSError, UnicodeDecodeError):
+        return None
+    return run / name if STEP_DIR.match(name) else None
+
+
 def read_config_document(directory: Path) -> dict[str, Any]:
     """config.json of a model directory, checked to be ours and not newer than this reader."""
     file = directory / CONFIG
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: {CONFIG} is missing") from None
-    except (OSError, ValueError, RecursionError) as e:  # JSON, UTF-8 and "is a directory" errors alike
-        raise CheckpointError(f"{file}: not valid JSON ({first_line(e)})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "model" not in doc:
+    doc = read_json_object(file)
+    if doc.get("format") != FORMAT or "model" not in doc:
         raise CheckpointError(f"{file}: not a bitnet158 config (no format/model keys)")
     version = doc.get("format_version", 1)
     if not isinstance(version, int) or isinstance(version, bool):
-        raise CheckpointError(f"{file}: format_version must be an integer, got {version!r}")
+        raise CheckpointError(f"{file}: format_version must be an integer, got {short_repr(version)}")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{file}: format_version {version} is newer than this bitnet158 reads "
                               f"({FORMAT_VERSION}); upgrade bitnet158")

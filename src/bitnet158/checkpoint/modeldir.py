@@ -8,8 +8,9 @@
 
 Every tensor is checked against the skeleton before it is used: the name is expected, the shape
 and dtype are exactly the skeleton's (float tensors: any float dtype, finite), packed bytes
-decode to valid codes, and scales are positive and finite. The first problem is a one-line
-CheckpointError naming the file and the tensor.
+decode to valid codes, scales are positive, and scales and norm weights are within bounds a
+real model never comes near. The tokenizer must fit the embedding. The first problem is a
+one-line CheckpointError naming the file and the tensor.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ from ..tokenizer import Tokenizer
 from .layout import CONFIG, TOKENIZER, WEIGHTS, read_config_document, resolve
 
 _HEAD_TENSORS = ("embed_tokens.weight", "lm_head.weight")
-
+# A scale multiplies a layer's output. Two scaled outputs meet in the attention scores and in the
+# gated FFN (s²), whose RMSNorm squares again (s⁴ times the sums over hidden units): beyond about
+# 1e6, float32 overflows to inf and the logits become NaN. Real scales are ~1e-3 … 1e1.
+MAX_SCALE = 1e6
+# Norm weights multiply normalized (unit-RMS) activations; real ones stay below ~1e2.
+MAX_NORM_WEIGHT = 1e4
 
 
 class ModelDir:
@@ -113,8 +119,15 @@ class ModelDir:
             raise CheckpointError(f"{where} has dtype {t.dtype}, expected a float dtype")
         if t.is_floating_point() and not all_finite(t):
             raise CheckpointError(f"{where} holds NaN or infinite values")
-        if name.endswith(("weight_scale", "row_scale")) and not bool((t > 0).all()):
-            raise CheckpointError(f"{where} holds a non-positive scale; scales must be positive")
+        if name.endswith(("weight_scale", "row_scale")):
+            if not bool((t > 0).all()):
+                raise CheckpointError(f"{where} holds a non-positive scale; scales must be positive")
+            if float(t.max()) > MAX_SCALE:
+                raise CheckpointError(f"{where} holds a scale of {float(t.max()):.3g}, above the bound "
+                                      f"{MAX_SCALE:g} (it would overflow the logits)")
+        if name.endswith("norm.weight") and t.numel() and float(t.abs().max()) > MAX_NORM_WEIGHT:
+            raise CheckpointError(f"{where} holds a norm weight of magnitude {float(t.abs().max()):.3g}, "
+                                  f"above the bound {MAX_NORM_WEIGHT:g}")
         if name.endswith(".packed"):
             layer = self._packed_layers[name[: -len(".packed")]]
             bad = get_format(layer.format).first_invalid_byte(t.numpy(), layer.out_features, layer.in_features)
@@ -167,7 +180,12 @@ class ModelDir:
         if not (self.path / TOKENIZER).exists():
             return None
         section = self.doc.get("tokenizer")
-        return Tokenizer.load(self.path / TOKENIZER, section=section)
+        tokenizer = Tokenizer.load(self.path / TOKENIZER, section=section)
+        rows = self.config.vocab_size
+        if tokenizer.vocab_size > rows:  # else its top ids would index past the embedding mid-generation
+            raise CheckpointError(f"{self.path / TOKENIZER}: the tokenizer has {tokenizer.vocab_size} tokens "
+                                  f"but the model's embedding has {rows} rows")
+        return tokenizer
 
     def load(self, device: str | torch.device = "cpu", with_tokenizer: bool = True
              ) -> tuple[Transformer, Tokenizer | None]:

@@ -18,6 +18,7 @@ from safetensors.torch import save as safetensors_save
 
 from ..errors import CheckpointError, first_line
 from ..fileio import atomic_directory, atomic_write_bytes, clean_stale_temporaries
+from ..jsonio import get_float, get_int, get_list, read_json_object
 from ..model import Transformer
 from . import writer
 from .layout import FORMAT, LATEST, STEP_DIR
@@ -57,13 +58,16 @@ def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> 
 
 def load_training_state(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the optimizer state saved beside a step's weights; return trainer.json."""
-    try:
-        state = json.loads((directory / TRAINER_STATE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    state_file = directory / TRAINER_STATE
+    if not state_file.exists():
         raise CheckpointError(f"{directory}: {TRAINER_STATE} is missing (a model directory, not a "
-                              "resumable training checkpoint)") from None
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{directory / TRAINER_STATE}: not valid JSON ({first_line(e)})") from None
+                              "resumable training checkpoint)")
+    state = read_json_object(state_file, nonfinite=True)  # json.dumps wrote it: an eval loss may be inf
+    # the fields the training loop resumes from, checked here so a bad one is a message, not a crash
+    get_int(state, "step", state_file, lo=0)
+    get_list(state, "history", state_file, default=[], items=dict)
+    get_list(state, "evals", state_file, default=[], items=dict)
+    get_float(state, "seconds", state_file, default=0.0, lo=0.0)
     file = directory / TRAINER_TENSORS
     if not file.exists():
         raise CheckpointError(f"{file}: missing")

@@ -14,6 +14,14 @@ import sys
 
 from ..errors import BitNetError
 
+MAX_MESSAGE = 500  # characters of an error message; a forged file's text must not flood the terminal
+# C0 and C1 controls, DEL and the Unicode line/paragraph separators (str.splitlines breaks there):
+# a newline would break the one-line contract, an escape sequence from a forged file name or GGUF
+# key could rewrite the user's terminal
+_CONTROLS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+             for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
 # verb → module under bitnet158.cli, in the order `--help` lists them
 VERBS = {
     "demo": "demo", "train": "train", "generate": "generate", "chat": "chat", "pack": "pack",
@@ -34,12 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """`message` as one printable line: control characters as Python escapes (\\n, \\x1b), cut
+    to MAX_MESSAGE characters with "..." when longer."""
+    text = message.translate(_CONTROLS)
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except BitNetError as e:
-        print(f"bitnet158: error: {e}", file=sys.stderr)
+        print(f"bitnet158: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bitnet158: interrupted", file=sys.stderr)

@@ -4,15 +4,15 @@ and the b1.58 / FP perplexity ratio per size."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
 from typing import Sequence
 
 from ..config import ModelConfig
-from ..errors import ConfigError
+from ..errors import BitNetError, ConfigError
 from ..fileio import atomic_write_json
+from ..jsonio import read_json
 from ..train.data import eval_windows, unigram_perplexity
 from ..train.prepare import prepare_data
 from ..train.trainer import train
@@ -40,8 +40,8 @@ def _prepare_run_root(run_root: Path, fingerprint: dict, resume: bool, force: bo
     if run_root.exists() and any(run_root.iterdir()):
         if resume:
             try:
-                old = json.loads(stamp.read_text())
-            except (OSError, ValueError):
+                old = read_json(stamp, error=ConfigError)
+            except BitNetError:  # unreadable in any way: not the stamp of these settings
                 old = None
             if old != fingerprint:
                 raise ConfigError(f"{run_root} holds training runs made with other settings or data; "

@@ -5,14 +5,15 @@ ternary layout (uint8 [ceil(out/4), in], FORMATS §2.3) both ways.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, first_line
+from ..config import MAX_SHAPE, ROPE_THETA_MAX
+from ..errors import CheckpointError, first_line, short_repr, shown
+from ..jsonio import get_dict, get_float, get_int, read_json_object
 from ..safetensors_io import SafetensorsReader, all_finite
 
 SINGLE_FILE = "model.safetensors"
@@ -24,28 +25,52 @@ ONEBITLLM_NAMES = {"attn_sub_norm": "inner_attn_ln", "ffn_sub_norm": "ffn_layern
 
 def read_json(file: Path) -> dict[str, Any]:
     """A JSON object from `file`; every problem (missing, a directory, not UTF-8, not JSON, nested
-    too deep, not an object) is a one-line CheckpointError naming the file."""
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing") from None
-    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(f"{file}: not a readable JSON file ({first_line(e)})") from None
-    if not isinstance(doc, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(doc).__name__}")
-    return doc
+    too deep, an integer of thousands of digits, not an object) is a one-line CheckpointError
+    naming the file (`jsonio.read_json_object`)."""
+    return read_json_object(file)
 
 
 def rope_theta(doc: dict[str, Any], source: Path | str, default: float) -> float:
     """RoPE base of an HF config.json (transformers 5 writes rope_parameters; earlier versions
     rope_theta + rope_scaling); `default` is the architecture's own. Scaled RoPE is refused."""
-    params = doc.get("rope_parameters") or {}
-    scaling = doc.get("rope_scaling") or {}
-    for table in (params, scaling):
+    params = get_dict(doc, "rope_parameters", source, default={})
+    scaling = get_dict(doc, "rope_scaling", source, default={})
+    for key, table in (("rope_parameters", params), ("rope_scaling", scaling)):
         kind = table.get("rope_type", table.get("type", "default"))
         if kind != "default":
-            raise CheckpointError(f"{source}: rope_type {kind!r} is not supported (only default RoPE)")
-    return float(doc.get("rope_theta", params.get("rope_theta", default)))
+            raise CheckpointError(f"{source}: {key}: rope_type {short_repr(kind)} is not supported "
+                                  f"(only default RoPE)")
+    if doc.get("rope_theta") is not None:
+        return get_float(doc, "rope_theta", source, hi=ROPE_THETA_MAX, positive=True)
+    return get_float(params, "rope_theta", f"{source}: rope_parameters", default=default, hi=ROPE_THETA_MAX,
+                     positive=True)
+
+
+# config.json's shape fields → ours; each an integer ≥ 1 under our bound, named by HF's key
+_SHAPE_KEYS = (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"), ("num_hidden_layers", "num_layers"),
+               ("num_attention_heads", "num_heads"), ("intermediate_size", "intermediate_size"))
+
+
+def hf_shape(doc: dict[str, Any], source: Path | str) -> dict[str, int]:
+    """Our shape fields from an HF config.json, each type-checked and bounded by HF's key name."""
+    shape = {ours: get_int(doc, key, source, lo=1, hi=MAX_SHAPE[ours]) for key, ours in _SHAPE_KEYS}
+    # 0 or null: as many kv heads as heads (what transformers does)
+    kv = get_int(doc, "num_key_value_heads", source, default=0, lo=0, hi=MAX_SHAPE["num_kv_heads"])
+    shape["num_kv_heads"] = kv or shape["num_heads"]
+    head_dim = get_int(doc, "head_dim", source, default=None, lo=1)
+    if head_dim is not None and head_dim * shape["num_heads"] != shape["hidden_size"]:
+        raise CheckpointError(f"{source}: head_dim {head_dim} × {shape['num_heads']} heads != "
+                              f"hidden_size {shape['hidden_size']} (not supported: our head_dim is "
+                              f"hidden_size / heads)")
+    return shape
+
+
+def _shard_name(index: Path, name: str, file: Any) -> str:
+    """A shard of the index: a plain file name beside it (never a path that leaves the directory)."""
+    if not isinstance(file, str) or not file.isprintable() or Path(file).name != file or file in ("", ".", ".."):
+        raise CheckpointError(f"{index}: weight_map entry {short_repr(name)} names {short_repr(file)}; "
+                              f"expected a shard file name in the same directory")
+    return file
 
 
 class TensorSource:
@@ -58,10 +83,16 @@ class TensorSource:
         if index.exists():
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: no weight_map")
-            self.files = {name: directory / file for name, file in weight_map.items()}
+                raise CheckpointError(f"{index}: no weight_map (expected an object of tensor name → shard file), "
+                                      f"got {short_repr(weight_map)}")
+            self.files = {name: directory / _shard_name(index, name, file) for name, file in weight_map.items()}
             for file in sorted(set(self.files.values())):
-                if not file.exists():
+                try:
+                    present = file.exists()
+                except OSError as e:  # a name too long for the filesystem
+                    raise CheckpointError(f"{index}: shard {short_repr(file.name)} cannot be read "
+                                          f"({e.strerror or first_line(e)})") from None
+                if not present:
                     raise CheckpointError(f"{index}: shard {file.name} is missing")
         elif (directory / SINGLE_FILE).exists():
             single = directory / SINGLE_FILE
@@ -86,7 +117,7 @@ class TensorSource:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
-            raise CheckpointError(f"{self.directory}: tensor {name} is missing")
+            raise CheckpointError(f"{self.directory}: tensor {shown(name)} is missing")
         file = self.files[name]
         if file not in self._handles:
             self._handles[file] = self._open(file)

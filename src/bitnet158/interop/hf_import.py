@@ -46,16 +46,17 @@ from typing import Any
 import torch
 
 from ..checkpoint import write_model_dir
-from ..config import ModelConfig
-from ..errors import BitNetError, CheckpointError
+from ..config import MAX_SHAPE, ModelConfig
+from ..errors import BitNetError, CheckpointError, short_repr, shown
 from ..formats import get_format
+from ..jsonio import get_bool, get_dict, get_float, get_int, get_list, get_str
 from ..layers import BitLinear
 from ..model import Transformer
 from ..packed_layers import PackConfig, PackedBitLinear
 from ..safetensors_io import PlannedTensor
 from ..tokenizer import Tokenizer
-from .hf_common import (OnePacked, TensorSource, float_tensor, hf_name, latent_from_ternary, read_json,
-                        rope_theta, unpack_hf_ternary)
+from .hf_common import (OnePacked, TensorSource, float_tensor, hf_name, hf_shape, latent_from_ternary,
+                        read_json, rope_theta, unpack_hf_ternary)
 from .hf_tokenizer import read_hf_tokenizer
 
 ONEBITLLM_ARCHITECTURE = "BitnetForCausalLM"  # 1bitLLM's custom class (lower-case n), FORMATS §2.6
@@ -77,40 +78,37 @@ class HFLayout:
 # --- config.json ---------------------------------------------------------------------------
 
 def _is_onebitllm(doc: dict[str, Any]) -> bool:
-    return ONEBITLLM_ARCHITECTURE in (doc.get("architectures") or [])
+    archs = doc.get("architectures")
+    return isinstance(archs, list) and ONEBITLLM_ARCHITECTURE in archs
 
 
 def hf_model_config(doc: dict[str, Any], source: Path | str = "config.json") -> ModelConfig:
     """Our ModelConfig (mode b158, SubLN) from a BitNetForCausalLM (or 1bitLLM BitnetForCausalLM)
-    config.json document."""
-    archs = doc.get("architectures") or [doc.get("model_type", "unknown")]
+    config.json document; every field is type-checked and bounded, each error naming its key."""
+    archs = get_list(doc, "architectures", source, default=[], items=str) or \
+        [get_str(doc, "model_type", source, default="unknown")]
     if not any(a in SUPPORTED_ARCHITECTURES or a == "bitnet" for a in archs):  # "bitnet": model_type only
-        raise CheckpointError(f"{source}: architecture {', '.join(map(str, archs))} is not supported; "
+        raise CheckpointError(f"{source}: architecture {shown(', '.join(archs))} is not supported; "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if key not in doc:
-            raise CheckpointError(f"{source}: {key} is missing")
+    shape = hf_shape(doc, source)
     if doc.get("input_bits", 8) != 8:  # 1bitLLM's activation bits; 8 is what everything here computes
-        raise CheckpointError(f"{source}: input_bits {doc['input_bits']} is not supported (only 8-bit activations)")
-    act = doc.get("hidden_act", "silu" if _is_onebitllm(doc) else "relu2")  # each class's default
+        raise CheckpointError(f"{source}: input_bits {short_repr(doc['input_bits'])} is not supported "
+                              f"(only 8-bit activations)")
+    default_act = "silu" if _is_onebitllm(doc) else "relu2"  # each class's default
+    act = get_str(doc, "hidden_act", source, default=default_act)
     if act not in _ACTIVATIONS:
-        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; "
+        raise CheckpointError(f"{source}: hidden_act {short_repr(act)} is not supported; "
                               f"supported: {', '.join(_ACTIVATIONS)}")
     if doc.get("attention_bias") or doc.get("mlp_bias"):
         raise CheckpointError(f"{source}: biased projections are not supported (BitNet has no biases)")
-    heads = doc["num_attention_heads"]
-    head_dim = doc.get("head_dim")
-    if head_dim is not None and heads and head_dim * heads != doc["hidden_size"]:
-        raise CheckpointError(f"{source}: head_dim {head_dim} × {heads} heads != "
-                              f"hidden_size {doc['hidden_size']}")
     try:
         return ModelConfig(
-            vocab_size=doc["vocab_size"], hidden_size=doc["hidden_size"], num_layers=doc["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=doc.get("num_key_value_heads") or heads,
-            intermediate_size=doc["intermediate_size"],
-            max_seq_len=doc.get("max_position_embeddings", 2048), rope_theta=rope_theta(doc, source, 500000.0),  # BitNetConfig's default
-            norm_eps=float(doc.get("rms_norm_eps", 1e-5)), activation=_ACTIVATIONS[act], mode="b158",
-            norm_placement="subln", tie_embeddings=bool(doc.get("tie_word_embeddings", False)),
+            **shape, max_seq_len=get_int(doc, "max_position_embeddings", source, default=2048, lo=1,
+                                         hi=MAX_SHAPE["max_seq_len"]),
+            rope_theta=rope_theta(doc, source, 500000.0),  # BitNetConfig's default
+            norm_eps=get_float(doc, "rms_norm_eps", source, default=1e-5, positive=True),
+            activation=_ACTIVATIONS[act], mode="b158", norm_placement="subln",
+            tie_embeddings=get_bool(doc, "tie_word_embeddings", source, default=False),
         ).validate()
     except BitNetError as e:
         raise CheckpointError(f"{source}: {e}") from None
@@ -123,23 +121,24 @@ def hf_layout(doc: dict[str, Any], source: Path | str = "config.json") -> HFLayo
 
 
 def _quant_layout(doc: dict[str, Any], source: Path | str) -> HFLayout:
-    qc = doc.get("quantization_config")
+    qc = get_dict(doc, "quantization_config", source, default={})
     if not qc:
         return HFLayout(packed=False)
+    where = f"{source}: quantization_config"
     method = qc.get("quant_method")
     if method != "bitnet":
-        raise CheckpointError(f"{source}: quant_method {method!r} is not supported for a ternary import "
+        raise CheckpointError(f"{source}: quant_method {short_repr(method)} is not supported for a ternary import "
                               f"(expected 'bitnet')")
     if qc.get("use_rms_norm"):
         raise CheckpointError(f"{source}: quantization_config.use_rms_norm (a norm inside every linear) "
                               f"is not supported")
-    kept = [m for m in qc.get("modules_to_not_convert") or [] if "_proj" in str(m)]
+    kept = [m for m in get_list(qc, "modules_to_not_convert", where, default=[]) if "_proj" in short_repr(m, 200)]
     if kept:
-        raise CheckpointError(f"{source}: modules_to_not_convert keeps {kept[0]} full precision; "
+        raise CheckpointError(f"{source}: modules_to_not_convert keeps {short_repr(kept[0])} full precision; "
                               f"not supported")
     linear_class = qc.get("linear_class", "bitlinear")
     if linear_class not in ("bitlinear", "autobitlinear"):
-        raise CheckpointError(f"{source}: linear_class {linear_class!r} is not supported "
+        raise CheckpointError(f"{source}: linear_class {short_repr(linear_class)} is not supported "
                               f"(expected bitlinear or autobitlinear)")
     if linear_class == "autobitlinear" and qc.get("quantization_mode", "offline") == "online":
         return HFLayout(packed=False)
@@ -237,7 +236,7 @@ def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | Non
     ignorable = {"lm_head.weight"} if config.tie_embeddings else set()  # a tied head may be saved too
     extra = sorted(n for n in src.names() - consumed - ignorable if not n.endswith("rotary_emb.inv_freq"))
     if extra:
-        raise CheckpointError(f"{directory}: unexpected tensor {extra[0]} (config.json has no such weight)")
+        raise CheckpointError(f"{directory}: unexpected tensor {shown(extra[0])} (config.json has no such weight)")
     return _Plan(directory, doc, model, {name: producers[name] for name in state})
 
 

@@ -25,7 +25,6 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,10 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..errors import BitNetError, CheckpointError
+from ..errors import BitNetError, CheckpointError, short_repr, shown
+from ..jsonio import get_bool, get_dict, get_float, get_int, get_list, get_str, read_json_object
 from ..model import Transformer
-from .hf_common import TensorSource, float_tensor, hf_name, read_json, rope_theta
+from .hf_common import TensorSource, float_tensor, hf_name, hf_shape, read_json, rope_theta
 from .hf_tokenizer import read_hf_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -47,64 +47,60 @@ def is_hf_directory(path: str | os.PathLike) -> bool:
     """True when `path` is a directory whose config.json is a Hugging Face one (it names an
     architecture or model type and is not one of our own checkpoints)."""
     file = Path(path) / "config.json"
-    if not file.is_file():
-        return False
     try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        if not file.is_file():
+            return False
+        doc = read_json_object(file)
+    except (OSError, ValueError, BitNetError):  # unreadable: not recognisably Hugging Face's
         return False
-    return isinstance(doc, dict) and doc.get("format") != "bitnet158" and (
-        "architectures" in doc or "model_type" in doc)
+    return doc.get("format") != "bitnet158" and ("architectures" in doc or "model_type" in doc)
 
 
 def _architecture(doc: dict[str, Any], source: Path | str) -> str:
-    archs = doc.get("architectures") or []
-    if not archs and doc.get("model_type") in _MODEL_TYPES:
-        return _MODEL_TYPES[doc["model_type"]]
-    arch = str(archs[0]) if archs else str(doc.get("model_type", "unknown"))
+    archs = get_list(doc, "architectures", source, default=[], items=str)
+    model_type = get_str(doc, "model_type", source, default="unknown")
+    if not archs and model_type in _MODEL_TYPES:
+        return _MODEL_TYPES[model_type]
+    arch = archs[0] if archs else model_type
     if arch not in SUPPORTED_ARCHITECTURES:
         hint = " (already BitNet: load it with bitnet158.interop.load_hf)" if arch == "BitNetForCausalLM" else ""
-        raise CheckpointError(f"{source}: architecture {arch} cannot be converted{hint}; supported: "
+        raise CheckpointError(f"{source}: architecture {shown(arch)} cannot be converted{hint}; supported: "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     return arch
 
 
-def _sliding_window(doc: dict[str, Any], arch: str) -> int | None:
-    window = doc.get("sliding_window")
+def _sliding_window(doc: dict[str, Any], arch: str, source: Path | str) -> int | None:
+    window = get_int(doc, "sliding_window", source, default=0, lo=0)
     if not window:
         return None
     if arch == "Qwen2ForCausalLM":  # Qwen2 stores a window but uses it only when told to
-        types = doc.get("layer_types") or []
+        types = get_list(doc, "layer_types", source, default=[])
         if not doc.get("use_sliding_window") and "sliding_attention" not in types:
             return None
-    return int(window)
+    return window
 
 
 def hf_llama_config(doc: dict[str, Any], source: Path | str = "config.json",
                     max_seq_len: int | None = None) -> ModelConfig:
-    """Our ModelConfig (mode fp, no sub-norms) from a LLaMA-family config.json document."""
+    """Our ModelConfig (mode fp, no sub-norms) from a LLaMA-family config.json document; every
+    field is type-checked and bounded, each error naming its key."""
     arch = _architecture(doc, source)
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if key not in doc:
-            raise CheckpointError(f"{source}: {key} is missing")
-    if doc.get("quantization_config"):
-        method = doc["quantization_config"].get("quant_method", "?")
-        raise CheckpointError(f"{source}: already quantized ({method}); convert starts from full-precision weights")
-    act = doc.get("hidden_act", "silu")
+    quant = get_dict(doc, "quantization_config", source, default={})
+    if quant:
+        raise CheckpointError(f"{source}: already quantized ({short_repr(quant.get('quant_method', '?'))}); "
+                              f"convert starts from full-precision weights")
+    act = get_str(doc, "hidden_act", source, default="silu")
     if act != "silu":
-        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; supported: silu (SwiGLU)")
+        raise CheckpointError(f"{source}: hidden_act {short_repr(act)} is not supported; supported: silu (SwiGLU)")
     if arch == "LlamaForCausalLM" and doc.get("attention_bias"):
         raise CheckpointError(f"{source}: attention_bias (biases on q/k/v/o_proj) is not supported; "
                               f"only Qwen2's q/k/v biases are")
     if doc.get("mlp_bias"):
         raise CheckpointError(f"{source}: mlp_bias is not supported")
-    heads, hidden = doc["num_attention_heads"], doc["hidden_size"]
-    head_dim = doc.get("head_dim")
-    if head_dim is not None and heads and head_dim * heads != hidden:
-        raise CheckpointError(f"{source}: head_dim {head_dim} × {heads} heads != hidden_size {hidden} "
-                              f"(not supported: our head_dim is hidden_size / heads)")
-    context = int(doc.get("max_position_embeddings", 2048))
-    window = _sliding_window(doc, arch)
+    shape = hf_shape(doc, source)
+    # no upper bound here: the context is capped below (or replaced by max_seq_len)
+    context = get_int(doc, "max_position_embeddings", source, default=2048, lo=1)
+    window = _sliding_window(doc, arch, source)
     if window is not None:
         context = min(context, window)  # full attention within the window is sliding-window attention
     if max_seq_len is not None:
@@ -116,12 +112,11 @@ def hf_llama_config(doc: dict[str, Any], source: Path | str = "config.json",
         context = min(context, DEFAULT_MAX_SEQ_LEN)
     try:
         return ModelConfig(
-            vocab_size=doc["vocab_size"], hidden_size=hidden, num_layers=doc["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=doc.get("num_key_value_heads") or heads,
-            intermediate_size=doc["intermediate_size"], max_seq_len=context,
-            rope_theta=rope_theta(doc, source, 10000.0), norm_eps=float(doc.get("rms_norm_eps", 1e-6)),
+            **shape, max_seq_len=context, rope_theta=rope_theta(doc, source, 10000.0),
+            norm_eps=get_float(doc, "rms_norm_eps", source, default=1e-6, positive=True),
             activation="swiglu", mode="fp", norm_placement="subln", sub_norm=False,
-            qkv_bias=arch == "Qwen2ForCausalLM", tie_embeddings=bool(doc.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM",
+            tie_embeddings=get_bool(doc, "tie_word_embeddings", source, default=False),
         ).validate()
     except BitNetError as e:
         raise CheckpointError(f"{source}: {e}") from None
@@ -151,7 +146,7 @@ def load_hf_llama(directory: str | os.PathLike, *, max_seq_len: int | None = Non
     ignorable = {"lm_head.weight"} if config.tie_embeddings else set()  # a tied head may be saved too
     extra = sorted(n for n in src.names() - consumed - ignorable if not n.endswith("rotary_emb.inv_freq"))
     if extra:
-        raise CheckpointError(f"{directory}: unexpected tensor {extra[0]} (config.json has no such weight)")
+        raise CheckpointError(f"{directory}: unexpected tensor {shown(extra[0])} (config.json has no such weight)")
     model.load_state_dict(tensors, strict=True, assign=True)
     model.init_buffers()
     tokenizer = read_hf_tokenizer(directory, doc)

@@ -6,12 +6,12 @@ file; otherwise the tail of the text is. Every user mistake raises DataError nam
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from ...errors import DataError, first_line
+from ...jsonio import parse_json_line
 from .corpus import Corpus, Document, is_heldout
 
 HELDOUT_FRACTION = 0.05  # the tail fraction held out when whole files cannot be
@@ -105,13 +105,12 @@ def _read_text(path: Path) -> str:
 
 def _read_jsonl(path: Path, text: str) -> list[Document]:
     docs = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # JSONL rows end at "\n" only: str.splitlines also splits at U+2028/U+2029, \x85, \x0b, \x0c and
+    # \x1c-\x1e, which JSON allows raw inside strings, so a valid row would be cut in two
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        row = parse_json_line(line, f"{path}:{lineno}", error=DataError)
         if not isinstance(row, dict) or "text" not in row:
             raise DataError(f'{path}:{lineno}: expected a JSON object with a "text" field')
         if not isinstance(row["text"], str):
