@@ -315,3 +315,20 @@ def test_ffn_padding_keeps_the_sub_norm_output(tmp_path, tokenizer):
     theirs = padded * torch.rsqrt(padded.pow(2).mean(-1, keepdim=True) + ours.eps) * torch.from_numpy(gain)
     with torch.no_grad():
         assert torch.allclose(theirs[:, :320], ours(x), atol=1e-5) and not theirs[:, 320:].any()
+
+
+def test_a_forged_key_name_cannot_split_the_error_message(tmp_path):
+    """A key or tensor name is text from the file: one holding a newline (or U+2028) used to break
+    the error over several lines."""
+    import struct
+
+    for key in ("evil\nkey", "evil\u2028key", "x" * 5000):
+        raw = key.encode("utf-8")
+        data = (b"GGUF" + struct.pack("<I", 3) + struct.pack("<Q", 0) + struct.pack("<Q", 1)
+                + struct.pack("<Q", len(raw)) + raw + struct.pack("<I", 99) + b"\0" * 64)
+        path = tmp_path / "forged.gguf"
+        path.write_bytes(data)
+        with pytest.raises(FormatError) as e:
+            read_header(path)
+        message = str(e.value)
+        assert len(message.splitlines()) == 1 and "unknown value type 99" in message and len(message) < 400

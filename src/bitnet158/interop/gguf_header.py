@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..errors import FormatError
+from ..errors import FormatError, shown
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -133,24 +133,24 @@ class _Cursor:
 def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
     if vtype in _SCALARS:
         code, size = _SCALARS[vtype]
-        return cur.unpack(code, size, f"value of {key}")
+        return cur.unpack(code, size, f"value of {shown(key)}")
     if vtype == STRING:
-        return cur.string(f"string value of {key}")
+        return cur.string(f"string value of {shown(key)}")
     if vtype == ARRAY:
-        etype = cur.unpack("I", 4, f"array type of {key}")
-        count = cur.unpack("Q", 8, f"array length of {key}")
+        etype = cur.unpack("I", 4, f"array type of {shown(key)}")
+        count = cur.unpack("Q", 8, f"array length of {shown(key)}")
         if etype in _SCALARS:
             size = _SCALARS[etype][1]
-            cur.need(count * size, f"array {key} ({count} values)")  # checked before any allocation
+            cur.need(count * size, f"array {shown(key)} ({count} values)")  # checked before any allocation
             arr = np.frombuffer(cur.buf, dtype=_NP[etype], count=count, offset=cur.pos).copy()
             cur.pos += count * size
             return arr
         if etype == STRING:
-            cur.need(count * 8, f"array {key} ({count} strings)")  # each string has at least its length
-            return [cur.string(f"element {i} of {key}") for i in range(count)]
-        raise cur.fail(f"array {key} has element type {etype}, which is not a GGUF scalar or string "
+            cur.need(count * 8, f"array {shown(key)} ({count} strings)")  # each string has at least its length
+            return [cur.string(f"element {i} of {shown(key)}") for i in range(count)]
+        raise cur.fail(f"array {shown(key)} has element type {etype}, which is not a GGUF scalar or string "
                        "(nested arrays are not supported)")
-    raise cur.fail(f"key {key} has unknown value type {vtype}")
+    raise cur.fail(f"key {shown(key)} has unknown value type {vtype}")
 
 
 def read_header(path: str | os.PathLike) -> GGUFHeader:
@@ -193,8 +193,8 @@ def _parse_sections(cur: _Cursor, path: Path, size: int) -> GGUFHeader:
     for _ in range(n_kv):
         key = cur.string("key")
         if key in header.kv:
-            raise cur.fail(f"duplicate key {key}")
-        vtype = cur.unpack("I", 4, f"value type of {key}")
+            raise cur.fail(f"duplicate key {shown(key)}")
+        vtype = cur.unpack("I", 4, f"value type of {shown(key)}")
         header.kv[key] = _read_value(cur, vtype, key)
     alignment = header.kv.get("general.alignment", DEFAULT_ALIGNMENT)
     if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
@@ -204,29 +204,29 @@ def _parse_sections(cur: _Cursor, path: Path, size: int) -> GGUFHeader:
     for _ in range(n_tensors):
         name = cur.string("tensor name")
         if name in header.tensors:
-            raise cur.fail(f"duplicate tensor {name}")
-        n_dims = cur.unpack("I", 4, f"dimension count of {name}")
+            raise cur.fail(f"duplicate tensor {shown(name)}")
+        n_dims = cur.unpack("I", 4, f"dimension count of {shown(name)}")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise cur.fail(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-        ne = [cur.unpack("Q", 8, f"dimension of {name}") for _ in range(n_dims)]
+            raise cur.fail(f"tensor {shown(name)} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        ne = [cur.unpack("Q", 8, f"dimension of {shown(name)}") for _ in range(n_dims)]
         if any(d < 1 or d > size * 8 for d in ne):  # no tensor holds more values than 8 per file byte
-            raise cur.fail(f"tensor {name} has forged dimensions {ne}")
-        ggml_type = cur.unpack("I", 4, f"type of {name}")
-        offset = cur.unpack("Q", 8, f"data offset of {name}")
+            raise cur.fail(f"tensor {shown(name)} has forged dimensions {ne}")
+        ggml_type = cur.unpack("I", 4, f"type of {shown(name)}")
+        offset = cur.unpack("Q", 8, f"data offset of {shown(name)}")
         shape = tuple(reversed(ne))
         try:
             nbytes = tensor_nbytes(ggml_type, shape)
         except FormatError as e:
-            raise FormatError(f"{path}: tensor {name}: {e}") from None
+            raise FormatError(f"{path}: tensor {shown(name)}: {e}") from None
         if offset % alignment:
-            raise FormatError(f"{path}: tensor {name} data offset {offset} is not aligned to {alignment}")
+            raise FormatError(f"{path}: tensor {shown(name)} data offset {offset} is not aligned to {alignment}")
         infos.append((name, shape, ggml_type, offset, nbytes))
         header.tensors[name] = None  # reserve the name for the duplicate check
     header.data_start = -(-cur.pos // alignment) * alignment
     for name, shape, ggml_type, offset, nbytes in infos:
         start = header.data_start + offset
         if start + nbytes > size:
-            raise FormatError(f"{path}: tensor {name} ({type_name(ggml_type)} {list(shape)}, {nbytes} bytes at "
+            raise FormatError(f"{path}: tensor {shown(name)} ({type_name(ggml_type)} {list(shape)}, {nbytes} bytes at "
                               f"{start}) runs past the end of the file ({size} bytes): truncated or forged")
         header.tensors[name] = TensorEntry(name, shape, ggml_type, start, nbytes)
     return header

@@ -25,7 +25,7 @@ import torch
 
 from ..checkpoint import save_packed
 from ..config import ModelConfig
-from ..errors import BitNetError, CheckpointError, ConfigError, FormatError, first_line
+from ..errors import BitNetError, CheckpointError, ConfigError, FormatError, first_line, short_repr, shown
 from ..formats import get_format
 from ..model import Transformer
 from ..packed_layers import PackConfig
@@ -77,7 +77,7 @@ def _kv_int(header: GGUFHeader, key: str, default: int | None = None, limit: int
     value = header.kv.get(key, default)
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 < int(value) <= limit
     if not ok:
-        raise FormatError(f"{header.path}: metadata {key} is {str(value)[:40]}; expected a positive integer"
+        raise FormatError(f"{header.path}: metadata {key} is {short_repr(value)}; expected a positive integer"
                           + (f" up to {limit}" if limit < 1 << 40 else ""))
     return int(value)
 
@@ -86,7 +86,7 @@ def _kv_float(header: GGUFHeader, key: str, default: float) -> float:
     value = header.kv.get(key, default)
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if not (ok and math.isfinite(float(value)) and float(value) > 0):
-        raise FormatError(f"{header.path}: metadata {key} is {str(value)[:40]}; expected a positive number")
+        raise FormatError(f"{header.path}: metadata {key} is {short_repr(value)}; expected a positive number")
     return float(value)
 
 
@@ -261,7 +261,7 @@ def read_gguf(path: str | os.PathLike, *, format: str = "i2") -> tuple[Transform
             consumed.add(name)
     unknown = sorted(set(header.tensors) - consumed)
     if unknown:
-        raise FormatError(f"{header.path}: unexpected tensor {unknown[0]} (not part of the bitnet graph)")
+        raise FormatError(f"{header.path}: unexpected tensor {shown(unknown[0])} (not part of the bitnet graph)")
     if pack_config.head == "fp16":
         state["embed_tokens.weight"] = state["embed_tokens.weight"].half().float()
     try:
