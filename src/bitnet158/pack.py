@@ -88,9 +88,9 @@ def random_packed(config: ModelConfig, pack_config: PackConfig | None = None, se
     pack_config = (pack_config or PackConfig()).validate()
     if config.mode == "fp":
         raise ConfigError("random_packed needs a b158 or b1 config")
-    with torch.device("meta"):
-        probe = Transformer(config)
-    pack_config = resolve_auto(pack_config, linear_shapes(probe))
+    if pack_config.format == AUTO:  # the shapes to time come from a training-form skeleton
+        with torch.device("meta"):
+            pack_config = resolve_auto(pack_config, linear_shapes(Transformer(config)))
     with torch.device("meta"):
         model = Transformer(config, pack_config)
     rng = np.random.default_rng(seed)

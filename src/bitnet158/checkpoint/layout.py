@@ -31,6 +31,7 @@ WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 LATEST = "latest"
 WEIGHT_ALIGN = 64  # tensor data offsets in model.safetensors: whole cache lines for the kernels
+HEAD_TENSORS = ("embed_tokens.weight", "lm_head.weight")  # a float head is stored at its precision
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

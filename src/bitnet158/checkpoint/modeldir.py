@@ -29,9 +29,8 @@ from ..model import Transformer
 from ..packed_layers import PackConfig, PackedBitLinear, float_head_dtype
 from ..safetensors_io import SafetensorsReader, all_finite
 from ..tokenizer import Tokenizer
-from .layout import CONFIG, TOKENIZER, WEIGHTS, read_config_document, resolve
+from .layout import HEAD_TENSORS, CONFIG, TOKENIZER, WEIGHTS, read_config_document, resolve
 
-_HEAD_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 # A scale multiplies a layer's output. Two scaled outputs meet in the attention scores and in the
 # gated FFN (s²), whose RMSNorm squares again (s⁴ times the sums over hidden units): beyond about
 # 1e6, float32 overflows to inf and the logits become NaN. Real scales are ~1e-3 … 1e1.
@@ -91,7 +90,7 @@ class ModelDir:
         head = float_head_dtype(self.packing.head) if self.packing and self.packing.head != "int8" else None
         out = {}
         for name, t in self.skeleton().state_dict().items():
-            if head is not None and name in _HEAD_TENSORS:
+            if head is not None and name in HEAD_TENSORS:
                 out[name] = (t.shape, head)  # a float head is stored at its own precision
             else:
                 out[name] = (t.shape, None if t.is_floating_point() else t.dtype)
@@ -143,7 +142,8 @@ class ModelDir:
             reader = SafetensorsReader(self.file)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{self.file}: truncated or corrupt safetensors file ({first_line(e)})") from None
-        missing = [n for n in self._expected if n not in set(reader.keys())]
+        present = set(reader.keys())
+        missing = [n for n in self._expected if n not in present]
         if missing:
             raise CheckpointError(f"{self.file}: tensor {missing[0]} is missing")
         return reader

@@ -24,9 +24,8 @@ from ..fileio import atomic_directory, atomic_write_json
 from ..model import Transformer
 from ..packed_layers import PackConfig
 from ..safetensors_io import PlannedTensor, aligned_order, write_safetensors
-from .layout import CONFIG, FORMAT, TOKENIZER, WEIGHT_ALIGN, WEIGHTS, config_document
+from .layout import HEAD_TENSORS, CONFIG, FORMAT, TOKENIZER, WEIGHT_ALIGN, WEIGHTS, config_document
 
-_HEAD_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 
 
 def model_entries(model: Transformer) -> list[PlannedTensor]:
@@ -36,7 +35,7 @@ def model_entries(model: Transformer) -> list[PlannedTensor]:
     entries = []
     for name, t in model.state_dict().items():
         t = t.detach()
-        if fp16_head and name in _HEAD_TENSORS:
+        if fp16_head and name in HEAD_TENSORS:
             entries.append(PlannedTensor(name, torch.float16, tuple(t.shape), lambda t=t: t.to(torch.float16)))
         else:
             entries.append(PlannedTensor(name, t.dtype, tuple(t.shape), lambda t=t: t.contiguous()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ConfigError
+from ..chat_template import read_template_file
 from ..interop.hf_export import save_hf
 from .common import directory_megabytes
 
@@ -26,17 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     layout = "bf16" if args.bf16 else "packed"
-    template = _read_template(args.chat_template) if args.chat_template else None
+    template = read_template_file(args.chat_template) if args.chat_template else None
     out = save_hf(args.checkpoint, args.out, layout=layout, dtype=args.dtype, chat_template=template,
                   overwrite=args.force)
     print(f"wrote {out}: Hugging Face BitNetForCausalLM, "
           f"{'latent masters (online quantization)' if args.bf16 else 'packed ternary (autobitlinear, offline)'}, "
           f"{directory_megabytes(out):.2f} MB")
     return 0
-
-
-def _read_template(path: str) -> str:
-    try:
-        return open(path, encoding="utf-8").read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read the chat template ({e.__class__.__name__})") from None

@@ -23,12 +23,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ONEBITLLM_NAMES = {"attn_sub_norm": "inner_attn_ln", "ffn_sub_norm": "ffn_layernorm"}
 
 
-def read_json(file: Path) -> dict[str, Any]:
-    """A JSON object from `file`; every problem (missing, a directory, not UTF-8, not JSON, nested
-    too deep, an integer of thousands of digits, not an object) is a one-line CheckpointError
-    naming the file (`jsonio.read_json_object`)."""
-    return read_json_object(file)
-
 
 def rope_theta(doc: dict[str, Any], source: Path | str, default: float) -> float:
     """RoPE base of an HF config.json (transformers 5 writes rope_parameters; earlier versions
@@ -81,7 +75,7 @@ class TensorSource:
         self.directory = directory
         index = directory / INDEX_FILE
         if index.exists():
-            weight_map = read_json(index).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index}: no weight_map (expected an object of tensor name → shard file), "
                                       f"got {short_repr(weight_map)}")

@@ -49,14 +49,14 @@ from ..checkpoint import write_model_dir
 from ..config import MAX_SHAPE, ModelConfig
 from ..errors import BitNetError, CheckpointError, short_repr, shown
 from ..formats import get_format
-from ..jsonio import get_bool, get_dict, get_float, get_int, get_list, get_str
+from ..jsonio import get_bool, get_dict, get_float, get_int, get_list, get_str, read_json_object
 from ..layers import BitLinear
 from ..model import Transformer
 from ..packed_layers import PackConfig, PackedBitLinear
 from ..safetensors_io import PlannedTensor
 from ..tokenizer import Tokenizer
 from .hf_common import (OnePacked, TensorSource, float_tensor, hf_name, hf_shape, latent_from_ternary,
-                        read_json, rope_theta, unpack_hf_ternary)
+                        rope_theta, unpack_hf_ternary)
 from .hf_tokenizer import read_hf_tokenizer
 
 ONEBITLLM_ARCHITECTURE = "BitnetForCausalLM"  # 1bitLLM's custom class (lower-case n), FORMATS §2.6
@@ -192,7 +192,7 @@ def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | Non
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     source = directory / "config.json"
-    doc = read_json(source)
+    doc = read_json_object(source)
     config = hf_model_config(doc, source)
     layout = hf_layout(doc, source)
     if mode is not None:

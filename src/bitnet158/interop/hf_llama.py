@@ -35,7 +35,7 @@ from ..config import ModelConfig
 from ..errors import BitNetError, CheckpointError, short_repr, shown
 from ..jsonio import get_bool, get_dict, get_float, get_int, get_list, get_str, read_json_object
 from ..model import Transformer
-from .hf_common import TensorSource, float_tensor, hf_name, hf_shape, read_json, rope_theta
+from .hf_common import TensorSource, float_tensor, hf_name, hf_shape, rope_theta
 from .hf_tokenizer import read_hf_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -132,7 +132,7 @@ def load_hf_llama(directory: str | os.PathLike, *, max_seq_len: int | None = Non
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     source = directory / "config.json"
-    doc = read_json(source)
+    doc = read_json_object(source)
     config = hf_llama_config(doc, source, max_seq_len)
     src = TensorSource(directory)
     with torch.device("meta"):

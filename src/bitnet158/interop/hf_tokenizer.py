@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import CheckpointError, first_line
 from ..fileio import atomic_write_json
 from ..tokenizer import DEFAULT_EOS, Tokenizer, read_backend
-from .hf_common import read_json
+from ..jsonio import read_json_object
 
 
 
@@ -76,7 +76,7 @@ def _chat_template(value: Any, path: Path) -> str | None:
 def _post_processor_bos(path: Path) -> str | None:
     """The special token a TemplateProcessing post-processor puts first in a single sequence (as
     LLaMA 3's does with <|begin_of_text|>), or None. Looked for inside a Sequence too."""
-    proc = read_json(path).get("post_processor")
+    proc = read_json_object(path).get("post_processor")
     procs = proc.get("processors") if isinstance(proc, dict) and proc.get("type") == "Sequence" else [proc]
     for p in procs if isinstance(procs, list) else []:
         if not isinstance(p, dict) or p.get("type") != "TemplateProcessing":
@@ -106,7 +106,7 @@ def read_hf_tokenizer(directory: Path, config_doc: dict[str, Any] | None = None)
     added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
 
     tc_path = directory / "tokenizer_config.json"
-    tc = read_json(tc_path) if tc_path.is_file() else {}
+    tc = read_json_object(tc_path) if tc_path.is_file() else {}
     bos = _token_text(tc.get("bos_token"), tc_path, "bos_token")
     eos = _token_text(tc.get("eos_token"), tc_path, "eos_token")
     add_bos = tc.get("add_bos_token")
@@ -121,9 +121,9 @@ def read_hf_tokenizer(directory: Path, config_doc: dict[str, Any] | None = None)
             raise CheckpointError(f"{jinja}: not a readable template ({first_line(exc)})") from None
 
     gen_path, cfg_path = directory / "generation_config.json", directory / "config.json"
-    gen = read_json(gen_path) if gen_path.is_file() else {}
+    gen = read_json_object(gen_path) if gen_path.is_file() else {}
     if config_doc is None:
-        config_doc = read_json(cfg_path) if cfg_path.is_file() else {}
+        config_doc = read_json_object(cfg_path) if cfg_path.is_file() else {}
     ends: list[str] = [eos] if eos is not None else []
     bos_candidates: list[str] = [bos] if bos is not None else []
     for doc, path in ((gen, gen_path), (config_doc, cfg_path)):
