@@ -11,7 +11,9 @@
 #include "cpu_features.h"
 #include "decode_ops.h"
 #include "formats.h"
+#include "forward_step_bindings.h"
 #include "int8_gemm.h"
+#include "py_args.h"
 #include "quant.h"
 #include "ternary_dispatch.h"
 #include "threadpool.h"
@@ -20,28 +22,6 @@ namespace py = pybind11;
 using namespace bn158;
 
 namespace {
-
-// Names come from the one table of each (formats.h, cpu_features.h), never spelled out here.
-Format parse_format(const std::string& f) {
-    const int i = format_index(f.c_str());
-    if (i >= 0) return Format(i);
-    std::string known;
-    for (const FormatSpec& spec : kFormats) known += (known.empty() ? "" : ", ") + std::string(spec.name);
-    throw py::value_error("unknown packed format '" + f + "' (expected one of " + known + ")");
-}
-
-// "" is the path in use; any other must be known and runnable on this CPU.
-Isa parse_path(const std::string& path) {
-    if (path.empty()) return current_isa();
-    const int i = isa_index(path.c_str());
-    if (i < 0) {
-        std::string known;
-        for (const char* name : kIsaNames) known += (known.empty() ? "" : ", ") + std::string(name);
-        throw py::value_error("unknown kernel path '" + path + "' (expected one of " + known + ")");
-    }
-    if (!isa_supported(Isa(i))) throw py::value_error("kernel path '" + path + "' is not supported by this CPU");
-    return Isa(i);
-}
 
 py::array_t<int32_t> py_matmul(py::array x, py::array w, const std::string& fmt, int64_t N, int64_t K,
                                py::object out_obj, const std::string& path) {
@@ -203,6 +183,7 @@ F32 py_rms_norm(F32 x, F32 w, float eps, int vec_width) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+    bind_forward_step(m);
     m.doc() = "bitnet158 native ternary kernels (int8 activations x packed ternary weights -> int32)";
     m.def("matmul", &py_matmul, py::arg("x"), py::arg("w"), py::arg("fmt"), py::arg("N"), py::arg("K"),
           py::arg("out") = py::none(), py::arg("path") = "",

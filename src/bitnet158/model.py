@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernels, native_step
 from .cache import KVCache, SlotBatch
 from .config import ModelConfig
 from .errors import ConfigError
@@ -196,6 +196,10 @@ class Transformer(nn.Module):
             if int(start.max()) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(start.max())} exceeds max_seq_len {self.config.max_seq_len}")
             cos, sin = self.rope_cos[start].unsqueeze(1), self.rope_sin[start].unsqueeze(1)
+        if cache is not None:  # a packed model's whole step in native code, where it can run
+            logits = native_step.run(self, tokens, cache, start, last_only)
+            if logits is not None:
+                return logits
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
@@ -203,7 +207,10 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
+        return self.head(self.norm(x))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final-normed hidden rows."""
         if self.lm_head is None:  # tied: the embedding reads out
             return F.linear(x, self.embed_tokens.weight).float()
         return self.lm_head(x).float()

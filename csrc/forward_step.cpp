@@ -1,0 +1,288 @@
+// The whole decoder forward of a packed model in one native call (forward_step.h).
+//
+// Why: a Python-driven 2B4T decode step makes ~300 calls around its ~210 kernel calls (norms,
+// quantizers, RoPE, attention on a one-row query, reshapes, residuals, the head), a third of every
+// step at one thread; and a batch of sequences at their own positions attended one row at a time.
+// Here every op runs back to back on the same thread pool.
+//
+// Rounding follows the Python packed path wherever that is cheap to do exactly: RMSNorm sums in
+// torch's order (decode_ops.h, at the width the caller found bit-exact), activations quantize as
+// bitnet158.quant does, the integer products are exact, scales apply in the same order, RoPE and
+// residuals are the same single roundings. Attention (torch's SDPA) and SiLU (torch's vectorized
+// exp) differ by fp32 summation order and ulps only.
+#include "forward_step.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "decode_ops.h"
+#include "int8_gemm.h"
+#include "quant.h"
+#include "ternary_dispatch.h"
+#include "threadpool.h"
+
+#pragma GCC optimize("fp-contract=off")
+
+namespace bn158 {
+namespace {
+
+constexpr float kActEps = 1e-5f;  // bitnet158.quant.EPS: the clamp on max|x|
+
+// Runs f(r0, r1) over row ranges on the pool when the rows are many enough to pay for it.
+template <class F>
+void for_rows(int64_t M, int64_t work_per_row, F&& f) {
+    const int64_t chunks = M * work_per_row >= (1 << 16) ? pool_chunks(M) : 1;
+    if (chunks <= 1) {
+        f(int64_t(0), M);
+        return;
+    }
+    pool_run(chunks, [&](int64_t c) { f(M * c / chunks, M * (c + 1) / chunks); });
+}
+
+void norm_rows(const StepModel& m, const float* x, int64_t M, int64_t n, const float* w, float* out) {
+    for_rows(M, n, [&](int64_t r0, int64_t r1) {
+        thread_local std::vector<float> sq;
+        sq.resize(size_t(n));
+        rms_norm_rows(x + r0 * n, r1 - r0, n, w, m.eps, m.norm_width, sq.data(), out + r0 * n);
+    });
+}
+
+// Per-token absmax int8, as bitnet158.quant.absmax_int8_per_token: sx[m] = max|x|/127 dequantizes.
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* sx) {
+    for_rows(M, K, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float amax = std::max(absmax(x + r * K, K), kActEps);
+            quantize_row(x + r * K, K, (1.0f / amax) * 127.0f, q + r * K);  // torch: reciprocal, then ×127
+            sx[r] = amax / 127.0f;
+        }
+    });
+}
+
+struct Scratch {
+    std::vector<float> x, h, t, q, k, v, attn, g, u, sx;
+    std::vector<int8_t> q8;
+    std::vector<int32_t> acc;
+};
+
+// y = (q8 · Wᵀ) · (sx · w_scale) (+ bias): the same two roundings as the fused Python call.
+void product(Isa isa, const PackedLinear& L, const int8_t* q8, const float* sx, int64_t M, int32_t* acc, float* y) {
+    matmul(isa, L.fmt, q8, M, L.K, L.w, L.N, acc);
+    for_rows(M, L.N, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float s = sx[r] * *L.scale;
+            const int32_t* a = acc + r * L.N;
+            float* o = y + r * L.N;
+            for (int64_t n = 0; n < L.N; ++n) o[n] = float(a[n]) * s;
+            if (L.bias)
+                for (int64_t n = 0; n < L.N; ++n) o[n] = o[n] + L.bias[n];
+        }
+    });
+}
+
+// Several linears reading the same input x [M, K]: quantized once when none has its own norm.
+void project(Isa isa, const StepModel& m, Scratch& s, const float* x, int64_t M,
+             std::initializer_list<std::pair<const PackedLinear*, float*>> outs) {
+    const int64_t K = outs.begin()->first->K;
+    bool shared = true;
+    for (const auto& o : outs) shared = shared && !o.first->norm;
+    if (shared) quantize_rows(x, M, K, s.q8.data(), s.sx.data());
+    for (const auto& o : outs) {
+        const PackedLinear& L = *o.first;
+        if (!shared) {
+            norm_rows(m, x, M, K, L.norm, s.t.data());
+            quantize_rows(s.t.data(), M, K, s.q8.data(), s.sx.data());
+        }
+        product(isa, L, s.q8.data(), s.sx.data(), M, s.acc.data(), o.second);
+    }
+}
+
+// x → optional norm → y; returns where the normed rows are (x itself when there is no norm).
+const float* maybe_norm(const StepModel& m, const float* x, int64_t M, int64_t n, const float* w, float* y) {
+    if (!w) return x;
+    norm_rows(m, x, M, n, w, y);
+    return y;
+}
+
+// --- attention -------------------------------------------------------------------------------------
+// Dot products and row updates in 8 independent lanes (so the compiler vectorizes them without
+// reassociating anything); an AVX2 build of the same source where the CPU has it.
+#define BN158_ATTENTION_KERNELS(SUFFIX)                                                         \
+    float dot_##SUFFIX(const float* a, const float* b, int64_t n) {                             \
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                \
+        int64_t i = 0;                                                                          \
+        for (; i + 8 <= n; i += 8)                                                              \
+            for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];                          \
+        float s = 0.0f;                                                                         \
+        for (; i < n; ++i) s += a[i] * b[i];                                                    \
+        for (int l = 0; l < 8; ++l) s += acc[l];                                                \
+        return s;                                                                               \
+    }                                                                                           \
+    void axpy_##SUFFIX(float a, const float* x, float* y, int64_t n) {                          \
+        for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];                                       \
+    }
+
+BN158_ATTENTION_KERNELS(base)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+BN158_ATTENTION_KERNELS(avx2)
+#pragma GCC pop_options
+
+// One query row of one head over keys/values [0, n) of its KV head: softmax(q·kᵀ/√hd) · v.
+void attend_one(const float* q, const float* keys, const float* values, int64_t n, int64_t hd, float scale,
+                bool avx2, float* out) {
+    thread_local std::vector<float> p;
+    p.resize(size_t(n));
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+        p[size_t(j)] = (avx2 ? dot_avx2 : dot_base)(q, keys + j * hd, hd) * scale;
+        mx = std::max(mx, p[size_t(j)]);
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) sum += (p[size_t(j)] = std::exp(p[size_t(j)] - mx));
+    std::fill(out, out + hd, 0.0f);
+    for (int64_t j = 0; j < n; ++j) (avx2 ? axpy_avx2 : axpy_base)(p[size_t(j)], values + j * hd, out, hd);
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
+}
+
+// q [M, heads·hd] (roped), keys/values already stored; out [M, heads·hd]. Head h reads KV head
+// h / (heads / kv_heads), as torch's enable_gqa does.
+void attention(const StepModel& m, const KVSlots& kv, int64_t layer, const StepRows& rows, const float* q,
+               float* out) {
+    const int64_t H = m.heads, hd = m.head_dim, group = m.heads / m.kv_heads;
+    const float scale = 1.0f / std::sqrt(float(hd));
+    const bool avx2 = isa_supported(Isa::Avx2);
+    const int64_t tasks = rows.M * H;
+    const int64_t chunks = pool_chunks(tasks);
+    auto run = [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+            const int64_t r = t / H, h = t % H, g = h / group;
+            const int64_t base = ((int64_t(rows.slot[r]) * m.kv_heads + g) * kv.max_len) * hd;
+            attend_one(q + r * H * hd + h * hd, kv.keys[size_t(layer)] + base, kv.values[size_t(layer)] + base,
+                       int64_t(rows.pos[r]) + 1, hd, scale, avx2, out + r * H * hd + h * hd);
+        }
+    };
+    if (chunks <= 1) {
+        run(0, tasks);
+    } else {
+        pool_run(chunks, [&](int64_t c) { run(tasks * c / chunks, tasks * (c + 1) / chunks); });
+    }
+}
+
+// RoPE on every head of each row at the row's own position, into out.
+void rope_heads(const StepModel& m, const StepRows& rows, const float* x, int64_t heads, float* out) {
+    const int64_t hd = m.head_dim;
+    for (int64_t r = 0; r < rows.M; ++r) {
+        const int64_t p = rows.pos[r];
+        rope_rows(x + r * heads * hd, heads, 1, hd, m.rope_cos + p * hd, m.rope_sin + p * hd, out + r * heads * hd);
+    }
+}
+
+void store_kv(const StepModel& m, const KVSlots& kv, int64_t layer, const StepRows& rows, const float* k,
+              const float* v) {
+    const int64_t hd = m.head_dim, G = m.kv_heads;
+    for (int64_t r = 0; r < rows.M; ++r)
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t at = ((int64_t(rows.slot[r]) * G + g) * kv.max_len + rows.pos[r]) * hd;
+            std::memcpy(kv.keys[size_t(layer)] + at, k + (r * G + g) * hd, size_t(hd) * sizeof(float));
+            std::memcpy(kv.values[size_t(layer)] + at, v + (r * G + g) * hd, size_t(hd) * sizeof(float));
+        }
+}
+
+void add_into(float* x, const float* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] = x[i] + y[i];
+}
+
+void block(Isa isa, const StepModel& m, const KVSlots& kv, int64_t layer, const StepRows& rows, Scratch& s) {
+    const BlockWeights& b = m.blocks[size_t(layer)];
+    const int64_t M = rows.M, D = m.hidden, A = m.heads * m.head_dim, F = m.inter;
+    // attention
+    const float* n1 = maybe_norm(m, s.x.data(), M, D, b.input_norm, s.h.data());
+    project(isa, m, s, n1, M, {{&b.q, s.attn.data()}, {&b.k, s.g.data()}, {&b.v, s.v.data()}});
+    rope_heads(m, rows, s.attn.data(), m.heads, s.q.data());
+    rope_heads(m, rows, s.g.data(), m.kv_heads, s.k.data());
+    store_kv(m, kv, layer, rows, s.k.data(), s.v.data());
+    attention(m, kv, layer, rows, s.q.data(), s.attn.data());
+    const float* a = maybe_norm(m, s.attn.data(), M, A, b.attn_sub_norm, s.q.data());
+    project(isa, m, s, a, M, {{&b.o, s.h.data()}});
+    add_into(s.x.data(), s.h.data(), M * D);
+    // feed-forward
+    const float* n2 = maybe_norm(m, s.x.data(), M, D, b.post_attn_norm, s.h.data());
+    project(isa, m, s, n2, M, {{&b.gate, s.g.data()}, {&b.up, s.u.data()}});
+    float* g = s.g.data();
+    const float* u = s.u.data();
+    for_rows(M, F, [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0 * F; i < r1 * F; ++i) {
+            float act;
+            if (m.relu2) {
+                const float r = g[i] > 0.0f ? g[i] : 0.0f;
+                act = r * r;
+            } else {
+                act = g[i] / (1.0f + std::exp(-g[i]));
+            }
+            g[i] = act * u[i];
+        }
+    });
+    const float* f = maybe_norm(m, g, M, F, b.ffn_sub_norm, s.u.data());
+    project(isa, m, s, f, M, {{&b.down, s.h.data()}});
+    add_into(s.x.data(), s.h.data(), M * D);
+}
+
+void embed(const StepModel& m, const StepRows& rows, float* x) {
+    const int64_t D = m.hidden;
+    for (int64_t r = 0; r < rows.M; ++r) {
+        const int64_t t = rows.tokens[r];
+        float* o = x + r * D;
+        if (m.embed_q) {
+            const int8_t* q = m.embed_q + t * D;
+            const float s = m.embed_row_scale[t];
+            for (int64_t d = 0; d < D; ++d) o[d] = float(q[d]) * s;
+        } else {
+            std::memcpy(o, m.embed_f32 + t * D, size_t(D) * sizeof(float));
+        }
+    }
+}
+
+}  // namespace
+
+void forward_step(Isa isa, const StepModel& m, const KVSlots& kv, const StepRows& rows, float* out) {
+    const int64_t M = rows.M, D = m.hidden, A = m.heads * m.head_dim, KV = m.kv_heads * m.head_dim;
+    const int64_t widest = std::max({D, A, m.inter});
+    // The caller's scratch: a reference, so the pool's workers see this thread's buffers, not their own.
+    thread_local Scratch scratch;
+    Scratch& s = scratch;
+    s.x.resize(size_t(M * D));
+    for (auto* v : {&s.h, &s.t, &s.attn, &s.g, &s.u}) v->resize(size_t(M * widest));
+    s.q.resize(size_t(M * std::max(A, D)));
+    s.k.resize(size_t(M * KV));
+    s.v.resize(size_t(M * KV));
+    s.sx.resize(size_t(M));
+    s.q8.resize(size_t(M * widest));
+    int64_t widest_n = m.vocab;
+    for (const BlockWeights& b : m.blocks)
+        for (const PackedLinear* L : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) widest_n = std::max(widest_n, L->N);
+    s.acc.resize(size_t(M * widest_n));
+
+    embed(m, rows, s.x.data());
+    for (int64_t layer = 0; layer < int64_t(m.blocks.size()); ++layer) block(isa, m, kv, layer, rows, s);
+
+    // final norm of the chosen rows, then the int8 head (or hand them back for a float head)
+    const int64_t R = rows.R;
+    std::vector<float> picked(size_t(R * D));
+    for (int64_t i = 0; i < R; ++i)
+        std::memcpy(picked.data() + i * D, s.x.data() + int64_t(rows.out_rows[i]) * D, size_t(D) * sizeof(float));
+    float* normed = m.head_q ? s.h.data() : out;
+    norm_rows(m, picked.data(), R, D, m.final_norm, normed);
+    if (!m.head_q) return;
+    quantize_rows(normed, R, D, s.q8.data(), s.sx.data());
+    int8_matmul(s.q8.data(), R, D, m.head_q, m.vocab, s.acc.data(), isa_supported(Isa::Avx2) && isa != Isa::Scalar);
+    for_rows(R, m.vocab, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+            for (int64_t n = 0; n < m.vocab; ++n)
+                out[r * m.vocab + n] = (float(s.acc[size_t(r * m.vocab + n)]) * s.sx[size_t(r)]) * m.head_row_scale[n];
+    });
+}
+
+}  // namespace bn158
