@@ -65,8 +65,7 @@ py::array_t<int32_t> py_int8_matmul(py::array x, py::array w, const std::string&
         throw py::value_error("int8_matmul needs x [M, K] and w [N, K]");
     if (!(x.flags() & py::array::c_style) || !(w.flags() & py::array::c_style))
         throw py::value_error("int8_matmul needs C-contiguous arrays");
-    const bool simd = path.empty() ? isa_supported(Isa::Avx2) : path != "scalar";
-    if (simd && !isa_supported(Isa::Avx2)) throw py::value_error("kernel path '" + path + "' is not supported by this CPU");
+    const Isa isa = parse_path(path);
     const int64_t M = x.shape(0), K = x.shape(1), N = w.shape(0);
     py::array_t<int32_t> out({M, N});
     const int8_t* xp = static_cast<const int8_t*>(x.data());
@@ -74,7 +73,7 @@ py::array_t<int32_t> py_int8_matmul(py::array x, py::array w, const std::string&
     int32_t* op = out.mutable_data();
     {
         py::gil_scoped_release nogil;
-        if (M > 0) int8_matmul(xp, M, K, wp, N, op, simd);
+        if (M > 0) int8_matmul(isa, xp, M, K, wp, N, op);
     }
     return out;
 }

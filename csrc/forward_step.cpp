@@ -277,7 +277,7 @@ void forward_step(Isa isa, const StepModel& m, const KVSlots& kv, const StepRows
     norm_rows(m, picked.data(), R, D, m.final_norm, normed);
     if (!m.head_q) return;
     quantize_rows(normed, R, D, s.q8.data(), s.sx.data());
-    int8_matmul(s.q8.data(), R, D, m.head_q, m.vocab, s.acc.data(), isa_supported(Isa::Avx2) && isa != Isa::Scalar);
+    int8_matmul(isa, s.q8.data(), R, D, m.head_q, m.vocab, s.acc.data());
     for_rows(R, m.vocab, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
             for (int64_t n = 0; n < m.vocab; ++n)

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "int8_gemm.h"
 #include "threadpool.h"
@@ -112,18 +113,24 @@ void gemv_avx2(const int8_t* x, int64_t, int64_t K, const int8_t* w, int64_t N, 
 
 }  // namespace
 
-void int8_matmul(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, bool simd) {
-    auto fn = !simd ? rows_scalar : M == 1 ? gemv_avx2 : rows_avx2;
+void int8_matmul(Isa isa, const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out) {
     const int64_t groups = (N + kRows - 1) / kRows;
     const int64_t chunks = pool_chunks(groups);
-    if (chunks <= 1) {
-        fn(x, M, K, w, N, out, 0, N);
-        return;
+    auto split = [&](auto&& fn) {  // fn(n0, n1) over row ranges of whole groups
+        if (chunks <= 1) return fn(int64_t(0), N);
+        pool_run(chunks, [&](int64_t c) {
+            const int64_t n0 = groups * c / chunks * kRows, n1 = groups * (c + 1) / chunks * kRows;
+            fn(n0, n1 < N ? n1 : N);
+        });
+    };
+    if (isa == Isa::Avx512Vnni && M > 1) {
+        std::vector<int32_t> xsum(size_t(M), 0);
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t k = 0; k < K; ++k) xsum[size_t(m)] += x[m * K + k];
+        return split([&](int64_t n0, int64_t n1) { int8_rows_vnni(x, M, K, w, N, out, n0, n1, xsum.data()); });
     }
-    pool_run(chunks, [&](int64_t c) {
-        const int64_t n0 = groups * c / chunks * kRows, n1 = groups * (c + 1) / chunks * kRows;
-        fn(x, M, K, w, N, out, n0, n1 < N ? n1 : N);
-    });
+    auto fn = isa == Isa::Scalar ? rows_scalar : M == 1 ? gemv_avx2 : rows_avx2;
+    split([&](int64_t n0, int64_t n1) { fn(x, M, K, w, N, out, n0, n1); });
 }
 
 }  // namespace bn158

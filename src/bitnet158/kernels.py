@@ -86,7 +86,8 @@ def cpu_features() -> dict[str, bool]:
 
 def _self_check(path: str) -> bool:
     """Compare a SIMD path with the scalar oracle once, on shapes that touch every code branch, in
-    every registered format (one the extension does not know raises here, at the first path choice)."""
+    every registered format (one the extension does not know raises here, at the first path choice),
+    and its int8 head kernels."""
     if path in _verified:
         return _verified[path]
     ok = True
@@ -99,6 +100,10 @@ def _self_check(path: str) -> bool:
                 w = fmt.pack(codes)
                 got = _ext.matmul(x, w, fmt_name, n, k, path=path)
                 ok &= bool(np.array_equal(got, _ext.matmul(x, w, fmt_name, n, k, path="scalar")))
+        for m, n, k in ((1, 9, 200), (5, 9, 200), (6, 4, 64)):  # the int8 head: GEMV and the M > 1 kernels
+            x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+            w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
+            ok &= bool(np.array_equal(_ext.int8_matmul(x, w, path=path), _ext.int8_matmul(x, w, path="scalar")))
         if not ok:
             warnings.warn(f"bitnet158: kernel path {path!r} disagrees with the scalar reference on this "
                           f"machine and is disabled; please report this.", RuntimeWarning, stacklevel=3)
@@ -272,8 +277,7 @@ def int8_matmul(x: torch.Tensor, w: torch.Tensor, *, path: str | None = None) ->
             except RuntimeError:
                 pass
         return (x.to(torch.float64) @ w.to(torch.float64).T).to(torch.int32)
-    return torch.from_numpy(_load_extension().int8_matmul(x.contiguous().numpy(), w.contiguous().numpy(),
-                                                           path="scalar" if path == "scalar" else ""))
+    return torch.from_numpy(_load_extension().int8_matmul(x.contiguous().numpy(), w.contiguous().numpy(), path=path))
 
 
 def memory_read_bandwidth(nbytes: int = 1 << 29, threads: int = 1, repeats: int = 5, streams: int = 4) -> float:
