@@ -68,6 +68,18 @@ def test_generate_streams_text(trained, capsys):
     assert "prompt tokens" in captured.err
 
 
+def test_generate_speculates_without_changing_greedy_output(trained, capsys):
+    base = ["generate", str(trained), "--prompt", "def f(x):", "--max-tokens", "12", "--temperature", "0"]
+    capsys.readouterr()
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    for extra in (["--speculate", "ngram", "--draft-tokens", "3"], ["--draft", str(trained)]):
+        assert main(base + extra) == 0
+        captured = capsys.readouterr()
+        assert captured.out == plain and "drafts accepted" in captured.err
+    assert_user_error(capsys, base + ["--speculate", "ngram", "--draft-tokens", "0"], "draft tokens")
+
+
 def test_train_refuses_to_overwrite_then_resumes_to_more_steps(trained, text_file, capsys):
     assert_user_error(capsys, ["train", *SMALL_RUN, "--data", str(text_file), "--out", str(trained)],
                       "already exists", "--resume")

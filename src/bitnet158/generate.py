@@ -15,6 +15,7 @@ import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -183,12 +184,14 @@ class SequenceDecoder:
         self._prompt_logprobs = entries
         return entries
 
-    def step(self, logits: torch.Tensor) -> GenerationResponse:
-        """Sample the next token from next-token logits [vocab] and answer what it adds."""
+    def step(self, logits: torch.Tensor, draft: int | None = None) -> GenerationResponse:
+        """Sample the next token from next-token logits [vocab] and answer what it adds. `draft`:
+        a speculative drafter's proposal for this position, accepted or replaced so the token
+        keeps the distribution it would have had without one (`sampling.sample_with_draft`)."""
         if self.finished:
             raise RuntimeError("the sequence has already finished")
         check_logits(logits, len(self.tokens) + 1)
-        token = self._sampler(logits)
+        token = self._sampler(logits, draft)
         self.tokens.append(token)
         logprob = None
         if self.request.logprobs is not None:
@@ -236,7 +239,8 @@ class PromptCache:
         self.kv.reset()
         self.tokens = []
 
-    def _truncate(self, n: int) -> None:
+    def truncate(self, n: int) -> None:
+        """Keep the first n cached tokens (a rejected speculative draft's keys become stale)."""
         self.kv.offset = n
         del self.tokens[n:]
 
@@ -253,7 +257,7 @@ class PromptCache:
             limit = min(len(self.tokens), len(prompt) - 1)  # the last prompt token always runs: its logits
             while reuse < limit and self.tokens[reuse] == prompt[reuse]:
                 reuse += 1
-        self._truncate(reuse)  # before the forward, so a failed one leaves tokens and offset in step
+        self.truncate(reuse)  # before the forward, so a failed one leaves tokens and offset in step
         device = self.kv.keys[0].device
         logits = model(torch.tensor([prompt[reuse:]], dtype=torch.long, device=device), self.kv,
                        last_only=not all_logits)[0]
@@ -263,9 +267,15 @@ class PromptCache:
 
     def feed(self, model: torch.nn.Module, token: int) -> torch.Tensor:
         """Run one generated token through the model; the next-token logits [vocab]."""
+        return self.feed_many(model, [token])[0]
+
+    def feed_many(self, model: torch.nn.Module, tokens: Sequence[int]) -> torch.Tensor:
+        """Run several tokens through the model in one forward (a token and the draft after it);
+        logits [len(tokens), vocab], row i predicting what follows tokens[i]. With the native step
+        each row computes exactly what it would alone, so a verified draft changes no output."""
         device = self.kv.keys[0].device
-        logits = model(torch.tensor([[token]], dtype=torch.long, device=device), self.kv)[0, -1]
-        self.tokens.append(token)
+        logits = model(torch.tensor([list(tokens)], dtype=torch.long, device=device), self.kv)[0]
+        self.tokens.extend(tokens)
         return logits
 
 
@@ -312,47 +322,102 @@ def _prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
     return ids
 
 
+class Drafter(Protocol):
+    """Proposes up to k tokens to follow `tokens` (speculative decoding; bitnet158.speculative)."""
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]: ...
+
+
+@dataclass
+class SpeculationStats:
+    """What speculation did over a generation: tokens drafted, drafted tokens accepted, and the
+    verifying forwards run (each also yields one token of its own)."""
+    drafted: int = 0
+    accepted: int = 0
+    verify_forwards: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def _next_rows(model, cache: PromptCache, decoder: SequenceDecoder, context: int, drafter: Drafter | None,
+               draft_tokens: int, stats: SpeculationStats | None) -> list[tuple[torch.Tensor, int | None]]:
+    """The logits to decide the next tokens from, each with the draft token proposed for it: one
+    row without a draft; with one, the rows of a single forward over the last token and the draft."""
+    token = decoder.next_input
+    k = min(draft_tokens, decoder.max_tokens - len(decoder.tokens) - 1, context - len(cache.tokens) - 1)
+    draft = drafter.propose(cache.tokens + [token], k)[:k] if drafter is not None and k > 0 else []
+    if not draft:
+        return [(cache.feed(model, token), None)]
+    if stats is not None:
+        stats.drafted += len(draft)
+        stats.verify_forwards += 1
+    return list(zip(cache.feed_many(model, [token] + draft), draft + [None]))
+
+
 @torch.no_grad()
 def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
-                   cache: PromptCache | None = None) -> Iterator[GenerationResponse]:
+                   cache: PromptCache | None = None, drafter: Drafter | None = None, draft_tokens: int = 8,
+                   stats: SpeculationStats | None = None) -> Iterator[GenerationResponse]:
     """`stream_generate` for a ready GenerationRequest. With a cache, the longest common prefix of
     cache.tokens and the prompt is reused (not with echo, which needs logits at every prompt
-    position); afterwards cache.tokens is the prompt plus the generated tokens the model has run."""
+    position); afterwards cache.tokens is the prompt plus the generated tokens the model has run.
+
+    With a `drafter`, each forward verifies up to `draft_tokens` proposed tokens at once: the
+    tokens are decided row by row as without it (greedy: the same tokens; sampling: the same
+    distribution) until one differs from the draft; the cache then drops the rows after it.
+    `stats` collects the acceptance."""
     cache, context = _prepare(model, cache, request.prompt)
     decoder = SequenceDecoder(tokenizer, request, context=context)
     start = time.perf_counter()
     logits = cache.prefill(model, request.prompt, all_logits=request.echo)
     if request.echo:
         decoder.prompt_logprobs(logits)
-    logits = logits[-1]
+    rows: list[tuple[torch.Tensor, int | None]] = [(logits[-1], None)]
     first = None
     while True:
-        response = decoder.step(logits)
-        now = time.perf_counter()
-        if first is None:
-            first = now
-        decode_time = now - first
-        rate = (response.generated_tokens - 1) / decode_time if decode_time > 0 else 0.0
-        yield dataclasses.replace(response, tokens_per_second=rate, prefill_seconds=first - start)
+        base = len(cache.tokens) - len(rows)  # cached tokens before the rows' inputs
+        used = 0
+        for row_logits, draft in rows:
+            response = decoder.step(row_logits, draft)
+            used += 1
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            decode_time = now - first
+            rate = (response.generated_tokens - 1) / decode_time if decode_time > 0 else 0.0
+            yield dataclasses.replace(response, tokens_per_second=rate, prefill_seconds=first - start)
+            if decoder.finished or (draft is not None and response.token != draft):
+                break
+            if draft is not None and stats is not None:
+                stats.accepted += 1
+        if len(rows) > 1:  # rows after the first differing token were computed from a wrong input
+            cache.truncate(base + used)
         if decoder.finished:
             return
-        logits = cache.feed(model, decoder.next_input)
+        rows = _next_rows(model, cache, decoder, context, drafter, draft_tokens, stats)
 
 
 def stream_generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 100,
                     sampling: SamplingConfig | None = None, seed: int | None = None, *,
                     stop: Sequence[str] = (), logprobs: int | None = None, echo: bool = False,
-                    cache: PromptCache | None = None) -> Iterator[GenerationResponse]:
+                    cache: PromptCache | None = None, drafter: Drafter | None = None, draft_tokens: int = 8,
+                    stats: SpeculationStats | None = None) -> Iterator[GenerationResponse]:
     """Stream the continuation of `prompt` (text, encoded with bos as the tokenizer wants, or
-    token ids) as GenerationResponses; the last one has finish_reason set."""
+    token ids) as GenerationResponses; the last one has finish_reason set. `drafter`: speculative
+    decoding (see `stream_request`)."""
     request = GenerationRequest(tuple(_prompt_ids(tokenizer, prompt)), max_tokens,
                                 sampling or SamplingConfig(), stop, seed, logprobs, echo)  # stop → tuple
-    return stream_request(model, tokenizer, request.validate(), cache=cache)
+    return stream_request(model, tokenizer, request.validate(), cache=cache, drafter=drafter,
+                          draft_tokens=draft_tokens, stats=stats)
 
 
 def generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 100,
              sampling: SamplingConfig | None = None, seed: int | None = None, *, stop: Sequence[str] = (),
-             cache: PromptCache | None = None) -> str:
+             cache: PromptCache | None = None, drafter: Drafter | None = None, draft_tokens: int = 8,
+             stats: SpeculationStats | None = None) -> str:
     """The generated continuation of `prompt` as one string."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, sampling, seed,
-                                                   stop=stop, cache=cache))
+                                                   stop=stop, cache=cache, drafter=drafter,
+                                                   draft_tokens=draft_tokens, stats=stats))

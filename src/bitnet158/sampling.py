@@ -7,7 +7,9 @@
 3. temperature (0 = greedy: argmax of the penalized logits, no filter matters),
 4. top-k, 5. top-p, 6. min-p (each on what the previous step kept),
 
-then draws from the remaining distribution with an optional `torch.Generator`. With no penalty
+then draws from the remaining distribution with an optional `torch.Generator` (or, when a
+speculative drafter proposed a token, `sample_with_draft` accepts or replaces it so that every
+token keeps exactly that distribution). With no penalty
 in effect greedy is exactly `argmax` of the raw logits. `TokenSampler` is one sequence's state
 (its config, its own generator, its penalty history): every caller that samples a sequence —
 `generate_step`, `SequenceDecoder`, the batching engine — goes through it, so the same seed gives
@@ -120,20 +122,49 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None 
 
     seen: prompt + generated ids (or a bool mask) for the repetition penalty; counts [vocab]: how
     often each token was generated, for the presence and frequency penalties."""
+    logits = _penalized(logits, cfg, seen, counts)
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = _filtered_probs(logits, cfg)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def _penalized(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None,
+               counts: torch.Tensor | None) -> torch.Tensor:
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if counts is not None:
         logits = apply_presence_frequency_penalty(logits, counts, cfg.presence_penalty, cfg.frequency_penalty)
     big = torch.finfo(logits.dtype).max
-    logits = logits.clamp(-big, big)  # a strong penalty can overflow to ±inf; keep every logit finite
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
+    return logits.clamp(-big, big)  # a strong penalty can overflow to ±inf; keep every logit finite
+
+
+def _filtered_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The distribution a non-greedy draw samples from: temperature, then top-k, top-p, min-p."""
     # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, never inf - inf
     logits = filter_top_k((logits - logits.amax(-1, keepdim=True)) / cfg.temperature, cfg.top_k)
-    logits = filter_min_p(filter_top_p(logits, cfg.top_p), cfg.min_p)
-    probs = logits.softmax(-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    return filter_min_p(filter_top_p(logits, cfg.top_p), cfg.min_p).softmax(-1)
+
+
+def sample_with_draft(logits: torch.Tensor, cfg: SamplingConfig, draft: int, seen: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None, *, counts: torch.Tensor | None = None) -> int:
+    """One token from next-token logits [vocab] when a drafter has proposed `draft` (speculative
+    decoding with a deterministic drafter): accept it with probability p(draft), else draw from p
+    with the draft removed. Each token y then comes out with probability p(y) — exactly the
+    distribution of `sample` (the standard rejection rule with a one-hot draft distribution).
+    Greedy: the argmax, which the caller compares with the draft."""
+    logits = _penalized(logits, cfg, seen, counts)
+    if cfg.temperature == 0:
+        return int(logits.argmax(-1))
+    probs = _filtered_probs(logits, cfg)
+    p_draft = float(probs[draft]) if 0 <= draft < probs.numel() else 0.0
+    if float(torch.rand((), generator=generator)) < p_draft:
+        return draft
+    rest = probs.clone()
+    if 0 <= draft < rest.numel():
+        rest[draft] = 0.0
+    return int(torch.multinomial(rest, 1, generator=generator))
 
 
 class TokenSampler:
@@ -170,12 +201,16 @@ class TokenSampler:
         if self.cfg.presence_penalty != 0.0 or self.cfg.frequency_penalty != 0.0:
             self._counts = torch.zeros(vocab, dtype=torch.float32, device=device)
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """Sample the next token from next-token logits [vocab] and record it in the history."""
+    def __call__(self, logits: torch.Tensor, draft: int | None = None) -> int:
+        """Sample the next token from next-token logits [vocab] and record it in the history.
+        `draft`: a speculative drafter's proposal for this position (see `sample_with_draft`)."""
         if not self._ready:
             self._state_for(logits)
             self._ready = True
-        token = int(sample(logits, self.cfg, self._seen, self._generator, counts=self._counts))
+        if draft is None:
+            token = int(sample(logits, self.cfg, self._seen, self._generator, counts=self._counts))
+        else:
+            token = sample_with_draft(logits, self.cfg, draft, self._seen, self._generator, counts=self._counts)
         if self._seen is not None and token < self._seen.numel():
             self._seen[token] = True
         if self._counts is not None and token < self._counts.numel():

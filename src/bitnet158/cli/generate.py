@@ -8,8 +8,9 @@ import sys
 from .. import checkpoint
 from ..bench import use_kernel_threads
 from ..errors import CheckpointError
-from ..generate import stream_generate
+from ..generate import SpeculationStats, stream_generate
 from ..sampling import SamplingConfig
+from ..speculative import DraftModel, PromptLookup, check_draft_tokens
 from .common import default_of, set_threads
 
 NAME = "generate"
@@ -26,6 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=SamplingConfig.repetition_penalty)
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--speculate", choices=["ngram"],
+                   help="speculative decoding with prompt-lookup drafts (exact: same greedy output, same sampling "
+                        "distribution; fastest where the output repeats the prompt, e.g. code)")
+    p.add_argument("--draft", metavar="CKPT", help="speculative decoding with a smaller draft model (same tokenizer)")
+    p.add_argument("--draft-tokens", type=int, default=default_of(stream_generate, "draft_tokens"),
+                   help="tokens drafted per verifying forward")
     p.add_argument("--quiet", action="store_true", help="no statistics line")
 
 
@@ -38,13 +45,25 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json beside the weights")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty)
+    drafter = None
+    if args.draft is not None:
+        draft_model, _ = checkpoint.load(args.draft, with_tokenizer=False)
+        drafter = DraftModel(draft_model, model.config.vocab_size)
+    elif args.speculate == "ngram":
+        drafter = PromptLookup()
+    stats = SpeculationStats()
     last = None
     sys.stdout.write(args.prompt)
-    for last in stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.seed):
+    for last in stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.seed,
+                                drafter=drafter, draft_tokens=check_draft_tokens(args.draft_tokens), stats=stats):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if last is not None and not args.quiet:
+        speculation = ""
+        if drafter is not None:
+            speculation = (f", drafts accepted {stats.accepted}/{stats.drafted} ({stats.acceptance:.0%}) "
+                           f"in {stats.verify_forwards} verifying forwards")
         print(f"[{last.prompt_tokens} prompt tokens, {last.generated_tokens} generated, "
-              f"{last.tokens_per_second:.1f} tok/s, finish: {last.finish_reason}]", file=sys.stderr)
+              f"{last.tokens_per_second:.1f} tok/s{speculation}, finish: {last.finish_reason}]", file=sys.stderr)
     return 0

@@ -1,0 +1,127 @@
+"""Speculative decoding: drafts verified k at a time change no greedy token and no sampling
+distribution; the cache keeps only what was accepted; the drafters propose what they should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitnet158.config import ModelConfig
+from bitnet158.errors import ConfigError
+from bitnet158.generate import GenerationRequest, PromptCache, SpeculationStats, stream_request
+from bitnet158.model import Transformer
+from bitnet158.pack import pack_
+from bitnet158.packed_layers import PackConfig
+from bitnet158.sampling import SamplingConfig, sample_with_draft
+from bitnet158.speculative import DraftModel, PromptLookup, check_draft_tokens
+from bitnet158.tokenizer import Tokenizer
+
+TEXT = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([TEXT] * 20, vocab_size=300)
+
+
+def _trained(tok, seed: int, hidden: int, steps: int) -> Transformer:
+    """A tiny model trained briefly on repetitive code, so it repeats (and drafts get accepted)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=2 * hidden, max_seq_len=256)
+    model = Transformer(cfg)
+    ids = torch.tensor(tok.encode(TEXT * 8))
+    batch = torch.stack([ids[i:i + 65] for i in range(0, 8 * 12, 12)])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(batch[:, :-1]).reshape(-1, cfg.vocab_size), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return pack_(model, PackConfig()).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return _trained(tok, 0, 64, 100)
+
+
+def _run(model, tok, prompt, drafter=None, sampling=GREEDY, max_tokens=60, seed=None, stop=(), k=6):
+    stats = SpeculationStats()
+    cache = PromptCache(model.config)
+    request = GenerationRequest(tuple(prompt), max_tokens, sampling, tuple(stop), seed).validate()
+    responses = list(stream_request(model, tok, request, cache=cache, drafter=drafter, draft_tokens=k, stats=stats))
+    return [r.token for r in responses], "".join(r.text for r in responses), responses[-1], stats, cache
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    lookup = PromptLookup(max_ngram=3, min_ngram=1)
+    #        0  1  2  3  4  5  6  7  8  9
+    seq = [7, 1, 2, 3, 9, 1, 2, 3, 4, 1, 2, 3]
+    assert lookup.propose(seq, 2) == [4, 1]          # "1 2 3" last seen at 5..7, followed by 4 1
+    assert lookup.propose([5, 6, 7, 6], 3) == [7, 6]  # no 2- or 3-gram repeat; "6" at 1 → 7 6
+    assert lookup.propose([1, 2, 3], 4) == []
+    assert lookup.propose([4], 4) == []
+    with pytest.raises(ConfigError):
+        PromptLookup(max_ngram=0)
+    with pytest.raises(ConfigError):
+        check_draft_tokens(0)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_greedy_output_is_unchanged_by_prompt_lookup(model, tok, k):
+    prompt = tok.encode(TEXT * 2 + "def add")
+    plain, text, last, _, plain_cache = _run(model, tok, prompt)
+    spec, spec_text, spec_last, stats, cache = _run(model, tok, prompt, PromptLookup(), k=k)
+    assert spec == plain and spec_text == text and spec_last.finish_reason == last.finish_reason
+    assert stats.accepted > 0 and stats.verify_forwards < len(spec) - 1
+    assert cache.tokens == plain_cache.tokens == list(prompt) + plain[:-1]  # only accepted tokens stay cached
+    assert cache.kv.offset == len(cache.tokens)
+
+
+def test_greedy_output_is_unchanged_by_a_draft_model(model, tok):
+    small = _trained(tok, 1, 32, 80)
+    prompt = tok.encode(TEXT + "def sub")
+    plain = _run(model, tok, prompt)[0]
+    spec, _, _, stats, _ = _run(model, tok, prompt, DraftModel(small, model.config.vocab_size))
+    assert spec == plain and stats.drafted > 0 and stats.accepted > 0
+    with pytest.raises(ConfigError, match="vocabulary"):
+        DraftModel(small, model.config.vocab_size + 1)
+
+
+def test_stop_strings_and_max_tokens_cut_inside_an_accepted_draft(model, tok):
+    prompt = tok.encode(TEXT * 2 + "def add")
+    for max_tokens in (1, 2, 7):
+        plain = _run(model, tok, prompt, max_tokens=max_tokens)[0]
+        assert _run(model, tok, prompt, PromptLookup(), max_tokens=max_tokens)[0] == plain
+    plain_text = _run(model, tok, prompt, stop=["return"])[1]
+    spec_text, spec_last = _run(model, tok, prompt, PromptLookup(), stop=["return"])[1:3]
+    assert spec_text == plain_text and spec_last.finish_reason == "stop"
+
+
+def test_a_draft_keeps_the_sampling_distribution():
+    """Accept-or-replace against a one-hot draft: each token's frequency is its probability, for a
+    draft the model likes, one it dislikes, and one outside the filtered set."""
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0])
+    cfg = SamplingConfig(temperature=0.8, top_k=4)
+    probs = torch.zeros(5)
+    kept = torch.topk(logits / 0.8, 4).indices
+    probs[kept] = torch.softmax(logits[kept] / 0.8, -1)
+    gen = torch.Generator().manual_seed(0)
+    n = 40_000
+    for draft in (0, 2, 3):
+        counts = torch.bincount(torch.tensor([sample_with_draft(logits, cfg, draft, generator=gen)
+                                              for _ in range(n)]), minlength=5).float()
+        # 5 standard deviations of a binomial count: fails for a wrong rule, not by chance
+        tolerance = 5 * torch.sqrt(n * probs * (1 - probs)) + 1
+        assert torch.all((counts - n * probs).abs() <= tolerance), (draft, counts / n, probs)
+
+
+def test_sampling_with_a_drafter_runs_and_is_seeded(model, tok):
+    prompt = tok.encode(TEXT + "def")
+    warm = SamplingConfig(temperature=0.7)
+    a = _run(model, tok, prompt, PromptLookup(), sampling=warm, seed=5)[0]
+    b = _run(model, tok, prompt, PromptLookup(), sampling=warm, seed=5)[0]
+    assert a == b and len(a) == 60
