@@ -10,9 +10,14 @@ depend on the values. Each measurement is the median of `--repeats` runs after o
     python benchmarks/decode.py --preset 700m --format base3 --threads 2
 
 Goals (Packed-inference issue): decode ≥ 4× torch bf16; linear weights ≤ 0.55 GB at 2 bits and
-≤ 0.45 GB at base-3; peak resident memory during decode ≤ 1.15× file size + KV cache — judged on
-the memory the model adds to the process (peak RSS minus the RSS of the interpreter with torch
-imported, measured in the same process before loading); the whole-process ratio is printed too.
+≤ 0.45 GB at base-3; peak resident memory during decode ≤ 1.10× file size + KV cache (native-step
+issue; 1.15× before) — judged on the memory the model adds to the process (peak RSS minus the RSS
+of the interpreter with torch imported, measured in the same process before loading); the
+whole-process ratio is printed too.
+
+The packed model is also timed with the native step switched off (the Python packed path, its
+baseline), and with `--batch M` M sequences at their own positions decode together: aggregate
+tokens/s against one sequence timed the same way (goal ≥ 6× at M = 16).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from bitnet158 import checkpoint, kernels
+from bitnet158 import checkpoint, kernels, native_step
 from bitnet158.bench import time_model, use_kernel_threads
+from bitnet158.cache import SlotKVCache
 from bitnet158.config import preset
 from bitnet158.formats import get_format
 from bitnet158.model import Transformer
@@ -80,6 +86,24 @@ def bf16_twin(config) -> Transformer:
     return model.to(torch.bfloat16).eval()
 
 
+@torch.no_grad()
+def batched_decode_rate(model, sequences: int, steps: int) -> float:
+    """Aggregate decode tokens/s of `sequences` sequences stepping together, each at its own
+    position (short prompts of different lengths, prefilled one by one first)."""
+    cfg = model.config
+    cache = SlotKVCache(cfg, sequences, max_len=16 + sequences + steps + 1)
+    gen = torch.Generator().manual_seed(0)
+    for slot in range(sequences):
+        model(torch.randint(0, cfg.vocab_size, (1, 8 + slot), generator=gen), cache.bind([slot]))
+    tokens = torch.randint(0, cfg.vocab_size, (sequences, 1), generator=gen)
+    slots = list(range(sequences))
+    model(tokens, cache.bind(slots))  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens = model(tokens, cache.bind(slots))[:, -1].argmax(-1, keepdim=True)
+    return sequences * steps / (time.perf_counter() - t0)
+
+
 def linear_bytes(config, fmt: str) -> int:
     with torch.device("meta"):
         model = Transformer(config)
@@ -96,6 +120,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="decode steps timed (32: one step is noisy on a shared machine)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-bf16", action="store_true", help="skip the torch bf16 twin")
+    ap.add_argument("--no-python", action="store_true", help="skip the packed model on the Python path")
+    ap.add_argument("--batch", type=int, default=0, metavar="M",
+                    help="also time M sequences decoding together against one (aggregate tokens/s)")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
 
@@ -128,13 +155,13 @@ def main() -> None:
         model_peak = mem["peak_decode"] - mem["rss_baseline"]
         # The goal is judged on the memory the model adds to the process: the interpreter with
         # torch imported is there before any model (and alone is ~27 % of a 2B4T packed file).
-        met = model_peak <= 1.15 * file_kv
+        met = model_peak <= 1.10 * file_kv
         print(f"packed directory {file_size / 1e9:.3f} GB; KV cache {mem['kv_bytes'] / 1e6:.1f} MB; peak RSS while "
               f"decoding {mem['peak_decode'] / 1e9:.3f} GB (after load {mem['rss_after_load'] / 1e9:.3f} GB)"
               + ("" if mem["peak_reset"] else " [peak not resettable here: includes loading]"))
         print(f"  the model's own peak (peak RSS - {mem['rss_baseline'] / 1e9:.3f} GB of interpreter with torch "
               f"imported, measured before loading) {model_peak / 1e9:.3f} GB = {model_peak / file_kv:.2f}× file + KV "
-              f"(goal ≤ 1.15×: {'met' if met else 'not met'}); the whole process: "
+              f"(goal ≤ 1.10×: {'met' if met else 'not met'}); the whole process: "
               f"{mem['peak_decode'] / file_kv:.2f}× file + KV")
         results.update(file_bytes=file_size, memory=mem, model_peak_bytes=model_peak,
                        model_peak_ratio=model_peak / file_kv, process_peak_ratio=mem["peak_decode"] / file_kv)
@@ -144,18 +171,37 @@ def main() -> None:
     for threads in [int(t) for t in args.threads.split(",")]:
         use_kernel_threads(threads)  # packed: the kernel pool gets the cores, torch ops one thread
         row = {"threads": threads, "packed": time_model(packed, args.prompt, args.tokens, args.repeats)}
+        if not args.no_python:
+            native_step.set_enabled(False)
+            try:
+                row["python"] = time_model(packed, args.prompt, args.tokens, args.repeats)
+            finally:
+                native_step.set_enabled(None)
+        if args.batch > 1:
+            one = batched_decode_rate(packed, 1, args.tokens)
+            many = batched_decode_rate(packed, args.batch, args.tokens)
+            row["batch"] = {"sequences": args.batch, "one_tok_s": one, "aggregate_tok_s": many, "ratio": many / one}
         if twin is not None:
             torch.set_num_threads(threads)
             row["bf16"] = time_model(twin, args.prompt, args.tokens, args.repeats)
         rows.append(row)
     results["speed"] = rows
 
-    print(f"\n{'threads':>7} {'model':<8} {'decode tok/s':>12} {'prefill tok/s':>13}")
+    print(f"\n{'threads':>7} {'model':<8} {'decode tok/s':>12} {'prefill tok/s':>13}   (packed: native step; "
+          f"python: the same packed model on the Python path)")
     for row in rows:
-        for name in ("packed", "bf16"):
+        for name in ("packed", "python", "bf16"):
             if name in row:
                 t = row[name]
                 print(f"{row['threads']:>7} {name:<8} {1 / t['decode_s']:12.2f} {args.prompt / t['prefill_s']:13.1f}")
+        if "python" in row:
+            row["native_over_python"] = row["python"]["decode_s"] / row["packed"]["decode_s"]
+            print(f"{'':>7} {'native':<8} {row['native_over_python']:11.2f}× the Python packed path's decode")
+        if "batch" in row:
+            b = row["batch"]
+            print(f"{'':>7} {'batch':<8} {b['sequences']} sequences {b['aggregate_tok_s']:.1f} tok/s together, one "
+                  f"{b['one_tok_s']:.1f}: {b['ratio']:.2f}× (goal ≥ 6× at 16: "
+                  f"{'met' if b['ratio'] >= 6 else 'not met'})")
         if "bf16" in row:
             dec = row["bf16"]["decode_s"] / row["packed"]["decode_s"]
             pre = row["bf16"]["prefill_s"] / row["packed"]["prefill_s"]

@@ -37,9 +37,9 @@ def test_kernels_benchmark_runs_and_reports_every_goal(tmp_path):
 
 
 def test_decode_benchmark_runs_on_a_tiny_model(tmp_path):
-    out = run("decode.py", "--preset", "tiny", "--threads", "1", "--prompt", "8", "--tokens", "2",
+    out = run("decode.py", "--preset", "tiny", "--threads", "1", "--prompt", "8", "--tokens", "2", "--batch", "3",
               "--json", str(tmp_path / "d.json"))
-    assert "the model's own peak" in out and "ratio" in out
+    assert "the model's own peak" in out and "ratio" in out and "Python packed path" in out
     doc = json.loads((tmp_path / "d.json").read_text())
     assert doc["speed"][0]["packed"]["decode_s"] > 0 and doc["model_peak_bytes"] > 0
 
@@ -50,3 +50,12 @@ def test_serve_benchmark_runs_on_a_tiny_model(tmp_path):
     assert "decode step tok/s" in out
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert [r["streams"] for r in rows] == [1, 3] and all(r["aggregate_tok_s"] > 0 for r in rows)
+
+
+@needs_ext
+def test_vs_llamacpp_benchmark_runs_without_llamacpp(tmp_path):
+    out = run("vs_llamacpp.py", "--preset", "tiny", "--no-llamacpp", "--threads", "1", "--runs", "1",
+              "--prompt", "8", "--tokens", "2", "--json", str(tmp_path / "v.json"))
+    assert "decode floor" in out and "ours ÷ floor" in out
+    row = json.loads((tmp_path / "v.json").read_text())["rows"][0]
+    assert row["ours_decode"][0] > 0 and row["floor_tok_s"] > 0
