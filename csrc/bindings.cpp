@@ -14,6 +14,7 @@
 #include "forward_step_bindings.h"
 #include "int8_gemm.h"
 #include "py_args.h"
+#include "q4_gemm.h"
 #include "quant.h"
 #include "ternary_dispatch.h"
 #include "threadpool.h"
@@ -115,6 +116,31 @@ py::array_t<float> py_bitlinear(py::array_t<float, py::array::c_style | py::arra
     return out;
 }
 
+py::array_t<float> py_q4_matmul(py::array x, py::array codes, py::array scales, const std::string& path) {
+    if (!x.dtype().is(py::dtype::of<int8_t>()) || x.ndim() != 2 || !(x.flags() & py::array::c_style))
+        throw py::value_error("q4_matmul needs a C-contiguous int8 x [M, K]");
+    const int64_t M = x.shape(0), K = x.shape(1);
+    if (K % kQ4Block) throw py::value_error("q4_matmul needs K to be a multiple of " + std::to_string(kQ4Block));
+    if (!codes.dtype().is(py::dtype::of<uint8_t>()) || codes.ndim() != 2 || codes.shape(1) != K / 2 ||
+        !(codes.flags() & py::array::c_style))
+        throw py::value_error("q4_matmul needs C-contiguous uint8 codes [N, K / 2]");
+    const int64_t N = codes.shape(0);
+    if (!scales.dtype().is(py::dtype::of<uint16_t>()) || scales.ndim() != 2 || scales.shape(0) != N ||
+        scales.shape(1) != K / kQ4Group || !(scales.flags() & py::array::c_style))
+        throw py::value_error("q4_matmul needs C-contiguous fp16 scales (as uint16) [N, K / 32]");
+    const Isa isa = parse_path(path);
+    py::array_t<float> out({M, N});
+    const int8_t* xp = static_cast<const int8_t*>(x.data());
+    const uint8_t* cp = static_cast<const uint8_t*>(codes.data());
+    const uint16_t* sp = static_cast<const uint16_t*>(scales.data());
+    float* op = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        if (M > 0 && N > 0) q4_matmul(isa, xp, M, K, cp, sp, N, op);
+    }
+    return out;
+}
+
 uint64_t py_read_sum(py::array buf, int nthreads, int streams) {
     if (!buf.dtype().is(py::dtype::of<uint8_t>()) || !(buf.flags() & py::array::c_style))
         throw py::value_error("buffer must be a contiguous uint8 array");
@@ -189,6 +215,8 @@ PYBIND11_MODULE(_C, m) {
           "out[M, N] = x[M, K] (int8) @ W[N, K]^T with W packed; exact int32.");
     m.def("int8_matmul", &py_int8_matmul, py::arg("x"), py::arg("w"), py::arg("path") = "",
           "out[M, N] = x[M, K] (int8) @ w[N, K]^T (int8, in [-127, 127]); exact int32.");
+    m.def("q4_matmul", &py_q4_matmul, py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("path") = "",
+          "out[M, N] (fp32) = x[M, K] (int8) · the 4-bit grouped table [N, K] (codes, fp16 scales as uint16).");
     m.def("bitlinear", &py_bitlinear, py::arg("x"), py::arg("w"), py::arg("fmt"), py::arg("N"), py::arg("K"),
           py::arg("w_scale"), py::arg("per_token") = true, py::arg("path") = "",
           "y[M, N] = absmax_int8(x) @ W^T * scales: a packed BitLinear after its norm, fp32 in and out.");
@@ -207,6 +235,7 @@ PYBIND11_MODULE(_C, m) {
         py::dict d;
         d["avx2"] = f.avx2;
         d["fma"] = f.fma;
+        d["f16c"] = f.f16c;
         d["avx512f"] = f.avx512f;
         d["avx512bw"] = f.avx512bw;
         d["avx512vl"] = f.avx512vl;

@@ -20,6 +20,7 @@ static CpuFeatures detect() {
     if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
     const bool osxsave = c & (1u << 27), avx = c & (1u << 28);
     f.fma = c & (1u << 12);
+    f.f16c = c & (1u << 29);
     if (osxsave && avx) {
         const uint64_t xcr0 = read_xcr0();
         f.os_avx = (xcr0 & 0x6) == 0x6;        // XMM and YMM state
@@ -45,7 +46,7 @@ bool isa_supported(Isa isa) {
     const CpuFeatures& f = cpu_features();
     switch (isa) {
         case Isa::Scalar: return true;
-        case Isa::Avx2: return f.avx2;
+        case Isa::Avx2: return f.avx2 && f.f16c;  // every AVX2 CPU has F16C; the q4 head's scales need it
         case Isa::Avx512Vnni: return f.avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni;
     }
     return false;

@@ -12,7 +12,7 @@ constexpr int kNumIsas = 3;
 inline constexpr const char* kIsaNames[kNumIsas] = {"scalar", "avx2", "avx512vnni"};
 
 struct CpuFeatures {
-    bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false, avx512vnni = false;
+    bool avx2 = false, fma = false, f16c = false, avx512f = false, avx512bw = false, avx512vl = false, avx512vnni = false;
     bool os_avx = false, os_avx512 = false;
 };
 const CpuFeatures& cpu_features();

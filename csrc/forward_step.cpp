@@ -19,6 +19,7 @@
 
 #include "decode_ops.h"
 #include "int8_gemm.h"
+#include "q4_gemm.h"
 #include "quant.h"
 #include "ternary_dispatch.h"
 #include "threadpool.h"
@@ -239,6 +240,14 @@ void embed(const StepModel& m, const StepRows& rows, float* x) {
             const int8_t* q = m.embed_q + t * D;
             const float s = m.embed_row_scale[t];
             for (int64_t d = 0; d < D; ++d) o[d] = float(q[d]) * s;
+        } else if (m.embed_q4) {  // (code − 8) · group scale, as packed_layers.dequantize_rows_q4
+            const uint8_t* c = m.embed_q4 + t * (D / 2);
+            const uint16_t* sc = m.embed_q4_scale + t * (D / kQ4Group);
+            for (int64_t d = 0; d < D; ++d) {
+                const int64_t b = d / kQ4Block, j = d % kQ4Block;
+                const int code = j < 32 ? c[b * 32 + j] & 15 : c[b * 32 + j - 32] >> 4;
+                o[d] = (float(code) - 8.0f) * half_to_float(sc[d / kQ4Group]);
+            }
         } else {
             std::memcpy(o, m.embed_f32 + t * D, size_t(D) * sizeof(float));
         }
@@ -273,10 +282,17 @@ void forward_step(Isa isa, const StepModel& m, const KVSlots& kv, const StepRows
     std::vector<float> picked(size_t(R * D));
     for (int64_t i = 0; i < R; ++i)
         std::memcpy(picked.data() + i * D, s.x.data() + int64_t(rows.out_rows[i]) * D, size_t(D) * sizeof(float));
-    float* normed = m.head_q ? s.h.data() : out;
+    const bool table_head = m.head_q || m.head_q4;
+    float* normed = table_head ? s.h.data() : out;
     norm_rows(m, picked.data(), R, D, m.final_norm, normed);
-    if (!m.head_q) return;
+    if (!table_head) return;
     quantize_rows(normed, R, D, s.q8.data(), s.sx.data());
+    if (m.head_q4) {  // logits = (x_q · W) · s_x, as packed_layers.Q4Table.logits
+        q4_matmul(isa, s.q8.data(), R, D, m.head_q4, m.head_q4_scale, m.vocab, out);
+        for (int64_t r = 0; r < R; ++r)
+            for (int64_t n = 0; n < m.vocab; ++n) out[r * m.vocab + n] *= s.sx[size_t(r)];
+        return;
+    }
     int8_matmul(isa, s.q8.data(), R, D, m.head_q, m.vocab, s.acc.data());
     for_rows(R, m.vocab, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)

@@ -35,15 +35,19 @@ struct StepModel {
     bool relu2 = false;  // relu² (2B4T) instead of SiLU-gated (SwiGLU)
     float eps = 1e-5f;
     int norm_width = 8;  // torch's lane width for the RMSNorm sum (decode_ops.h)
-    // Embedding: an int8 per-row table (codes · row scale), or fp32 rows.
+    // Embedding: an int8 per-row table (codes · row scale), a q4 table (q4_gemm.h), or fp32 rows.
     const int8_t* embed_q = nullptr;
     const float* embed_row_scale = nullptr;
+    const uint8_t* embed_q4 = nullptr;
+    const uint16_t* embed_q4_scale = nullptr;  // fp16 bits [vocab, hidden / 32]
     const float* embed_f32 = nullptr;
     const float* final_norm = nullptr;
-    // Head: an int8 per-row table; nullptr: the step returns the final-normed hidden rows and the
+    // Head: an int8 per-row table or a q4 table; neither: the step returns the final-normed hidden rows and the
     // caller applies its own (float) head.
     const int8_t* head_q = nullptr;
     const float* head_row_scale = nullptr;
+    const uint8_t* head_q4 = nullptr;  // or a q4 table
+    const uint16_t* head_q4_scale = nullptr;
     const float* rope_cos = nullptr;  // [max_pos, head_dim], rotate_half layout
     const float* rope_sin = nullptr;
     std::vector<BlockWeights> blocks;

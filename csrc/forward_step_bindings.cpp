@@ -12,6 +12,7 @@
 
 #include "forward_step.h"
 #include "py_args.h"
+#include "q4_gemm.h"
 
 namespace py = pybind11;
 
@@ -79,15 +80,22 @@ class PyStepModel {
         m.norm_width = int(r.integer(spec, "norm_width"));
         if (m.norm_width != 8 && m.norm_width != 16) throw py::value_error("step spec: norm_width must be 8 or 16");
         const int64_t D = m.hidden, A = m.heads * m.head_dim, KV = m.kv_heads * m.head_dim, F = m.inter;
+        const bool q4 = spec.contains("embed_q4") || spec.contains("head_q4");
+        if (q4 && D % kQ4Block) throw py::value_error("step spec: a q4 table needs hidden % 64 == 0");
         m.embed_q = r.array<int8_t>(spec, "embed_q", m.vocab * D, true);
+        m.embed_q4 = r.array<uint8_t>(spec, "embed_q4", m.vocab * D / 2, true);
         if (m.embed_q) {
             m.embed_row_scale = r.array<float>(spec, "embed_row_scale", m.vocab);
+        } else if (m.embed_q4) {
+            m.embed_q4_scale = r.array<uint16_t>(spec, "embed_q4_scale", m.vocab * D / kQ4Group);
         } else {
             m.embed_f32 = r.array<float>(spec, "embed_f32", m.vocab * D);
         }
         m.final_norm = r.array<float>(spec, "final_norm", D);
         m.head_q = r.array<int8_t>(spec, "head_q", m.vocab * D, true);
         if (m.head_q) m.head_row_scale = r.array<float>(spec, "head_row_scale", m.vocab);
+        m.head_q4 = r.array<uint8_t>(spec, "head_q4", m.vocab * D / 2, true);
+        if (m.head_q4) m.head_q4_scale = r.array<uint16_t>(spec, "head_q4_scale", m.vocab * D / kQ4Group);
         m.rope_cos = r.array<float>(spec, "rope_cos", m.max_pos * m.head_dim);
         m.rope_sin = r.array<float>(spec, "rope_sin", m.max_pos * m.head_dim);
         for (const py::handle h : spec["blocks"].cast<py::list>()) {
@@ -176,7 +184,7 @@ py::array_t<float> forward(const PyStepModel& self, const PyStepCache& cache, I6
     for (int64_t i = 0; i < R; ++i)
         if (o[i] < 0 || o[i] >= M) throw py::value_error("step: output row " + std::to_string(o[i]) + " is not a row of the step");
     const Isa isa = parse_path(path);
-    py::array_t<float> out({R, m.head_q ? m.vocab : m.hidden});
+    py::array_t<float> out({R, m.head_q || m.head_q4 ? m.vocab : m.hidden});
     StepRows rows{t, s, p, M, o, R};
     float* op = out.mutable_data();
     {

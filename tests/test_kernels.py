@@ -18,6 +18,7 @@ from bitnet158 import kernels
 from bitnet158.errors import ConfigError
 from bitnet158.formats import FORMATS as REGISTRY
 from bitnet158.formats import get_format
+from bitnet158.formats.q4_table import dequantize_rows_q4, quantize_rows_q4
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PATHS = kernels.available_paths()  # e.g. ["avx2", "scalar", "torch"]
@@ -163,6 +164,25 @@ def test_int8_head_kernel_is_exact(path):
                 w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
                 got = kernels.int8_matmul(torch.from_numpy(x), torch.from_numpy(w), path=path)
                 assert np.array_equal(got.numpy(), reference(x, w)), (path, threads, m, n, k)
+    finally:
+        kernels.set_num_threads(before)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_q4_head_kernel_matches_the_dequantized_product(path):
+    rng = np.random.default_rng(4)
+    before = kernels.get_num_threads()
+    try:
+        for threads in (1, 3):
+            kernels.set_num_threads(threads)
+            for m, n, k in [(1, 1, 64), (1, 37, 128), (3, 100, 2560), (17, 9, 192)]:
+                x = torch.from_numpy(rng.integers(-128, 128, size=(m, k), dtype=np.int8))
+                w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32))
+                codes, scales = quantize_rows_q4(w)
+                want = x.double() @ dequantize_rows_q4(codes, scales).double().T
+                got = kernels.q4_matmul(x, codes, scales, path=path).double()
+                # fp32 sums of up to 80 groups in another order: a few ulps of the largest partial sum
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-3 * float(want.abs().max())), (path, m, n, k)
     finally:
         kernels.set_num_threads(before)
 

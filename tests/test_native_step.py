@@ -84,7 +84,7 @@ def test_each_op_matches_the_python_path(variant):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("head", ["int8", "fp32", "fp16"])
+@pytest.mark.parametrize("head", ["int8", "q4", "fp32", "fp16"])
 def test_formats_and_heads_match_the_python_path(fmt, head):
     want, got = both_paths(packed_model(fmt=fmt, head=head), prefill_then_decode)
     for w, g in zip(want, got):

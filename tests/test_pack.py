@@ -18,7 +18,8 @@ from bitnet158.errors import CheckpointError, ConfigError
 from bitnet158.layers import BitLinear, convert
 from bitnet158.model import Transformer
 from bitnet158.pack import pack_
-from bitnet158.packed_layers import PackConfig, PackedBitLinear, quantize_rows_int8
+from bitnet158.packed_layers import (PackConfig, PackedBitLinear, dequantize_rows_q4, quantize_rows_int8,
+                                     quantize_rows_q4)
 from bitnet158.tokenizer import Tokenizer
 
 SMALL = dict(hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=200,
@@ -151,6 +152,32 @@ def test_int8_rows_round_trip_within_half_a_step():
     assert ((codes.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
 
 
+def test_q4_rows_round_trip_within_half_a_step():
+    w = torch.randn(50, 128) * torch.rand(50, 1) * 3
+    packed, scales = quantize_rows_q4(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (50, 64) and scales.dtype == torch.float16
+    d = scales.float().repeat_interleave(32, dim=1)
+    assert ((dequantize_rows_q4(packed, scales) - w).abs() <= d * (0.5 + 1e-3)).all()
+    # the layout by hand: value j of a 64-block in the low nibble of byte j, value j + 32 in the high
+    one = torch.zeros(1, 64)
+    one[0, 3], one[0, 35] = 7.0, -7.0
+    packed, scales = quantize_rows_q4(one)
+    assert float(scales[0, 0]) == 1.0 and packed[0, 3] == (15 | (1 << 4)) and packed[0, 0] == (8 | (8 << 4))
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        quantize_rows_q4(torch.randn(2, 96))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_q4_head_stays_close(tied):
+    model = small_model(tie_embeddings=tied, hidden_size=128)  # q4 rows are whole 64-value blocks
+    packed = pack_(copy.deepcopy(model), PackConfig(head="q4"))
+    rel, _ = compare(model, packed, tokens())
+    # 15 levels a group move random-init logits by ~17 % (int8: < 5 %); a wrong layout gives ~100 %.
+    # What it costs a trained model is measured by benchmarks/packed_quality.py.
+    assert rel < 0.3
+    assert packed.lm_head.table.qweight.dtype == torch.uint8
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_int8_head_stays_close(tied):
     model = small_model(tie_embeddings=tied)
@@ -167,10 +194,10 @@ def tokenizer():
     return Tokenizer.train(["def f(x):\n    return x * 2\n", "the cat sat on the mat\n"] * 50, vocab_size=300)
 
 
-@pytest.mark.parametrize("head", ["int8", "fp16", "fp32"])
+@pytest.mark.parametrize("head", ["int8", "q4", "fp16", "fp32"])
 @pytest.mark.parametrize("fmt", ["i2", "base3"])
 def test_packed_directory_round_trip(tmp_path, tokenizer, fmt, head):
-    model = pack_(small_model(), PackConfig(format=fmt, head=head))
+    model = pack_(small_model(**({"hidden_size": 128} if head == "q4" else {})), PackConfig(format=fmt, head=head))
     out = checkpoint.save_packed(model, tmp_path / "packed", tokenizer)
     doc = json.loads((out / "config.json").read_text())
     assert doc["kind"] == "packed" and doc["packing"] == {"format": fmt, "head": head}
@@ -183,7 +210,9 @@ def test_packed_directory_round_trip(tmp_path, tokenizer, fmt, head):
     for m in loaded.modules():
         assert not isinstance(m, BitLinear)
     biggest_float = max(t.numel() for t in loaded.state_dict().values() if t.is_floating_point())
-    assert biggest_float <= (SMALL["vocab_size"] * SMALL["hidden_size"] if head != "int8" else SMALL["vocab_size"])
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    tables = {"int8": vocab, "q4": vocab * hidden // 32}  # the tables' float parts: their scales
+    assert biggest_float <= tables.get(head, vocab * hidden)
 
 
 def test_loaded_weights_start_on_cache_lines_and_the_file_stays_standard(tmp_path):

@@ -33,6 +33,7 @@ import torch
 
 from .errors import ConfigError, FormatError
 from .formats import FORMATS, get_format
+from .formats.q4_table import dequantize_rows_q4
 from .formats.base import aligned_copy  # noqa: F401  (public here: the kernels are why it exists)
 
 ENV_PATH = "BITNET158_KERNEL"
@@ -278,6 +279,19 @@ def int8_matmul(x: torch.Tensor, w: torch.Tensor, *, path: str | None = None) ->
                 pass
         return (x.to(torch.float64) @ w.to(torch.float64).T).to(torch.int32)
     return torch.from_numpy(_load_extension().int8_matmul(x.contiguous().numpy(), w.contiguous().numpy(), path=path))
+
+
+def q4_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *, path: str | None = None) -> torch.Tensor:
+    """fp32 ``x @ W.T`` for int8 ``x [M, K]`` and a q4 table W (packed codes uint8 [N, K/2], fp16
+    group scales [N, K/32]; bitnet158.packed_layers.quantize_rows_q4): the q4 output head."""
+    path = path or current_path()
+    if path == TORCH_PATH:
+        xf = x.float()
+        step = 8192  # rows of W dequantized at a time: a 128k-row head at once would be 1.3 GB of fp32
+        return torch.cat([xf @ dequantize_rows_q4(codes[i:i + step], scales[i:i + step]).T
+                          for i in range(0, codes.shape[0], step)], dim=1)
+    return torch.from_numpy(_load_extension().q4_matmul(x.contiguous().numpy(), codes.contiguous().numpy(),
+                                                         scales.contiguous().numpy().view(np.uint16), path=path))
 
 
 def memory_read_bandwidth(nbytes: int = 1 << 29, threads: int = 1, repeats: int = 5, streams: int = 4) -> float:

@@ -24,7 +24,7 @@ from .cache import KVCache, SlotBatch
 from .config import ModelConfig
 from .errors import ConfigError
 from .layers import WEIGHT_BITS, BitLinear, MetaSafeEmbedding, MetaSafeLinear, RMSNorm
-from .packed_layers import Int8Embedding, Int8Head, Int8Table, PackConfig, PackedBitLinear
+from .packed_layers import TABLE_HEADS, Int8Embedding, Int8Head, PackConfig, PackedBitLinear, head_table
 
 Cache = KVCache | SlotBatch  # what a forward can read and extend
 
@@ -130,7 +130,7 @@ class Transformer(nn.Module):
     """forward(tokens [B, T], cache=None) -> logits [B, T, vocab] (fp32).
 
     With `packing` the model is the packed runtime's: PackedBitLinear layers in the formats the
-    PackConfig names and, for head "int8", an int8 head (shared with the embedding when tied).
+    PackConfig names and, for head "int8" or "q4", a quantized head (shared with the embedding when tied).
     Built on the meta device it is the skeleton a packed directory loads into; `pack.pack_` turns
     a trained model into the same thing in place. `packing` is None for the training form.
     """
@@ -146,13 +146,13 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, packing) for _ in range(config.num_layers))
         self.norm = RMSNorm(hidden, config.norm_eps)
         self.lm_head: nn.Module | None = None
-        if packing is not None and packing.head == "int8":
+        if packing is not None and packing.head in TABLE_HEADS:
             if config.tie_embeddings:  # one table, stored once, serves both ends
-                table = Int8Table(vocab, hidden)
+                table = head_table(packing.head, vocab, hidden)
                 self.embed_tokens = Int8Embedding(table)
                 self.lm_head = Int8Head(table, shared=True)
             else:
-                self.lm_head = Int8Head(Int8Table(vocab, hidden))
+                self.lm_head = Int8Head(head_table(packing.head, vocab, hidden))
         elif not config.tie_embeddings:
             self.lm_head = MetaSafeLinear(hidden, vocab, bias=False)
         cos, sin = rope_tables(config)

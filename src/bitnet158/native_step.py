@@ -16,6 +16,7 @@ Rows are tokens at their own positions in their own cache slots, so one call ser
 (B sequences advancing together, any T), one sequence's prefill chunk in a SlotKVCache, or one new
 token for each of several sequences. With an int8 head the logits come back from native code;
 with a float head the step returns the final-normed rows and the model's own head finishes them.
+An int8 or q4 head (and a tied embedding of either) is read natively.
 
 The plan (pointers to every weight) is built once per model and rebuilt when a buffer is replaced
 (a load, pack_, .to()); each cache gets its view once.
@@ -34,7 +35,7 @@ from torch import nn
 from . import kernels
 from .errors import ConfigError
 from .layers import RMSNorm
-from .packed_layers import Int8Embedding, Int8Head, PackedBitLinear
+from .packed_layers import Int8Embedding, Int8Head, PackedBitLinear, Q4Table
 
 ENV_NATIVE_STEP = "BITNET158_NATIVE_STEP"
 
@@ -86,6 +87,14 @@ class _SpecBuilder:
         self.watched.append((store, name, t))
         return _array(t, dtype)
 
+    def table(self, prefix: str, table: nn.Module) -> dict[str, np.ndarray]:
+        """A quantized head or embedding table as the spec names it."""
+        if isinstance(table, Q4Table):  # fp16 scales travel as their bit patterns
+            return {prefix + "_q4": self.tensor(table, "qweight", torch.uint8),
+                    prefix + "_q4_scale": self.tensor(table, "group_scale", torch.float16).view(np.uint16)}
+        return {prefix + "_q": self.tensor(table, "qweight", torch.int8),
+                prefix + "_row_scale": self.tensor(table, "row_scale")}
+
     def norm(self, module: nn.Module) -> np.ndarray | None:
         if isinstance(module, nn.Identity):
             return None
@@ -122,14 +131,12 @@ def _build(model: Any) -> StepPlan:
     }
     embed = model.embed_tokens
     if isinstance(embed, Int8Embedding):
-        spec["embed_q"] = b.tensor(embed.table, "qweight", torch.int8)
-        spec["embed_row_scale"] = b.tensor(embed.table, "row_scale")
+        spec.update(b.table("embed", embed.table))
     else:
         spec["embed_f32"] = b.tensor(embed, "weight")
     float_head = not isinstance(model.lm_head, Int8Head)
     if not float_head:
-        spec["head_q"] = b.tensor(model.lm_head.table, "qweight", torch.int8)
-        spec["head_row_scale"] = b.tensor(model.lm_head.table, "row_scale")
+        spec.update(b.table("head", model.lm_head.table))
     blocks = []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp

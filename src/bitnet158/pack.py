@@ -25,7 +25,8 @@ from .errors import ConfigError
 from .formats import get_format
 from .layers import BitLinear, RMSNorm, swap_modules
 from .model import Transformer
-from .packed_layers import (AUTO, Int8Embedding, Int8Head, Int8Table, PackConfig, PackedBitLinear,
+from .packed_layers import (AUTO, Q4_GROUP, TABLE_HEADS, Int8Embedding, Int8Head, Int8Table, PackConfig,
+                            PackedBitLinear, Q4Table, head_table_from_weight,
                             float_head_dtype, shape_key)
 from .tuning import choose_formats
 
@@ -62,13 +63,13 @@ def pack_(model: nn.Module, config: PackConfig | None = None) -> nn.Module:
 
 def _pack_head(model: Transformer, head: str) -> None:
     tied = model.lm_head is None
-    if head == "int8":
+    if head in TABLE_HEADS:
         if tied:
-            table = Int8Table.from_weight(model.embed_tokens.weight)
+            table = head_table_from_weight(head, model.embed_tokens.weight)
             model.embed_tokens = Int8Embedding(table)
             model.lm_head = Int8Head(table, shared=True)
         else:
-            model.lm_head = Int8Head(Int8Table.from_weight(model.lm_head.weight))
+            model.lm_head = Int8Head(head_table_from_weight(head, model.lm_head.weight))
     else:  # keep a float head; its dtype is what the file stores (fp16 is rounded here too)
         dtype = float_head_dtype(head)
         src = model.embed_tokens if tied else model.lm_head
@@ -106,11 +107,15 @@ def random_packed(config: ModelConfig, pack_config: PackConfig | None = None, se
             module.weight = nn.Parameter(torch.ones(module.weight.shape[0]))
     vocab, hidden = config.vocab_size, config.hidden_size
     gen = torch.Generator().manual_seed(seed)
-    if pack_config.head == "int8":
-        tables = {id(t): t for t in (m for m in model.modules() if isinstance(m, Int8Table))}
+    if pack_config.head in TABLE_HEADS:
+        tables = {id(t): t for t in (m for m in model.modules() if isinstance(m, (Int8Table, Q4Table)))}
         for table in tables.values():
-            table.qweight = torch.randint(-127, 128, (vocab, hidden), dtype=torch.int8, generator=gen)
-            table.row_scale = torch.full((vocab,), 0.02 / 127)
+            if isinstance(table, Q4Table):
+                table.qweight = torch.randint(0, 256, (vocab, hidden // 2), dtype=torch.uint8, generator=gen)
+                table.group_scale = torch.full((vocab, hidden // Q4_GROUP), 0.02 / 7, dtype=torch.float16)
+            else:
+                table.qweight = torch.randint(-127, 128, (vocab, hidden), dtype=torch.int8, generator=gen)
+                table.row_scale = torch.full((vocab,), 0.02 / 127)
         if not config.tie_embeddings:
             model.embed_tokens = nn.Embedding(vocab, hidden)
     else:

@@ -26,9 +26,11 @@ from torch import nn
 from . import kernels, quant
 from .errors import ConfigError
 from .formats import FORMATS, get_format
+from .formats.q4_table import Q4_BLOCK, Q4_GROUP, dequantize_rows_q4, quantize_rows_q4  # noqa: F401 (re-exported)
 from .layers import BitLinear, RMSNorm
 
-HEADS = ("int8", "fp16", "fp32")
+HEADS = ("int8", "q4", "fp16", "fp32")
+TABLE_HEADS = ("int8", "q4")  # heads stored as a quantized table (the others are float)
 
 
 AUTO = "auto"
@@ -44,7 +46,8 @@ class PackConfig:
     """format: packed ternary layout (``i2`` 2 bits, ``base3`` 1.6 bits, ``lut2`` 2 bits for the
     lookup-table kernel; see bitnet158.formats), or ``auto``: each weight shape in whichever is
     fastest on this machine, timed when packing (bitnet158.tuning).
-    head: output head (and tied embedding) storage: ``int8`` per-row (default), ``fp16``, ``fp32``.
+    head: output head (and tied embedding) storage: ``int8`` per-row (default), ``q4`` (4-bit codes with
+    an fp16 scale per 32 values: 4.5 bits, 56 % of int8's bytes; needs hidden % 64 == 0), ``fp16``, ``fp32``.
     shapes: for ``auto``, the choice made ({"NxK": format}); stored with the packed model."""
 
     format: str = "i2"
@@ -204,8 +207,52 @@ class Int8Table(nn.Module):
         return (acc.to(torch.float32) * s * self.row_scale).reshape(*lead, -1)
 
 
+class Q4Table(nn.Module):
+    """A 4-bit grouped table (``qweight`` uint8 [rows, dim / 2], ``group_scale`` fp16 [rows, dim / 32])
+    serving as the output head and, when tied, the embedding: 4.5 bits a value. Logits are the
+    int8 activations times the codes, each group's integer sum scaled by its fp16 scale."""
+
+    def __init__(self, rows: int, dim: int, device=None):
+        super().__init__()
+        if dim % Q4_BLOCK:
+            raise ConfigError(f"a q4 head needs a hidden size that is a multiple of {Q4_BLOCK}, got {dim}")
+        self.rows, self.dim = rows, dim
+        self.register_buffer("qweight", torch.zeros(rows, dim // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("group_scale", torch.ones(rows, dim // Q4_GROUP, dtype=torch.float16, device=device))
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor) -> "Q4Table":
+        table = cls(*w.shape)
+        table.qweight, table.group_scale = quantize_rows_q4(w.cpu())
+        return table
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is None:
+            return dequantize_rows_q4(self.qweight, self.group_scale)
+        return dequantize_rows_q4(self.qweight[rows.reshape(-1)], self.group_scale[rows.reshape(-1)])
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(tokens).reshape(*tokens.shape, self.dim)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        q, s = quant.absmax_int8_per_token(x.reshape(-1, k))
+        y = kernels.q4_matmul(q, self.qweight, self.group_scale)
+        return (y * s).reshape(*lead, -1)
+
+
+def head_table(head: str, rows: int, dim: int) -> nn.Module:
+    """An empty table for a quantized head kind (TABLE_HEADS)."""
+    return Q4Table(rows, dim) if head == "q4" else Int8Table(rows, dim)
+
+
+def head_table_from_weight(head: str, w: torch.Tensor) -> nn.Module:
+    return Q4Table.from_weight(w) if head == "q4" else Int8Table.from_weight(w)
+
+
 class Int8Embedding(nn.Module):
-    """Embedding lookups from an Int8Table (owned here when the head is tied to it)."""
+    """Embedding lookups from a quantized table, an Int8Table or a Q4Table (owned here when the
+    head is tied to it)."""
 
     def __init__(self, table: Int8Table):
         super().__init__()
@@ -220,7 +267,7 @@ class Int8Embedding(nn.Module):
 
 
 class Int8Head(nn.Module):
-    """The output head over an Int8Table; `shared` tables (tied embeddings) are not re-registered,
+    """The output head over a quantized table (Int8Table or Q4Table); `shared` tables (tied embeddings) are not re-registered,
     so each tensor is stored once."""
 
     def __init__(self, table: Int8Table, shared: bool = False):

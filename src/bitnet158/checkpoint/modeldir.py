@@ -26,7 +26,7 @@ from ..config import ModelConfig
 from ..errors import BitNetError, CheckpointError, first_line
 from ..formats import get_format
 from ..model import Transformer
-from ..packed_layers import PackConfig, PackedBitLinear, float_head_dtype
+from ..packed_layers import TABLE_HEADS, PackConfig, PackedBitLinear, float_head_dtype
 from ..safetensors_io import SafetensorsReader, all_finite
 from ..tokenizer import Tokenizer
 from .layout import HEAD_TENSORS, CONFIG, TOKENIZER, WEIGHTS, read_config_document, resolve
@@ -87,7 +87,8 @@ class ModelDir:
     @cached_property
     def _expected(self) -> dict[str, tuple[torch.Size, torch.dtype | None]]:
         """name → (shape, exact dtype, or None for "any float dtype")."""
-        head = float_head_dtype(self.packing.head) if self.packing and self.packing.head != "int8" else None
+        head = (float_head_dtype(self.packing.head) if self.packing and self.packing.head not in TABLE_HEADS
+                else None)
         out = {}
         for name, t in self.skeleton().state_dict().items():
             if head is not None and name in HEAD_TENSORS:
@@ -118,7 +119,7 @@ class ModelDir:
             raise CheckpointError(f"{where} has dtype {t.dtype}, expected a float dtype")
         if t.is_floating_point() and not all_finite(t):
             raise CheckpointError(f"{where} holds NaN or infinite values")
-        if name.endswith(("weight_scale", "row_scale")):
+        if name.endswith(("weight_scale", "row_scale", "group_scale")):
             if not bool((t > 0).all()):
                 raise CheckpointError(f"{where} holds a non-positive scale; scales must be positive")
             if float(t.max()) > MAX_SCALE:
@@ -164,6 +165,8 @@ class ModelDir:
         and validated."""
         if not self.file.exists():
             raise CheckpointError(f"{self.file}: missing")
+        if not self.file.is_file():  # a directory, or a FIFO that would block the open forever
+            raise CheckpointError(f"{self.file}: not a regular file")
         try:
             with safe_open(str(self.file), framework="pt") as f:
                 found = {name: f.get_tensor(name) for name in f.keys()}

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default=PackConfig.format, help="i2 (2 bits/weight), base3 (1.6 bits/weight), "
                    "lut2 (2 bits, for the multiplication-free kernel) or auto (each weight shape in the fastest, "
                    "timed on this machine)")
-    p.add_argument("--head", default=PackConfig.head, help="output head: int8 per row (default), fp16 or fp32")
+    p.add_argument("--head", default=PackConfig.head, help="output head (and tied embedding): int8 per row (default), q4 (4-bit, an fp16 scale per 32 values: 56 %% of int8's bytes), fp16 or fp32")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 

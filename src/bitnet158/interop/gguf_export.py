@@ -27,6 +27,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
 from .. import checkpoint
 from ..errors import ConfigError
@@ -82,8 +83,8 @@ def _linear_weights(module) -> tuple[np.ndarray | None, float | None, np.ndarray
 
 def _embedding(model) -> np.ndarray:
     emb = model.embed_tokens
-    if isinstance(emb, Int8Embedding):  # an int8 head: dequantize rows (codes · row scale)
-        return (emb.table.qweight.float() * emb.table.row_scale[:, None]).numpy()
+    if isinstance(emb, Int8Embedding):  # a quantized head: its rows as the embedding lookups give them
+        return emb.table.embed(torch.arange(emb.table.qweight.shape[0])).numpy()
     return emb.weight.detach().float().numpy()
 
 

@@ -43,7 +43,7 @@ from ..fileio import atomic_directory, atomic_write_json
 from ..formats import get_format
 from ..layers import BitLinear, RMSNorm
 from ..model import Transformer
-from ..packed_layers import Int8Embedding, Int8Head, PackedBitLinear
+from ..packed_layers import Int8Embedding, Int8Head, PackedBitLinear, Q4Table, dequantize_rows_q4
 from ..safetensors_io import PlannedTensor, write_sharded
 from .hf_common import OnePacked, hf_name, latent_from_ternary, pack_hf_ternary
 from .hf_tokenizer import write_hf_tokenizer
@@ -131,8 +131,10 @@ def _latent_codes(source, name: str) -> tuple[torch.Tensor, float]:
     return codes, float(s)
 
 
-def _table(source, prefix: str) -> torch.Tensor:
-    """An int8 per-row table back to floats, exactly as its embedding lookups compute it."""
+def _table(source, prefix: str, table_module) -> torch.Tensor:
+    """A quantized head table back to floats, exactly as its embedding lookups compute it."""
+    if isinstance(table_module, Q4Table):
+        return dequantize_rows_q4(source.get(prefix + ".qweight"), source.get(prefix + ".group_scale"))
     table = source.get(prefix + ".qweight").float()
     return table.mul_(source.get(prefix + ".row_scale").float().unsqueeze(1))  # in place: one table-sized buffer
 
@@ -146,11 +148,11 @@ def _plan(source, layout: str, dtype: torch.dtype) -> list[PlannedTensor]:
 
     for name, module in model.named_modules():
         if name == "embed_tokens":
-            make = ((lambda: _table(source, "embed_tokens.table")) if isinstance(module, Int8Embedding)
+            make = ((lambda t=module.table: _table(source, "embed_tokens.table", t)) if isinstance(module, Int8Embedding)
                     else (lambda: source.get("embed_tokens.weight")))
             add_float("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), make)
         elif name == "lm_head" and not cfg.tie_embeddings:
-            make = ((lambda: _table(source, "lm_head._table_owned")) if isinstance(module, Int8Head)
+            make = ((lambda t=module.table: _table(source, "lm_head._table_owned", t)) if isinstance(module, Int8Head)
                     else (lambda: source.get("lm_head.weight")))
             add_float("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), make)
         elif isinstance(module, RMSNorm):
