@@ -1,5 +1,5 @@
 """Packed vs training-form model on the held-out split: top-1 agreement, the largest logit
-difference, and held-out perplexity for each packed format and head (int8 / fp16 / fp32) — the
+difference, and held-out perplexity for each packed format and head (int8 / q4 / fp16 / fp32) — the
 cost of the int8 head in perplexity, measured.
 
     python benchmarks/packed_quality.py                    # uses runs/demo/b158 (run `bitnet158 demo` first)
@@ -60,7 +60,7 @@ def main() -> None:
     print(f"{'training form (fp32)':<24} {perplexity(reference, targets):8.3f} {'-':>12} {'-':>13} "
           f"{reference.abs().max().item():12.3f}")
     for fmt in args.formats.split(","):
-        for head in ("fp32", "fp16", "int8"):
+        for head in ("fp32", "fp16", "int8", "q4"):
             packed = pack_(copy.deepcopy(model), PackConfig(format=fmt, head=head))
             out = logits_over(packed, inputs)
             agree = (out.argmax(-1) == ref_top1).float().mean().item()

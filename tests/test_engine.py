@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bitnet158 as bn
+from bitnet158 import native_step
 from bitnet158.cache import KVCache, SlotKVCache
 from bitnet158.config import ModelConfig
 from bitnet158.errors import ConfigError
@@ -58,6 +59,55 @@ def test_slot_batch_step_equals_each_sequence_alone(model, tok):
             alone = KVCache(model.config)
             model(torch.tensor([p]), alone)
             assert torch.equal(model(torch.tensor([[t]]), alone)[0, -1], batched[b])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_mixed_step_equals_each_sequence_alone(model, tok, native):
+    """New tokens of two decoding sequences and a prompt chunk of a third, side by side in one row
+    (SlotKVCache.bind_rows), give each sequence what it gets alone — through the native step and
+    through the Python path."""
+    prompts = _prompts(tok, 3)
+    native_step.set_enabled(native)
+    try:
+        with torch.no_grad():
+            cache = SlotKVCache(model.config, slots=3)
+            nxt = []
+            for slot, p in zip((0, 1), prompts[:2]):
+                nxt.append(model(torch.tensor([p]), cache.bind([slot]))[0, -1].argmax().item())
+            third = prompts[2] + prompts[0]
+            model(torch.tensor([third[:2]]), cache.bind([2]))  # its first chunk, alone
+            ids = torch.tensor([[nxt[0], nxt[1], *third[2:]]])
+            binding = cache.bind_rows([(0, 1), (1, 1), (2, len(third) - 2)], out_rows=[0, 1, ids.shape[1] - 1])
+            mixed = model(ids, binding)[0]
+            assert cache.lengths == [len(prompts[0]) + 1, len(prompts[1]) + 1, len(third)]
+            for row, (p, t) in enumerate(zip(prompts[:2], nxt)):
+                alone = KVCache(model.config)
+                model(torch.tensor([p]), alone)
+                want = model(torch.tensor([[t]]), alone)[0, -1]
+                assert torch.equal(mixed[row], want) if native else torch.allclose(mixed[row], want, atol=1e-4)
+            alone = KVCache(model.config)
+            want = model(torch.tensor([third]), alone)[0, -1]
+            assert torch.allclose(mixed[2], want, atol=2e-2) and mixed[2].argmax() == want.argmax()
+    finally:
+        native_step.set_enabled(None)
+
+
+def test_long_prompts_are_prefilled_a_chunk_per_step_beside_decoding(model, tok):
+    engine = Engine(model, tok, max_concurrency=3, prefill_chunk=4).start()
+    try:
+        prompts = [p * 3 for p in _prompts(tok, 3)]
+        requests = [GenerationRequest(prompt=tuple(p), max_tokens=6, sampling=GREEDY) for p in prompts]
+        streams = [engine.submit(r) for r in requests]
+        got = [[r.token for r in s if r.finish_reason != "stop" or r.token not in tok.end_ids] for s in streams]
+        for p, tokens in zip(prompts, got):
+            expected = _alone(model, p, 6)
+            cut = next((j for j, t in enumerate(expected) if t in tok.end_ids), len(expected))
+            assert tokens == expected[:cut]
+        assert engine.mixed_forwards > max(len(p) for p in prompts) // 4  # chunks, several beside decoding
+    finally:
+        engine.shutdown(timeout=10)
+    with pytest.raises(ConfigError, match="prefill_chunk"):
+        Engine(model, tok, prefill_chunk=0)
 
 
 def test_32_concurrent_streams_equal_their_single_request_output(model, tok):

@@ -5,7 +5,8 @@ each layer's new keys and values at [offset, offset + T) and attends over [0, of
 whole forward it calls `advance(T)`. `SlotKVCache` holds independent sequences in slots, each with
 its own length, for continuous batching: `bind(slots)` names which slot each row of the next
 forward belongs to — one sequence's prefill, or one new token for each of several sequences at
-their own positions. Preallocation keeps decode free of reallocation and makes the memory it takes
+their own positions; `bind_rows(segments)` lays several sequences' next tokens side by side in one
+row (new tokens of decoding sequences beside prompt chunks). Preallocation keeps decode free of reallocation and makes the memory it takes
 known up front.
 
 The caches own attention (`attend`) because only they know where each row's keys live; every path
@@ -100,6 +101,13 @@ class SlotKVCache:
         """The cache as the next forward sees it: row b belongs to slot `slots[b]`."""
         return SlotBatch(self, list(slots))
 
+    def bind_rows(self, segments: Sequence[tuple[int, int]], out_rows: Sequence[int] | None = None) -> "SlotRows":
+        """The cache as a forward over one row of tokens made of segments (slot, n): the next n
+        tokens of each slot's sequence, side by side (a mixed step: new tokens of decoding
+        sequences beside prompt chunks). `out_rows`: the positions in that row whose logits the
+        forward returns (all when None)."""
+        return SlotRows(self, [(int(s), int(n)) for s, n in segments], out_rows)
+
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
 
@@ -143,3 +151,50 @@ class SlotBatch:
     def advance(self, n: int) -> None:
         for s in self.slots:
             self.cache.lengths[s] += n
+
+
+class SlotRows:
+    """One forward's view of a SlotKVCache for tokens [1, R]: consecutive segments, each the next
+    n tokens of one slot's sequence at that sequence's own positions. Attention runs per segment
+    with the same shapes and call as that sequence alone in a KVCache (a chunk appended to its
+    cached prefix), so each sequence computes what it would alone."""
+
+    def __init__(self, cache: SlotKVCache, segments: list[tuple[int, int]], out_rows: Sequence[int] | None):
+        slots = [s for s, _ in segments]
+        if not segments or len(set(slots)) != len(slots) or any(n < 1 for _, n in segments):
+            raise ConfigError(f"a mixed step needs distinct slots with at least one token each, got {segments}")
+        if any(not 0 <= s < cache.slots for s in slots):
+            raise ConfigError(f"slots must lie in [0, {cache.slots}), got {slots}")
+        self.cache, self.segments = cache, segments
+        self.rows = sum(n for _, n in segments)
+        self.out_rows = None if out_rows is None else list(out_rows)
+
+    def row_slots(self) -> list[int]:
+        return [s for s, n in self.segments for _ in range(n)]
+
+    def row_positions(self) -> list[int]:
+        return [self.cache.lengths[s] + i for s, n in self.segments for i in range(n)]
+
+    def positions(self, T: int) -> torch.Tensor:
+        """[1, R] positions, each row at its own sequence's next position."""
+        if T != self.rows:
+            raise ConfigError(f"the step binds {self.rows} tokens, the forward has {T}")
+        if any(self.cache.lengths[s] + n > self.cache.max_len for s, n in self.segments):
+            raise ConfigError(f"a sequence would exceed the KV cache length {self.cache.max_len}")
+        return torch.tensor([self.row_positions()], dtype=torch.long)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values, lengths = self.cache.keys[layer], self.cache.values[layer], self.cache.lengths
+        outs, row = [], 0
+        for s, n in self.segments:
+            past = lengths[s]
+            keys[s, :, past:past + n] = k[0, :, row:row + n]
+            values[s, :, past:past + n] = v[0, :, row:row + n]
+            outs.append(_attend(q[:, :, row:row + n], keys[s:s + 1, :, :past + n], values[s:s + 1, :, :past + n],
+                                past))
+            row += n
+        return torch.cat(outs, dim=2)
+
+    def advance(self, n: int) -> None:
+        for s, count in self.segments:
+            self.cache.lengths[s] += count

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, native_step
-from .cache import KVCache, SlotBatch
+from .cache import KVCache, SlotBatch, SlotRows
 from .config import ModelConfig
 from .errors import ConfigError
 from .layers import WEIGHT_BITS, BitLinear, MetaSafeEmbedding, MetaSafeLinear, RMSNorm
 from .packed_layers import TABLE_HEADS, Int8Embedding, Int8Head, PackConfig, PackedBitLinear, head_table
 
-Cache = KVCache | SlotBatch  # what a forward can read and extend
+Cache = KVCache | SlotBatch | SlotRows  # what a forward can read and extend
 
 
 def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +185,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: Cache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab]; with last_only, [B, 1, vocab] for the last position (a prefill
         that only needs the next token skips the head on every other position). `cache`: a
-        KVCache (rows advance together) or a SlotKVCache's bound batch (rows at their own positions)."""
+        KVCache (rows advance together), a SlotKVCache's bound batch (rows at their own positions),
+        or its bound rows (several sequences' tokens in one row; logits for its out_rows)."""
         B, T = tokens.shape
         start = cache.positions(T) if cache is not None else 0
         if isinstance(start, int):
@@ -207,6 +208,10 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
+        elif getattr(cache, "out_rows", None) is not None:  # a mixed step: only the rows it asked for
+            if not cache.out_rows:
+                return x.new_zeros(B, 0, self.config.vocab_size)
+            x = x[:, cache.out_rows]
         return self.head(self.norm(x))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

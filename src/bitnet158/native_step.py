@@ -13,8 +13,8 @@ step cannot serve the call, and the Python path runs as before. It serves a call
 - the cache is fp32 on the CPU.
 
 Rows are tokens at their own positions in their own cache slots, so one call serves a KVCache
-(B sequences advancing together, any T), one sequence's prefill chunk in a SlotKVCache, or one new
-token for each of several sequences. With an int8 head the logits come back from native code;
+(B sequences advancing together, any T), one sequence's prefill chunk in a SlotKVCache, one new
+token for each of several sequences, or a mixed step of several sequences' tokens (SlotRows). With an int8 head the logits come back from native code;
 with a float head the step returns the final-normed rows and the model's own head finishes them.
 An int8 or q4 head (and a tied embedding of either) is read natively.
 
@@ -219,14 +219,23 @@ def run(model: Any, tokens: torch.Tensor, cache: Any, start: int | torch.Tensor,
             raise ConfigError(f"sequence of {start + T} tokens exceeds the KV cache length {cache.max_len}")
         slots = np.repeat(np.arange(B, dtype=np.int32), T)
         pos = np.tile(np.arange(start, start + T, dtype=np.int32), B)
+    elif hasattr(cache, "segments"):  # a SlotRows mixed step: several sequences side by side in one row
+        slots = np.asarray(cache.row_slots(), dtype=np.int32)
+        pos = np.asarray(cache.row_positions(), dtype=np.int32)
     elif isinstance(start, int):  # one sequence of T tokens
         slots = np.full(T, cache.slots[0], dtype=np.int32)
         pos = np.arange(start, start + T, dtype=np.int32)
     else:  # several sequences, one token each
         slots = np.asarray(cache.slots, dtype=np.int32)
         pos = start.reshape(-1).numpy().astype(np.int32)
-    rows = np.arange(T - 1, B * T, T, dtype=np.int32) if last_only else np.arange(B * T, dtype=np.int32)
+    picked = getattr(cache, "out_rows", None)
+    if last_only:
+        rows = np.arange(T - 1, B * T, T, dtype=np.int32)
+    elif picked is not None:
+        rows = np.asarray(picked, dtype=np.int32)
+    else:
+        rows = np.arange(B * T, dtype=np.int32)
     out = plan.native.forward(view, tokens.reshape(-1).numpy(), slots, pos, rows, kernels.current_path())
     cache.advance(T)
-    x = torch.from_numpy(out).reshape(B, 1 if last_only else T, -1)
+    x = torch.from_numpy(out).reshape(B, len(rows) // B, out.shape[-1])
     return model.head(x) if plan.float_head else x

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests generating at once (slots); default %(default)s")
     p.add_argument("--max-queue", type=int, default=default_of(Engine.__init__, "max_queue"),
                    help="requests waiting for a slot before new ones get 429; default %(default)s")
+    p.add_argument("--prefill-chunk", type=int, default=default_of(Engine.__init__, "prefill_chunk"),
+                   help="prompt tokens one step takes at most, beside the decoding requests (a longer prompt "
+                        "is prefilled over several steps); default %(default)s")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (default: the tokenizer's "
                    "own, else a plain System/User/Assistant transcript)")
@@ -52,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a shutdown waits for running requests; default %(default)s")
 
 
-def engine_loader(path: str | Path, *, max_concurrency: int, max_queue: int,
-                  threads: int | None = None) -> Callable[[], tuple[Engine, Tokenizer]]:
+def engine_loader(path: str | Path, *, max_concurrency: int, max_queue: int, threads: int | None = None,
+                  prefill_chunk: int | None = None) -> Callable[[], tuple[Engine, Tokenizer]]:
     """What the app runs in its loading thread: the checkpoint → a started Engine and its tokenizer."""
     def load() -> tuple[Engine, Tokenizer]:
         model, tokenizer = checkpoint.load(path)
@@ -61,7 +64,8 @@ def engine_loader(path: str | Path, *, max_concurrency: int, max_queue: int,
             raise CheckpointError(f"{path}: no tokenizer.json beside the weights")
         if model.packing is not None:
             use_kernel_threads(threads)
-        return Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue).start(), tokenizer
+        chunk = {"prefill_chunk": prefill_chunk} if prefill_chunk is not None else {}
+        return Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, **chunk).start(), tokenizer
     return load
 
 
@@ -80,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if not Path(args.checkpoint).exists():
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
-    if args.max_concurrency < 1 or args.max_queue < 0:
-        raise ConfigError("--max-concurrency must be at least 1 and --max-queue at least 0")
+    if args.max_concurrency < 1 or args.max_queue < 0 or args.prefill_chunk < 1:
+        raise ConfigError("--max-concurrency and --prefill-chunk must be at least 1 and --max-queue at least 0")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     if args.max_body_bytes is not None and args.max_body_bytes < 1:
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     options: dict[str, Any] = {"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}
     app = create_app(engine_loader(args.checkpoint, max_concurrency=args.max_concurrency,
-                                   max_queue=args.max_queue, threads=args.threads),
+                                   max_queue=args.max_queue, threads=args.threads, prefill_chunk=args.prefill_chunk),
                      model_name=args.model_name or model_name_for(args.checkpoint), api_key=args.api_key,
                      chat_template=template, drain_timeout=args.drain_timeout,
                      on_load_error=stop_on_load_error, **options)

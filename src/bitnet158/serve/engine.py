@@ -7,11 +7,12 @@ one batched forward. It knows nothing of HTTP.
     for response in stream:            # or `async for` inside an event loop
         print(response.text, end="")
 
-Each request holds a slot of a SlotKVCache while it runs. A step first prefills waiting requests
-into free slots (one forward each, so a long prompt never stalls the others for more than its own
-prefill), then runs one forward over the newest token of every active sequence — M rows through
-the packed GEMM, each at its own position with its own keys — so the weights are read once per
-step for all of them. Requests beyond the slots wait in a bounded queue; beyond that `submit`
+Each request holds a slot of a SlotKVCache while it runs. A step admits waiting requests into
+free slots, then runs one forward over the newest token of every decoding sequence and up to
+`prefill_chunk` tokens of the admitted prompts, side by side (`SlotKVCache.bind_rows`): M rows
+through the packed GEMM, each at its own position with its own keys, so the weights are read once
+per step for all of them, and a long prompt is prefilled a chunk per step instead of stalling the
+others for its whole length. Requests beyond the slots wait in a bounded queue; beyond that `submit`
 raises QueueFull. A finished or cancelled request frees its slot at once.
 
 Every sequence is decoded by its own `SequenceDecoder` (sampling with its own seeded generator,
@@ -104,17 +105,26 @@ class _Sequence:
     slot: int
     submitted: float
     first_token: float | None = None
+    pending: list[int] = dataclasses.field(default_factory=list)  # prompt tokens not yet in the cache
+
+    @property
+    def prefilling(self) -> bool:
+        return bool(self.pending)
 
 
 class Engine:
     """The batching loop over one model (see the module docstring)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int = 64,
-                 max_len: int | None = None):
+                 max_len: int | None = None, prefill_chunk: int = 512):
         """`max_len`: positions per slot (prompt + answer), the model's context by default; the
-        KV cache takes max_concurrency × max_len positions up front."""
-        if max_concurrency < 1 or max_queue < 0:
-            raise ConfigError(f"max_concurrency must be ≥ 1 and max_queue ≥ 0, got {max_concurrency}, {max_queue}")
+        KV cache takes max_concurrency × max_len positions up front. `prefill_chunk`: prompt
+        tokens a step takes at most (a longer prompt is prefilled over several steps, so the
+        sequences already decoding wait at most one chunk for their next token)."""
+        if max_concurrency < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ConfigError(f"max_concurrency and prefill_chunk must be ≥ 1 and max_queue ≥ 0, got "
+                              f"{max_concurrency}, {prefill_chunk}, {max_queue}")
+        self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_queue = max_queue
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
@@ -126,8 +136,9 @@ class Engine:
         self._stopping = False
         self._drain = True
         self._thread: threading.Thread | None = None
-        self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode forwards by rows
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # decode-only forwards by rows
         self.decode_seconds: collections.Counter[int] = collections.Counter()  # their time, by rows
+        self.mixed_forwards = 0  # forwards that also carried prompt tokens
 
     # --- the caller's side ----------------------------------------------------------------------
     @property
@@ -194,6 +205,8 @@ class Engine:
         self._abort_all(EngineStopped("the server shut down before the request finished"))
 
     def _step(self) -> None:
+        """Admit waiting requests into free slots, then run one forward over the next token of
+        every decoding sequence and up to `prefill_chunk` prompt tokens of the admitted ones."""
         self._drop_cancelled()
         while self._free:
             with self._wake:
@@ -201,47 +214,75 @@ class Engine:
                     break
                 stream, submitted = self._waiting.popleft()
             if not stream.cancelled:
-                self._prefill(stream, submitted)
-        if self._active:
-            self._decode()
+                self._admit(stream, submitted)
+        rows = [seq for seq in self._active if not seq.prefilling]
+        segments = [(seq.slot, [seq.decoder.next_input]) for seq in rows]
+        budget = self.prefill_chunk
+        for seq in self._active:
+            if seq.prefilling and budget > 0:
+                # an echo needs every prompt position's logits in one forward: its prompt goes whole
+                take = len(seq.pending) if seq.stream.request.echo else min(budget, len(seq.pending))
+                budget -= take
+                rows.append(seq)
+                segments.append((seq.slot, seq.pending[:take]))
+        if segments:
+            self._forward(rows, segments)
 
-    def _prefill(self, stream: RequestStream, submitted: float) -> None:
-        request = stream.request
-        slot = self._free.pop()
-        seq = _Sequence(stream, SequenceDecoder(self.tokenizer, request), slot, submitted)
-        try:
-            tokens = torch.tensor([request.prompt], dtype=torch.long)
-            logits = self.model(tokens, self.cache.bind([slot]), last_only=not request.echo)[0]
-            prompt_logprobs = seq.decoder.prompt_logprobs(logits) if request.echo else None
-            response = seq.decoder.step(logits[-1])
-        except Exception as e:  # a bug must not take the engine (and every other request) down
-            self._release(seq)
-            stream._deliver(e)
-            return
-        seq.first_token = time.perf_counter()
+    def _admit(self, stream: RequestStream, submitted: float) -> None:
+        seq = _Sequence(stream, SequenceDecoder(self.tokenizer, stream.request), self._free.pop(), submitted,
+                        pending=list(stream.request.prompt))
         self._active.append(seq)
-        self._emit(seq, dataclasses.replace(response, prompt_logprobs=prompt_logprobs))
 
-    def _decode(self) -> None:
-        rows = list(self._active)
-        tokens = torch.tensor([[seq.decoder.next_input] for seq in rows], dtype=torch.long)
-        self.batch_sizes[len(rows)] += 1
+    def _forward(self, rows: list[_Sequence], segments: list[tuple[int, list[int]]]) -> None:
+        """One forward over the segments' tokens side by side; then every sequence whose logits it
+        produced takes its next token."""
+        out_rows, at = [], 0
+        for seq, (_, tokens) in zip(rows, segments):
+            at += len(tokens)
+            whole_echo = seq.prefilling and seq.stream.request.echo
+            if not seq.prefilling or len(tokens) == len(seq.pending):  # a token to choose after this forward
+                out_rows.extend(range(at - len(tokens), at) if whole_echo else [at - 1])
+        decoding = sum(not seq.prefilling for seq in rows)
+        ids = torch.tensor([[t for _, tokens in segments for t in tokens]], dtype=torch.long)
+        binding = self.cache.bind_rows([(slot, len(tokens)) for slot, tokens in segments], out_rows)
         start = time.perf_counter()
         try:
-            logits = self.model(tokens, self.cache.bind([seq.slot for seq in rows]))[:, -1]
-            self.decode_seconds[len(rows)] += time.perf_counter() - start
-        except Exception as e:
+            logits = self.model(ids, binding)[0]  # [len(out_rows), vocab]
+        except Exception as e:  # a bug must not take the engine (and every other request) down
             for seq in rows:
                 self._release(seq)
                 seq.stream._deliver(e)
             return
-        for b, seq in enumerate(rows):
+        if decoding == len(rows):
+            self.batch_sizes[decoding] += 1
+            self.decode_seconds[decoding] += time.perf_counter() - start
+        else:
+            self.mixed_forwards += 1
+        got = 0
+        for seq, (_, tokens) in zip(rows, segments):
+            if seq.prefilling:
+                del seq.pending[:len(tokens)]
+                if seq.pending:
+                    continue  # more of its prompt next step
+                first = True
+            else:
+                first = False
             try:
-                response = seq.decoder.step(logits[b])
+                prompt_logprobs = None
+                if first and seq.stream.request.echo:
+                    prompt_logprobs = seq.decoder.prompt_logprobs(logits[got:got + len(tokens)])
+                    got += len(tokens)
+                    response = seq.decoder.step(logits[got - 1])
+                else:
+                    response = seq.decoder.step(logits[got])
+                    got += 1
             except Exception as e:  # one sequence's failure ends that sequence, not the engine
                 self._release(seq)
                 seq.stream._deliver(e)
                 continue
+            if first:
+                seq.first_token = time.perf_counter()
+                response = dataclasses.replace(response, prompt_logprobs=prompt_logprobs)
             self._emit(seq, response)
 
     def _emit(self, seq: _Sequence, response: GenerationResponse) -> None:
