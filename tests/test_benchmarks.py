@@ -59,3 +59,30 @@ def test_vs_llamacpp_benchmark_runs_without_llamacpp(tmp_path):
     assert "decode floor" in out and "ours ÷ floor" in out
     row = json.loads((tmp_path / "v.json").read_text())["rows"][0]
     assert row["ours_decode"][0] > 0 and row["floor_tok_s"] > 0
+
+
+def test_finetune_benchmark_runs_on_a_tiny_model(tmp_path):
+    out = run("finetune.py", "--preset", "tiny", "--layers", "1", "--steps", "3", "--batch-size", "2",
+              "--seq-len", "32", "--threads", "1", "--json", str(tmp_path / "f.json"))
+    assert "LoRA / full: peak memory while training" in out
+    rows = json.loads((tmp_path / "f.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["full", "lora"] and rows[1]["trainable"] < rows[0]["trainable"]
+
+
+def test_speculative_benchmark_runs_on_a_tiny_checkpoint(tmp_path):
+    import torch
+
+    from bitnet158 import checkpoint
+    from bitnet158.config import ModelConfig
+    from bitnet158.model import Transformer
+    from bitnet158.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["def f(x):\n    import os\n    return x\n"] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=1, num_heads=4,
+                                    num_kv_heads=2, intermediate_size=128, max_seq_len=128))
+    checkpoint.save(model, tmp_path / "m", tok)
+    out = run("speculative.py", "--checkpoint", str(tmp_path / "m"), "--prompt", "40", "--tokens", "12",
+              "--draft-tokens", "2", "--draft", str(tmp_path / "m"))
+    assert "plain" in out and "prompt lookup, k = 2" in out and "draft model, k = 2" in out
+    assert "same tokens: yes" in out and "NO" not in out and "positions costs" in out
