@@ -254,3 +254,21 @@ def test_a_replaced_buffer_rebuilds_the_plan():
                                    other(torch.tensor([[3, 4]]), KVCache(other.config)))
     model.layers[0].self_attn.q_proj.packed = other.layers[0].self_attn.q_proj.packed.clone()
     assert native_step.plan_for(model) is not plan
+
+
+def test_a_swapped_layer_rebuilds_the_plan():
+    """A wrapper around a packed layer keeps its buffers; the plan must still notice the swap."""
+    model = packed_model()
+    plan = native_step.plan_for(model)
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    model.layers[0].mlp.down_proj = Doubled(model.layers[0].mlp.down_proj)
+    assert native_step.plan_for(model) is None and "Doubled" in native_step.unsupported_reason(model)
+    assert plan is not None

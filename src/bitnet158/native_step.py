@@ -102,7 +102,15 @@ class _SpecBuilder:
             raise _Unsupported(f"a {type(module).__name__} norm")
         return self.tensor(module, "weight")
 
-    def linear(self, layer: nn.Module) -> dict:
+    def module(self, parent: nn.Module, name: str) -> nn.Module:
+        """parent.<name>, watched: a plan must not outlive a swapped layer (a LoRA wrapper keeps the
+        packed layer's buffers, so buffer identity alone would not notice it)."""
+        child = parent._modules[name]
+        self.watched.append((parent._modules, name, child))
+        return child
+
+    def linear(self, parent: nn.Module, name: str) -> dict:
+        layer = self.module(parent, name)
         if not isinstance(layer, PackedBitLinear):
             raise _Unsupported(f"a {type(layer).__name__} layer")
         if layer.act_quant != "token":
@@ -129,7 +137,9 @@ def _build(model: Any) -> StepPlan:
         "final_norm": b.norm(model.norm), "rope_cos": b.tensor(model, "rope_cos"),
         "rope_sin": b.tensor(model, "rope_sin"),
     }
-    embed = model.embed_tokens
+    embed = b.module(model, "embed_tokens")
+    if "lm_head" in model._modules and model.lm_head is not None:
+        b.module(model, "lm_head")
     if isinstance(embed, Int8Embedding):
         spec.update(b.table("embed", embed.table))
     else:
@@ -143,9 +153,10 @@ def _build(model: Any) -> StepPlan:
         blocks.append({
             "input_norm": b.norm(layer.input_layernorm), "post_attn_norm": b.norm(layer.post_attention_layernorm),
             "attn_sub_norm": b.norm(attn.attn_sub_norm), "ffn_sub_norm": b.norm(mlp.ffn_sub_norm),
-            "q": b.linear(attn.q_proj), "k": b.linear(attn.k_proj), "v": b.linear(attn.v_proj),
-            "o": b.linear(attn.o_proj), "gate": b.linear(mlp.gate_proj), "up": b.linear(mlp.up_proj),
-            "down": b.linear(mlp.down_proj),
+            **{key: b.linear(attn, name) for key, name in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"),
+                                                           ("o", "o_proj"))},
+            **{key: b.linear(mlp, name) for key, name in (("gate", "gate_proj"), ("up", "up_proj"),
+                                                          ("down", "down_proj"))},
         })
     spec["blocks"] = blocks
     return StepPlan(kernels._ext.StepModel(spec), b.watched, float_head)
@@ -168,6 +179,7 @@ def plan_for(model: Any) -> StepPlan | None:
         plan = _build(model)
     except _Unsupported as why:
         watched = [(m._buffers, n, t) for m in model.modules() for n, t in m._buffers.items()]
+        watched += [(m._modules, n, c) for m in model.modules() for n, c in m._modules.items()]
         model.__dict__["_step_plan"] = (str(why), watched)
         return None
     model.__dict__["_step_plan"] = plan

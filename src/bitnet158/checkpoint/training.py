@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file as safetensors_load
@@ -28,14 +28,20 @@ TRAINER_STATE = "trainer.json"
 
 
 def save_training_checkpoint(run_dir: str | os.PathLike, step: int, model: Transformer, tokenizer,
-                             optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write run_dir/step-NNNNNN atomically, point `latest` at it, prune all but `keep` steps."""
+                             optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2,
+                             write: Callable[[Path], None] | None = None) -> Path:
+    """Write run_dir/step-NNNNNN atomically, point `latest` at it, prune all but `keep` steps.
+    `write(directory)` fills the step with the weights (default: the whole model directory; a
+    LoRA run writes its adapter only)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(run_dir)
     target = run_dir / f"step-{step:06d}"
     with atomic_directory(target, overwrite=True) as tmp:
-        writer.write_model_files(tmp, model, tokenizer)  # looked up at call time (a test slows it down)
+        if write is not None:
+            write(tmp)
+        else:
+            writer.write_model_files(tmp, model, tokenizer)  # looked up at call time (a test slows it down)
         opt_tensors = _optimizer_tensors(model, optimizer)
         (tmp / TRAINER_TENSORS).write_bytes(safetensors_save(opt_tensors, metadata={"format": FORMAT,
                                                                                    "kind": "optimizer"}))
@@ -71,6 +77,8 @@ def load_training_state(directory: Path, model: Transformer, optimizer: torch.op
     file = directory / TRAINER_TENSORS
     if not file.exists():
         raise CheckpointError(f"{file}: missing")
+    if not file.is_file():  # a directory, or a FIFO that would block the open forever
+        raise CheckpointError(f"{file}: not a regular file")
     try:
         tensors = safetensors_load(str(file))
     except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers

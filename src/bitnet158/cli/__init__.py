@@ -24,8 +24,8 @@ _CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 
 # verb → module under bitnet158.cli, in the order `--help` lists them
 VERBS = {
-    "demo": "demo", "train": "train", "generate": "generate", "chat": "chat", "pack": "pack",
-    "convert": "convert",
+    "demo": "demo", "train": "train", "finetune": "finetune", "generate": "generate", "chat": "chat", "pack": "pack",
+    "convert": "convert", "merge": "merge",
     "export-hf": "export_hf", "import-hf": "import_hf", "bench": "bench", "evidence": "evidence",
     "export-gguf": "export_gguf", "import-gguf": "import_gguf", "info": "info", "serve": "serve",
 }

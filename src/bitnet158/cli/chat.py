@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from .. import checkpoint
 from ..bench import use_kernel_threads
+from ..checkpoint.adapter import load_adapter
 from ..chat_template import chat_template_for, encode_chat, read_template_file, stop_texts_for
 from ..errors import CheckpointError, ConfigError
 from ..generate import PromptCache, stream_generate
@@ -41,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=SamplingConfig.repetition_penalty)
     p.add_argument("--seed", type=int, help="seed of the first answer (each later answer: seed + its turn)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout, or a finetune run) applied unmerged")
 
 
 class ChatSession:
@@ -145,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
                               repetition_penalty=args.repetition_penalty).validate()
     override = read_template_file(args.chat_template) if args.chat_template else None
     model, tokenizer = checkpoint.load(args.checkpoint)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)
     if model.packing is not None:
         use_kernel_threads(args.threads)
     if tokenizer is None:

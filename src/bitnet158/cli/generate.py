@@ -7,6 +7,7 @@ import sys
 
 from .. import checkpoint
 from ..bench import use_kernel_threads
+from ..checkpoint.adapter import load_adapter
 from ..errors import CheckpointError
 from ..generate import SpeculationStats, stream_generate
 from ..sampling import SamplingConfig
@@ -33,12 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", metavar="CKPT", help="speculative decoding with a smaller draft model (same tokenizer)")
     p.add_argument("--draft-tokens", type=int, default=default_of(stream_generate, "draft_tokens"),
                    help="tokens drafted per verifying forward")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout, or a finetune run) applied unmerged")
     p.add_argument("--quiet", action="store_true", help="no statistics line")
 
 
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     model, tokenizer = checkpoint.load(args.checkpoint)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)
     if model.packing is not None:
         use_kernel_threads(args.threads)
     if tokenizer is None:

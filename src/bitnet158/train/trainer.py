@@ -8,6 +8,10 @@ It is the package's only training loop. Pre-training starts from a ModelConfig; 
 FP → ternary conversion in ternarize.py) starts from an existing model and adds two hooks:
 `on_step(step, model)` runs before each step (λ warm-up, Quant-Noise share) and
 `loss_fn(logits, inputs, targets) → (loss, parts)` replaces cross-entropy (distillation).
+Chat fine-tuning (sft.py) brings its own data and step contents: `batches(index) → (inputs,
+targets)` replaces the random windows of a token stream (targets of IGNORE are not scored),
+`eval_set` the held-out windows, and a `payload` what a step directory holds (a LoRA adapter
+instead of the whole model).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +31,40 @@ from ..config import ModelConfig, TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
 from .data import batch_for_step, eval_windows
+from .data.chat import IGNORE  # a target not scored (F.cross_entropy's default ignore_index)
 from .schedule import lr_and_wd
 
 # (logits [batch, seq, vocab], inputs, targets [batch, seq]) → (scalar loss, named parts to log)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 StepHook = Callable[[int, Transformer], None]
+# micro-batch index → (inputs, targets) [batch, seq] int64; a pure function of the index (exact resume)
+BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+class RunPayload(Protocol):
+    """What a training step directory holds besides the optimizer state, and how a resume reads it."""
+
+    def write(self, directory: Path, model: Transformer, tokenizer) -> None: ...
+
+    def restore(self, run_dir: Path, model: Transformer, device: torch.device) -> Path:
+        """Load the newest step's weights into `model`; return that step directory."""
+        ...
+
+
+class ModelPayload:
+    """The default: each step is a whole model directory, and a resume checks its config."""
+
+    def write(self, directory: Path, model: Transformer, tokenizer) -> None:
+        checkpoint.write_model_files(directory, model, tokenizer)
+
+    def restore(self, run_dir: Path, model: Transformer, device: torch.device) -> Path:
+        directory = checkpoint.resolve(run_dir)
+        loaded, _ = checkpoint.load(directory, device=device, with_tokenizer=False)
+        if loaded.config != model.config:
+            raise CheckpointError(f"{directory}: its model config differs from the one asked for; "
+                                  "resume with the same preset and options")
+        model.load_state_dict(loaded.state_dict())
+        return directory
 
 
 @dataclass
@@ -63,9 +96,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on matrices (linear and embedding weights) only, never on norm gains."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
+    """Weight decay on matrices (linear and embedding weights) only, never on norm gains; frozen
+    parameters (a LoRA run's base) are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
     return [{"params": decay, "decay": True}, {"params": rest, "decay": False}]
 
 
@@ -78,29 +113,35 @@ def evaluate(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, ba
     for i in range(0, inputs.shape[0], batch_size):
         x, y = inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
         logits = model(x)
-        total += F.cross_entropy(logits.flatten(0, 1), y.flatten().long(), reduction="sum").item()
-        count += y.numel()
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten().long(), reduction="sum",
+                                 ignore_index=IGNORE).item()
+        count += int((y != IGNORE).sum())
     model.train()
     return total / max(count, 1)
 
 
-def train(model: ModelConfig | Transformer, train_config: TrainConfig, train_tokens: torch.Tensor,
+def train(model: ModelConfig | Transformer, train_config: TrainConfig, train_tokens: torch.Tensor | None,
           heldout_tokens: torch.Tensor | None = None, *, tokenizer=None, run_dir: str | Path | None = None,
           resume: bool = False, until: int | None = None, progress: bool = True, desc: str | None = None,
-          on_step: StepHook | None = None, loss_fn: LossFn | None = None) -> TrainResult:
+          on_step: StepHook | None = None, loss_fn: LossFn | None = None, batches: BatchFn | None = None,
+          eval_set: tuple[torch.Tensor, torch.Tensor] | None = None,
+          payload: RunPayload | None = None) -> TrainResult:
     """Train `model` (a ModelConfig: a new model drawn from `train_config.seed`; a Transformer:
     that model, in place) and return it with its loss history and held-out evaluations.
 
     `until` stops early (after saving a checkpoint there), as a run cut off at that step would;
     `resume=True` continues from `run_dir`'s latest step. `on_step(step, model)` runs before each
     step; `loss_fn` replaces cross-entropy and the parts it returns join each history row
-    (averaged over micro-batches). Without `heldout_tokens` nothing is evaluated."""
+    (averaged over micro-batches). Without `heldout_tokens` nothing is evaluated. `batches` and
+    `eval_set` stand in for the two token streams (train_tokens is then None); `payload` says what
+    a step directory holds (default: the whole model)."""
     tc = train_config.validate()
     given = model if isinstance(model, Transformer) else None
     mc = (given.config if given is not None else model).validate()
     device = resolve_device(tc.device)
-    if train_tokens.numel() <= tc.seq_len + 1:
-        raise ConfigError(f"the training text has {train_tokens.numel()} tokens, fewer than one "
+    n_tokens = 0 if train_tokens is None else train_tokens.numel()
+    if batches is None and n_tokens <= tc.seq_len + 1:
+        raise ConfigError(f"the training text has {n_tokens} tokens, fewer than one "
                           f"window of seq_len {tc.seq_len}; give more data or a smaller --seq-len")
     if tc.seq_len > mc.max_seq_len:
         raise ConfigError(f"seq_len {tc.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}")
@@ -112,19 +153,18 @@ def train(model: ModelConfig | Transformer, train_config: TrainConfig, train_tok
     model = given if given is not None else Transformer(mc)
     model.to(device).train()
     optimizer = torch.optim.AdamW(param_groups(model), lr=0.0, betas=(0.9, 0.95), eps=1e-8)
-    eval_set = (None if heldout_tokens is None
-                else eval_windows(heldout_tokens, tc.seq_len, tc.eval_batches * tc.batch_size))
+    if eval_set is None and heldout_tokens is not None:
+        eval_set = eval_windows(heldout_tokens, tc.seq_len, tc.eval_batches * tc.batch_size)
+    if batches is None:
+        def batches(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return batch_for_step(train_tokens, index, tc.batch_size, tc.seq_len, tc.seed)
+    payload = payload or ModelPayload()
 
     start, history, evals, elapsed = 0, [], [], 0.0
     if resume:
         if run_dir is None:
             raise ConfigError("resume needs a run directory")
-        directory = checkpoint.resolve(run_dir)
-        loaded, _ = checkpoint.load(directory, device=device, with_tokenizer=False)
-        if loaded.config != mc:
-            raise CheckpointError(f"{directory}: its model config differs from the one asked for; "
-                                  "resume with the same preset and options")
-        model.load_state_dict(loaded.state_dict())
+        directory = payload.restore(run_dir, model, device)
         state = checkpoint.load_training_state(directory, model, optimizer)
         start, history, evals = state["step"], state.get("history", []), state.get("evals", [])
         elapsed = state.get("seconds", 0.0)
@@ -143,7 +183,7 @@ def train(model: ModelConfig | Transformer, train_config: TrainConfig, train_tok
         t0 = time.perf_counter()
         loss_sum, parts_sum = 0.0, {}
         for micro in range(tc.grad_accum):
-            x, y = batch_for_step(train_tokens, step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed)
+            x, y = batches(step * tc.grad_accum + micro)
             x, y = x.to(device), y.to(device)
             loss, parts = loss_fn(model(x), x, y)
             loss = loss / tc.grad_accum
@@ -172,7 +212,8 @@ def train(model: ModelConfig | Transformer, train_config: TrainConfig, train_tok
             checkpoint.save_training_checkpoint(
                 run_dir, done, model, tokenizer, optimizer,
                 {"history": history, "evals": evals, "train_config": tc.to_dict(),
-                 "seconds": elapsed + time.perf_counter() - t_start}, keep=tc.keep_checkpoints)
+                 "seconds": elapsed + time.perf_counter() - t_start}, keep=tc.keep_checkpoints,
+                write=lambda directory: payload.write(directory, model, tokenizer))
     bar.close()
     seconds = elapsed + time.perf_counter() - t_start
     return TrainResult(model=model, history=history, evals=evals, run_dir=run_dir, seconds=seconds,

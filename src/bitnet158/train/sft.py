@@ -1,0 +1,134 @@
+"""Chat fine-tuning (supervised, assistant tokens only) of an existing model, on the one training loop.
+
+    method "full": every weight trains (the latent BitLinear weights: a training-form checkpoint);
+                   each step directory is a model directory.
+    method "lora": the ternary base is frozen as int8 codes + scale (bitnet158.lora), only the
+                   adapters and their AdamW moments live in float; each step directory is a PEFT
+                   adapter (adapter_config.json + adapter_model.safetensors).
+
+Both resume like `train` (the batches are a pure function of seed and step; weights and optimizer
+moments come back bit for bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..checkpoint.adapter import read_adapter, resolve_adapter, write_adapter_files
+from ..config import TrainConfig
+from ..errors import CheckpointError, ConfigError
+from ..lora import LoRAConfig, add_lora, lora_layers
+from ..model import Transformer
+from .data.chat import ChatData, prepare_chat_data, window_batches
+from .trainer import TrainResult, evaluate, resolve_device, train
+
+METHODS = ("lora", "full")
+# Peak LRs at a constant schedule: adapters start at zero and need a larger step than latent
+# weights, which flip a ternary code only when they cross a rounding boundary.
+DEFAULT_LR = {"lora": 1e-3, "full": 3e-4}
+
+
+def sft_train_config(**overrides: Any) -> TrainConfig:
+    """TrainConfig defaults for fine-tuning: short, constant LR after a short warm-up, no decay."""
+    base = {"steps": 200, "batch_size": 8, "seq_len": 256, "warmup": 10, "schedule": "constant",
+            "weight_decay": 0.0, "eval_every": 50, "save_every": 50, "eval_batches": 4}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(base)
+
+
+@dataclass
+class SFTResult:
+    model: Transformer
+    train: TrainResult
+    data: ChatData
+    heldout_loss_before: float | None = None
+
+    @property
+    def heldout_loss_after(self) -> float | None:
+        return self.train.evals[-1]["loss"] if self.train.evals else None
+
+
+class AdapterPayload:
+    """LoRA run steps hold the adapter only; a resume copies it back into the model's adapters."""
+
+    def __init__(self, config: LoRAConfig, base_model: str | None):
+        self.config, self.base_model = config, base_model
+
+    def write(self, directory: Path, model: Transformer, tokenizer) -> None:
+        write_adapter_files(directory, model, self.config, self.base_model)
+
+    def restore(self, run_dir: Path, model: Transformer, device: torch.device) -> Path:
+        directory = resolve_adapter(run_dir)
+        config, pairs = read_adapter(directory)
+        if (config.r, config.alpha, set(config.targets)) != (self.config.r, self.config.alpha, set(self.config.targets)):
+            raise CheckpointError(f"{directory}: the run's adapter (rank {config.r}, alpha {config.alpha}) differs "
+                                  "from the one asked for; resume with the same LoRA options")
+        layers = lora_layers(model)
+        if set(pairs) != set(layers):
+            raise CheckpointError(f"{directory}: the run's adapter covers other layers than this model's")
+        with torch.no_grad():
+            for name, (a, b) in pairs.items():
+                if a.shape != layers[name].lora_A.shape or b.shape != layers[name].lora_B.shape:
+                    raise CheckpointError(f"{directory}: {name} has other shapes than this model's adapter")
+                layers[name].lora_A.copy_(a)
+                layers[name].lora_B.copy_(b)
+        return directory
+
+
+def prepare_model(model: Transformer, method: str, lora: LoRAConfig | None) -> Transformer:
+    """The model ready to fine-tune in place: LoRA adapters on a frozen base, or every weight trainable."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown fine-tuning method {method!r}; choose {' or '.join(METHODS)}")
+    if method == "full":
+        if model.packing is not None:
+            raise ConfigError("a packed checkpoint has no latent weights to fine-tune fully; use --method lora "
+                              "or a training-form checkpoint")
+        model.requires_grad_(True)
+        return model
+    add_lora(model, lora or LoRAConfig())
+    return model
+
+
+def sft(model: Transformer, tokenizer, conversations: Sequence[tuple[str, list[dict[str, Any]]]],
+        train_config: TrainConfig, *, method: str = "lora", lora: LoRAConfig | None = None,
+        heldout: float = 0.1, chat_template: str | None = None, run_dir: str | os.PathLike | None = None,
+        resume: bool = False, until: int | None = None, progress: bool = True,
+        base_model: str | None = None, groups: Sequence[str] | None = None) -> SFTResult:
+    """Fine-tune `model` (in place) on chat `conversations` ((where, messages) pairs, see
+    data.chat.read_conversations), scoring the assistant's tokens only; `groups` holds out whole
+    groups (the embedded set's topics) instead of single conversations."""
+    tc = train_config.validate()
+    if tokenizer is None:
+        raise CheckpointError("chat fine-tuning needs the model's tokenizer (tokenizer.json beside the weights)")
+    lora = (lora or LoRAConfig()).validate() if method == "lora" else None
+    if tc.lr is None:
+        tc = dataclasses.replace(tc, lr=DEFAULT_LR.get(method, DEFAULT_LR["lora"]))
+    if tc.seq_len > model.config.max_seq_len:
+        raise ConfigError(f"seq_len {tc.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    data = prepare_chat_data(conversations, tokenizer, tc.seq_len, heldout=heldout, seed=tc.seed,
+                             template=chat_template, groups=groups)
+    prepare_model(model, method, lora)
+    eval_set = None
+    if data.heldout_inputs.shape[0]:
+        cap = tc.eval_batches * tc.batch_size
+        eval_set = (data.heldout_inputs[:cap], data.heldout_targets[:cap])
+    before = None
+    if eval_set is not None and not resume:
+        model.to(resolve_device(tc.device))
+        before = evaluate(model, *eval_set, tc.batch_size)
+    result = train(model, tc, None, tokenizer=tokenizer, run_dir=run_dir, resume=resume, until=until,
+                   progress=progress, desc=f"finetune {method}", eval_set=eval_set,
+                   batches=window_batches(data.train_inputs, data.train_targets, tc.batch_size, tc.seed),
+                   payload=AdapterPayload(lora, base_model) if lora is not None else None)
+    return SFTResult(result.model, result, data, before)
+
+
+def perplexity(loss: float | None) -> float:
+    return math.exp(loss) if loss is not None and loss < 700 else float("nan")
