@@ -4,9 +4,10 @@ bandwidth measured here, in this run, ÷ the bytes a token must read).
 
 One random ternary model with the exact BitNet-b1.58-2B-4T shapes, SiLU-gated (the FFN llama.cpp's
 `bitnet` graph runs), is built with `pack.random_packed`, exported with our `export_gguf(...,
-type="tq2_0")` and run by llama.cpp's `llama-bench`; the same packed model runs through
+type="tq2_0")`, its tied head requantized to Q6_K by `llama-quantize` (llama.cpp's usual output
+type; the f16 one would read 656 MB a token) and run by llama.cpp's `llama-bench`; the same packed model runs through
 `bench.time_model` (native step, i2 codes, int8 head). llama-bench is built from the llama-cpp-python
-0.3.36 sources (which vendor llama.cpp), as scripts/check_llamacpp.sh does, in $LLAMACPP_DIR
+0.3.36 sources (which vendor llama.cpp) with llama-quantize, as scripts/check_llamacpp.sh does, in $LLAMACPP_DIR
 (default /tmp/llamacpp); pip fetches the source distribution if it is not there yet, so the first
 run needs the package index and a few minutes of compiling.
 
@@ -42,11 +43,11 @@ from bitnet158.packed_layers import PackConfig, PackedBitLinear
 VERSION = "0.3.36"
 
 
-def llama_bench(work: Path, jobs: int) -> Path:
-    """Path of a llama-bench built from the llama-cpp-python sources (built here when missing)."""
-    exe = work / "build-bench" / "bin" / "llama-bench"
-    if exe.exists():
-        return exe
+def llama_tools(work: Path, jobs: int) -> tuple[Path, Path]:
+    """llama-bench and llama-quantize built from the llama-cpp-python sources (built here when missing)."""
+    bench, quantize = (work / "build-bench" / "bin" / name for name in ("llama-bench", "llama-quantize"))
+    if bench.exists() and quantize.exists():
+        return bench, quantize
     src = work / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
     work.mkdir(parents=True, exist_ok=True)
     if not src.exists():
@@ -60,9 +61,18 @@ def llama_bench(work: Path, jobs: int) -> Path:
                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON",
                     "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DGGML_OPENMP=OFF"],
                    check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(work / "build-bench"), "-j", str(jobs), "--target", "llama-bench"],
-                   check=True, capture_output=True)
-    return exe
+    subprocess.run(["cmake", "--build", str(work / "build-bench"), "-j", str(jobs), "--target", "llama-bench",
+                    "llama-quantize"], check=True, capture_output=True)
+    return bench, quantize
+
+
+def q6k_head(quantize: Path, gguf: Path) -> Path:
+    """The same GGUF with llama.cpp's usual head: token_embd (the tied output) in Q6_K instead of
+    f16, the ternary tensors kept TQ2_0 (llama-quantize --token-embedding-type q6_k)."""
+    out = gguf.with_name(gguf.stem + "-q6k.gguf")
+    subprocess.run([str(quantize), "--allow-requantize", "--token-embedding-type", "q6_k", "--output-tensor-type",
+                    "q6_k", str(gguf), str(out), "TQ2_0"], check=True, capture_output=True)
+    return out
 
 
 def run_llama_bench(exe: Path, gguf: Path, threads: int, prompt: int, tokens: int) -> dict[str, float]:
@@ -103,7 +113,7 @@ def main() -> None:
     ap.add_argument("--no-llamacpp", action="store_true", help="time only ours against the floor (no llama.cpp build)")
     args = ap.parse_args()
 
-    exe = None if args.no_llamacpp else llama_bench(Path(args.llamacpp_dir), args.jobs)
+    exe, quantize = (None, None) if args.no_llamacpp else llama_tools(Path(args.llamacpp_dir), args.jobs)
     cfg = dataclasses.replace(preset(args.preset), activation="swiglu")
     t0 = time.perf_counter()
     model = random_packed(cfg, PackConfig(format="i2", head="int8"), progress=True).eval()
@@ -116,6 +126,10 @@ def main() -> None:
         gguf = Path(tmp) / "model-tq2_0.gguf"
         report = export_gguf(model, gguf, type="tq2_0")
         print(f"exported {gguf.name}: {report.bytes / 1e9:.3f} GB (TQ2_0 weights, f16 embedding)")
+        if quantize is not None:
+            gguf = q6k_head(quantize, gguf)
+            print(f"llama.cpp runs {gguf.name}: {gguf.stat().st_size / 1e9:.3f} GB (its tied head requantized to "
+                  f"Q6_K, as llama.cpp's own quantizations keep it)")
         for t in threads:
             bandwidth = kernels.memory_read_bandwidth(threads=t)
             floor = bandwidth / per_token
