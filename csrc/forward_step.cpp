@@ -269,10 +269,12 @@ void forward_step(Isa isa, const StepModel& m, const KVSlots& kv, const StepRows
     s.v.resize(size_t(M * KV));
     s.sx.resize(size_t(M));
     s.q8.resize(size_t(M * widest));
-    int64_t widest_n = m.vocab;
+    int64_t widest_n = 0;
     for (const BlockWeights& b : m.blocks)
         for (const PackedLinear* L : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) widest_n = std::max(widest_n, L->N);
-    s.acc.resize(size_t(M * widest_n));
+    // the head's products are only for the R chosen rows: a 128-token prefill needs one row of
+    // vocabulary-wide sums, not 128 (65 MB at 2B4T)
+    s.acc.resize(size_t(std::max(M * widest_n, rows.R * m.vocab)));
 
     embed(m, rows, s.x.data());
     for (int64_t layer = 0; layer < int64_t(m.blocks.size()); ++layer) block(isa, m, kv, layer, rows, s);
