@@ -75,6 +75,16 @@ def _parse(text: str, nonfinite: bool = False) -> Any:
     return doc
 
 
+def _read_at_most(f: Any, limit: int, size: int) -> bytes:
+    """Up to `limit` bytes of `f`, whose size on disk was `size`. read(limit) would reserve all of
+    `limit` up front (256 MB for a 100-byte config: a MemoryError under an address-space limit);
+    the loop catches a file that grew while it was read."""
+    data = f.read(min(size, limit) + 1)
+    while len(data) < limit and (more := f.read(min(1 << 20, limit - len(data)))):
+        data += more
+    return data
+
+
 def _read_bytes(path: Path, label: str, max_bytes: int, error: type[BitNetError]) -> bytes:
     # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever; regular
     # files ignore the flag
@@ -88,12 +98,12 @@ def _read_bytes(path: Path, label: str, max_bytes: int, error: type[BitNetError]
         raise error(f"{path}: not a readable {label} ({reason})") from None
     try:
         with os.fdopen(fd, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if stat.S_ISDIR(mode):
+            info = os.fstat(f.fileno())
+            if stat.S_ISDIR(info.st_mode):
                 raise error(f"{path}: not a readable {label} (a directory)")
-            if not stat.S_ISREG(mode):
+            if not stat.S_ISREG(info.st_mode):
                 raise error(f"{path}: not a readable {label} (not a regular file)")
-            data = f.read(max_bytes + 1)  # the size on disk may change while it is read
+            data = _read_at_most(f, max_bytes + 1, info.st_size)
     except OSError as e:
         raise error(f"{path}: not a readable {label} ({e.strerror or first_line(e)})") from None
     if len(data) > max_bytes:

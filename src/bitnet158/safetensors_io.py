@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -149,7 +150,10 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        size = self.path.stat().st_size
+        info = self.path.stat()
+        if not stat.S_ISREG(info.st_mode):  # opening a FIFO would wait for a writer forever
+            raise ValueError("not a regular file")
+        size = info.st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -174,7 +178,7 @@ class SafetensorsReader:
                 dtype = _NAMES_TO_DTYPE[info["dtype"]]
                 shape = tuple(int(d) for d in info["shape"])
                 begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: a shape of [Infinity]
                 raise ValueError(f"tensor {short_repr(name)}: bad header entry {short_repr(info, 80)}") from None
             if end - begin != math.prod(shape) * torch.empty((), dtype=dtype).element_size() or begin < 0:
                 raise ValueError(f"tensor {name}: data_offsets {[begin, end]} disagree with shape {list(shape)}")

@@ -63,8 +63,10 @@ def check_ids(backend: _HFTokenizer) -> None:
     if len(ids) != len(vocab):
         raise CheckpointError(f"{len(vocab) - len(ids)} tokens share an id with another token")
     size = backend.get_vocab_size(with_added_tokens=True)
-    if ids != set(range(size)):
-        missing = min(set(range(max(ids, default=-1) + 1)) - ids, default=None)
+    # n distinct ids from 0 to n-1 are exactly 0..n-1; never build range(size): an id of 2**31
+    # makes size 2**31 (a 70 GB set)
+    if len(ids) != size or (ids and (min(ids) != 0 or max(ids) != size - 1)):
+        missing = next((i for i, j in enumerate(sorted(ids)) if i != j), None)
         where = f"id {missing} is missing" if missing is not None else f"the ids run to {max(ids)}"
         raise CheckpointError(f"token ids must run 0..{size - 1} without gaps, but {where}")
 
@@ -79,7 +81,7 @@ def check_document(doc: Any) -> None:
         raise CheckpointError("the top level is not a JSON object")
     model = doc.get("model")
     kind = model.get("type") if isinstance(model, dict) else None
-    if kind not in _MODELS:
+    if not isinstance(kind, str) or kind not in _MODELS:  # a list or object is unhashable
         raise CheckpointError(f"model type {_short(kind)} is not one of {', '.join(_MODELS)}")
     vocab, added = model.get("vocab"), doc.get("added_tokens") or []
     if not isinstance(vocab, (dict, list)) or not isinstance(added, list):
@@ -106,7 +108,7 @@ def _component(section: str, node: Any, depth: int, count: list[int]) -> float:
         return 1.0
     list_key, types = _SECTIONS[section]
     kind = node.get("type") if isinstance(node, dict) else None
-    if kind not in types:
+    if not isinstance(kind, str) or kind not in types:  # a list or object is unhashable
         raise CheckpointError(f"{section} type {_short(kind)} is not supported")
     count[0] += 1
     if count[0] > MAX_COMPONENTS:

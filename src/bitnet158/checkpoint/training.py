@@ -89,5 +89,11 @@ def load_training_state(directory: Path, model: Transformer, optimizer: torch.op
         name, _, slot = key.partition("::")
         if name not in params:
             raise CheckpointError(f"{file}: optimizer state for unknown parameter {name}")
+        # moments have the parameter's shape, counters are scalars: anything else fails only at
+        # the resumed run's first optimizer step
+        shape = params[name].shape
+        if (value.dim() and value.shape != shape) or not value.is_floating_point():
+            raise CheckpointError(f"{file}: tensor {key} has shape {list(value.shape)} and dtype {value.dtype}; "
+                                  f"expected a float scalar or the parameter's shape {list(shape)}")
         optimizer.state[params[name]][slot] = value.to(params[name].device)
     return state

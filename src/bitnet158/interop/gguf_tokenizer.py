@@ -25,8 +25,9 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..errors import BitNetError, ConfigError, FormatError, first_line
+from ..errors import BitNetError, ConfigError, FormatError, first_line, shown
 from ..tokenizer import Tokenizer
+from ..tokenizer_checks import check_ids
 from .gguf_header import GGUFHeader
 
 # LLaMA 3's pre-tokenizer regex (tokenizer.json's Split pattern; llama.cpp's "llama-bpe")
@@ -154,10 +155,13 @@ def tokenizer_from_gguf(header: GGUFHeader) -> Tokenizer | None:
         raise FormatError(f"{header.path}: tokenizer.chat_template is not a string")
     if add_bos and bos is None:
         raise FormatError(f"{header.path}: tokenizer.ggml.add_bos_token is set but there is no bos_token_id")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != n:  # a token listed twice keeps one id: the vocabulary's ids would have a gap
+        twice = next(t for i, t in enumerate(tokens) if vocab[t] != i)
+        raise FormatError(f"{header.path}: tokenizer.ggml.tokens lists the token {shown(twice)} twice")
     pre = kv.get("tokenizer.ggml.pre")
     llama3 = isinstance(pre, str) and pre in LLAMA3_PRE_NAMES
     try:
-        vocab = {t: i for i, t in enumerate(tokens)}
         pairs = [tuple(m.split(" ", 1)) for m in merges]
         # llama.cpp's llama-bpe looks whole words up before merging, as LLaMA 3's tokenizer.json does
         backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=llama3))
@@ -180,6 +184,7 @@ def tokenizer_from_gguf(header: GGUFHeader) -> Tokenizer | None:
         if add_bos and ":" not in b and not any(c.isspace() for c in b):
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{b}:0 $A:0", pair=f"{b}:0 $A:0 {b}:1 $B:1", special_tokens=[(b, bos)])
+        check_ids(backend)  # added tokens may still collide with the vocabulary's
         return Tokenizer(backend, eos_token=tokens[eos], bos_token=None if bos is None else tokens[bos],
                          end_tokens=[tokens[i] for i in ends], add_bos=add_bos, chat_template=template)
     except BitNetError as e:

@@ -64,7 +64,9 @@ class Corpus:
 
 def _name_hash(name: str, salt: str = "") -> int:
     """64 well-mixed bits from a name (sha256), identical on every machine and Python version."""
-    return int.from_bytes(hashlib.sha256((salt + name).encode("utf-8")).digest()[:8], "big")
+    # surrogatepass: a file name that is not UTF-8 arrives with surrogate escapes (os.fsdecode)
+    data = (salt + name).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
 
 
 def is_heldout(name: str) -> bool:

@@ -76,6 +76,8 @@ def _is_data_file(path: Path, root: Path) -> bool:
 
 
 def _read_file(path: Path) -> list[Document]:
+    if not path.is_file():  # a FIFO would block the read forever; a socket or device is no data file
+        raise DataError(f"{path}: not a regular file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _read_parquet(path)
@@ -133,13 +135,14 @@ def _read_parquet(path: Path) -> list[Document]:
         schema = pq.read_schema(path)
         if "text" not in schema.names:
             raise DataError(f'{path}: parquet file has no "text" column (columns: {", ".join(schema.names)})')
-        column = pq.read_table(path, columns=["text"]).column("text")
+        # to_pylist decodes the strings: a corrupted page is invalid UTF-8 only here
+        values = pq.read_table(path, columns=["text"]).column("text").to_pylist()
     except DataError:
         raise
     except Exception as exc:  # pyarrow.ArrowInvalid and friends: not a parquet file
         raise DataError(f"{path}: not a readable parquet file ({first_line(exc)})") from None
     docs = []
-    for row, value in enumerate(column.to_pylist()):
+    for row, value in enumerate(values):
         if value is None or value == "":
             continue
         if not isinstance(value, str):
