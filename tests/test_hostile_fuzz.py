@@ -249,3 +249,27 @@ def test_optimizer_state_of_the_wrong_shape_is_refused_at_resume(tmp_path, tok):
     with pytest.raises(BitNetError) as e:
         checkpoint.load_training_state(step, fresh, torch.optim.AdamW(fresh.parameters()))
     one_line(e.value, "trainer.safetensors", "norm.weight::exp_avg", "[16, 1]")
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("norm.weight::step", torch.tensor(-1e30), "step count"),
+    ("norm.weight::step", torch.tensor(float("nan")), "NaN"),
+    ("norm.weight::exp_avg_sq", -torch.ones(16), "negative second moment"),
+])
+def test_optimizer_state_out_of_range_is_refused_at_resume(tmp_path, tok, key, value, words):
+    """The full fuzz run found a flipped byte in trainer.safetensors that made the step count huge:
+    it loaded, and the resumed run's first AdamW step raised OverflowError (beta ** step)."""
+    from safetensors.torch import load_file, save_file
+
+    model = _model(tok)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 4, dtype=torch.long)).float().mean().backward()
+    opt.step()
+    step = checkpoint.save_training_checkpoint(tmp_path / "run", 1, model, tok, opt, {"history": []})
+    tensors = load_file(step / "trainer.safetensors")
+    tensors[key] = value.to(tensors[key].dtype)
+    save_file(tensors, step / "trainer.safetensors")
+    fresh = _model(tok)
+    with pytest.raises(BitNetError) as e:
+        checkpoint.load_training_state(step, fresh, torch.optim.AdamW(fresh.parameters()))
+    one_line(e.value, "trainer.safetensors", key, words)

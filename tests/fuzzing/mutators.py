@@ -197,6 +197,8 @@ def to_symlink(rng: random.Random, case: Path, target: Path) -> str:
 
 def _st_value(rng: random.Random, key: str, old: Any) -> Any:
     if key == "shape":
+        if not (isinstance(old, list) and all(isinstance(d, int) for d in old)):
+            old = [4]  # an earlier mutation of the same header left no list of ints to derive from
         return rng.choice(([], [0], [-1], [2**40], [2**63], [1.5], ["4"], [None], old[::-1], old + [1],
                            old[:-1], [d * 2 for d in old], [d + 1 for d in old], [0] + old[1:], PLACEHOLDER))
     if key == "dtype":
@@ -438,11 +440,16 @@ def hf_layout(rng: random.Random, case: Path, target: Path) -> str:
             tc.unlink()
         tc.mkdir(exist_ok=True)
         return op
-    if op == "jinja":
-        (case / "chat_template.jinja").write_bytes(rng.choice((b"\xff{{", b"{% for %}", b"{{ x.__class__ }}", b"")))
-        return op
-    if op == "jinja dir":
-        (case / "chat_template.jinja").mkdir(exist_ok=True)
+    if op in ("jinja", "jinja dir"):
+        jinja = case / "chat_template.jinja"
+        if jinja.is_dir() and not jinja.is_symlink():  # an earlier mutation of the same case made it
+            shutil.rmtree(jinja)
+        elif jinja.exists() or jinja.is_symlink():
+            jinja.unlink()
+        if op == "jinja":
+            jinja.write_bytes(rng.choice((b"\xff{{", b"{% for %}", b"{{ x.__class__ }}", b"")))
+        else:
+            jinja.mkdir()
         return op
     for p in case.glob("*.safetensors"):
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

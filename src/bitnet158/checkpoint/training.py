@@ -95,5 +95,24 @@ def load_training_state(directory: Path, model: Transformer, optimizer: torch.op
         if (value.dim() and value.shape != shape) or not value.is_floating_point():
             raise CheckpointError(f"{file}: tensor {key} has shape {list(value.shape)} and dtype {value.dtype}; "
                                   f"expected a float scalar or the parameter's shape {list(shape)}")
+        bad = _bad_optimizer_value(slot, value)
+        if bad:
+            raise CheckpointError(f"{file}: tensor {key} {bad}")
         optimizer.state[params[name]][slot] = value.to(params[name].device)
     return state
+
+
+MAX_OPTIMIZER_STEP = 1e12  # AdamW's bias correction is beta ** step: a huge or negative step overflows
+
+
+def _bad_optimizer_value(slot: str, value: torch.Tensor) -> str | None:
+    """What is wrong with one AdamW state tensor (None: nothing). Non-finite moments would make
+    every later loss NaN; a step count outside [0, 1e12] or a negative second moment fails (or
+    silently misbehaves) only at the resumed run's first step."""
+    if not bool(torch.isfinite(value).all()):
+        return "holds NaN or infinite values"
+    if slot == "step" and not bool(((value >= 0) & (value <= MAX_OPTIMIZER_STEP)).all()):
+        return f"holds a step count of {float(value.reshape(-1)[0]):.3g}, outside [0, {MAX_OPTIMIZER_STEP:g}]"
+    if slot == "exp_avg_sq" and bool((value < 0).any()):
+        return "holds a negative second moment"
+    return None
