@@ -19,17 +19,12 @@ from bitnet158.lora import LoRAConfig, add_lora, lora_layers
 from bitnet158.tokenizer import Tokenizer
 from bitnet158.train.data.chat import read_conversations
 from bitnet158.train.sft import sft, sft_train_config
+from common import one_torch_thread  # noqa: F401  (the fixture, by name)
 
 COLOURS = ["red", "green", "blue", "black", "white", "pink", "grey", "brown", "gold", "cyan", "lime", "teal"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: torch's thread pool only adds wake-up latency (10× slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rows() -> list[dict]:

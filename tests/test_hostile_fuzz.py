@@ -21,15 +21,7 @@ from bitnet158.checkpoint import ModelDir
 from bitnet158.errors import BitNetError
 from bitnet158.tokenizer import Tokenizer
 from bitnet158.train.data import load_corpus
-
-
-def one_line(exc: BaseException, *fragments: str) -> str:
-    assert isinstance(exc, BitNetError), f"{type(exc).__name__}: {exc}"
-    msg = str(exc)
-    assert "\n" not in msg and msg.strip(), repr(msg)
-    for fragment in fragments:
-        assert fragment in msg, f"{fragment!r} not in {msg!r}"
-    return msg
+from common import one_line
 
 
 def test_reading_a_small_json_file_allocates_what_it_holds_not_the_size_limit(tmp_path):
@@ -235,6 +227,12 @@ def test_a_token_id_of_two_to_the_31(tmp_path, tok):
 def test_optimizer_state_of_the_wrong_shape_is_refused_at_resume(tmp_path, tok):
     """trainer.safetensors holding a moment of another shape loaded fine and failed at the resumed
     run's first optimizer step (a RuntimeError traceback from torch's AdamW)."""
+    one_line(_resume_with_optimizer_tensor(tmp_path, tok, "norm.weight::exp_avg", torch.zeros(16, 1)),
+             "trainer.safetensors", "norm.weight::exp_avg", "[16, 1]")
+
+
+def _resume_with_optimizer_tensor(tmp_path: Path, tok: Tokenizer, key: str, value: torch.Tensor) -> BitNetError:
+    """A one-step run's trainer.safetensors with `key` replaced by `value`; the error its resume raises."""
     from safetensors.torch import load_file, save_file
 
     model = _model(tok)
@@ -243,12 +241,12 @@ def test_optimizer_state_of_the_wrong_shape_is_refused_at_resume(tmp_path, tok):
     opt.step()
     step = checkpoint.save_training_checkpoint(tmp_path / "run", 1, model, tok, opt, {"history": []})
     tensors = load_file(step / "trainer.safetensors")
-    tensors["norm.weight::exp_avg"] = torch.zeros(16, 1)
+    tensors[key] = value
     save_file(tensors, step / "trainer.safetensors")
     fresh = _model(tok)
     with pytest.raises(BitNetError) as e:
         checkpoint.load_training_state(step, fresh, torch.optim.AdamW(fresh.parameters()))
-    one_line(e.value, "trainer.safetensors", "norm.weight::exp_avg", "[16, 1]")
+    return e.value
 
 
 @pytest.mark.parametrize("key, value, words", [
@@ -259,17 +257,4 @@ def test_optimizer_state_of_the_wrong_shape_is_refused_at_resume(tmp_path, tok):
 def test_optimizer_state_out_of_range_is_refused_at_resume(tmp_path, tok, key, value, words):
     """The full fuzz run found a flipped byte in trainer.safetensors that made the step count huge:
     it loaded, and the resumed run's first AdamW step raised OverflowError (beta ** step)."""
-    from safetensors.torch import load_file, save_file
-
-    model = _model(tok)
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.zeros(1, 4, dtype=torch.long)).float().mean().backward()
-    opt.step()
-    step = checkpoint.save_training_checkpoint(tmp_path / "run", 1, model, tok, opt, {"history": []})
-    tensors = load_file(step / "trainer.safetensors")
-    tensors[key] = value.to(tensors[key].dtype)
-    save_file(tensors, step / "trainer.safetensors")
-    fresh = _model(tok)
-    with pytest.raises(BitNetError) as e:
-        checkpoint.load_training_state(step, fresh, torch.optim.AdamW(fresh.parameters()))
-    one_line(e.value, "trainer.safetensors", key, words)
+    one_line(_resume_with_optimizer_tensor(tmp_path, tok, key, value), "trainer.safetensors", key, words)

@@ -21,19 +21,11 @@ from bitnet158.interop.hf_tokenizer import read_hf_tokenizer
 from bitnet158.model import Transformer
 from bitnet158.tokenizer import Tokenizer
 from bitnet158.train.data.files import load_corpus
+from common import one_line
 
 DEEP = "[" * 100_000  # far past the recursion limit of a recursive parser
 HUGE_INT = "1" + "0" * 5000  # past Python's 4300-digit int-from-string limit
 TEXT = ["the quick brown fox jumps over the lazy dog"] * 20
-
-
-def one_line(exc: BaseException, *fragments: str) -> str:
-    assert isinstance(exc, BitNetError), f"{type(exc).__name__}: {exc}"
-    msg = str(exc)
-    assert "\n" not in msg and msg.strip(), repr(msg)
-    for fragment in fragments:
-        assert fragment in msg, f"{fragment!r} not in {msg!r}"
-    return msg
 
 
 def cli_one_line(capsys, path: Path, *fragments: str) -> None:

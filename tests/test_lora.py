@@ -13,15 +13,10 @@ from bitnet158.lora import (PROJECTIONS, FrozenInt8Head, FrozenTernaryLinear, Lo
                             lora_layers)
 from bitnet158.pack import pack_
 from bitnet158.packed_layers import PackConfig, PackedBitLinear
+from common import one_torch_thread  # noqa: F401  (the fixture, by name)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: torch's thread pool only adds wake-up latency (10× slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bitlinear(k: int = 48, n: int = 40, seed: int = 0, **kw) -> BitLinear:

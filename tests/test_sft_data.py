@@ -14,6 +14,7 @@ from bitnet158.errors import DataError
 from bitnet158.tokenizer import Tokenizer
 from bitnet158.train.data.chat import (IGNORE, ChatSample, chat_segments, encode_conversation, pack_samples,
                                        prepare_chat_data, read_conversations, split_heldout, window_batches)
+from common import one_torch_thread  # noqa: F401  (the fixture, by name)
 
 TWO_TURNS = [
     {"role": "system", "content": "Be brief."},
@@ -24,13 +25,7 @@ TWO_TURNS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: torch's thread pool only adds wake-up latency (10× slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -162,9 +162,6 @@ def _build(model: Any) -> StepPlan:
     return StepPlan(kernels._ext.StepModel(spec), b.watched, float_head)
 
 
-_UNSUPPORTED = "unsupported"
-
-
 def plan_for(model: Any) -> StepPlan | None:
     """The model's native plan, built on first use and again after a buffer is replaced; None
     when the model has something the step does not implement (`unsupported_reason` says what)."""
