@@ -7,7 +7,7 @@
 
 from ._version import __version__
 from .cache import KVCache
-from .checkpoint import ModelDir, load, save, save_packed
+from .checkpoint import ModelDir, load, pack_dir, save, save_packed
 from .config import PRESETS, ModelConfig, TrainConfig, preset
 from .errors import BitNetError, CheckpointError, ConfigError, DataError, FormatError, GenerationError
 from .interop.hf_export import save_hf
@@ -21,6 +21,6 @@ __all__ = [
     "__version__", "ModelConfig", "TrainConfig", "preset", "PRESETS", "BitNetError", "CheckpointError",
     "ConfigError", "DataError", "FormatError", "GenerationError", "BitLinear", "RMSNorm", "convert",
     "Transformer", "KVCache",
-    "ModelDir", "load", "save", "save_packed", "PackConfig", "PackedBitLinear", "pack_", "load_hf",
+    "ModelDir", "load", "pack_dir", "save", "save_packed", "PackConfig", "PackedBitLinear", "pack_", "load_hf",
     "import_hf", "save_hf",
 ]

@@ -9,6 +9,10 @@ largest tensor (plus its source), not the file.
     entries = [PlannedTensor("w", torch.float32, (2, 3), lambda: torch.zeros(2, 3))]
     write_safetensors(path, entries, metadata={"format": "pt"})
 
+A producer may also return an iterable of row blocks (`RowBlocks`) that concatenate along
+dim 0 to the planned tensor: a large tensor converted block by block (an fp16 embedding widened
+to fp32, say) then never exists whole in memory.
+
 Files are written to a temporary sibling, fsynced and renamed (atomic, as fileio.py does).
 """
 
@@ -19,7 +23,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +44,33 @@ class PlannedTensor:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], "torch.Tensor | RowBlocks"]
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class RowBlocks:
+    """A tensor delivered as consecutive blocks of rows (each a tensor of the planned dtype whose
+    trailing dimensions are the planned ones), made one at a time by `blocks`."""
+
+    def __init__(self, blocks: Iterable[torch.Tensor]):
+        self.blocks = blocks
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.blocks)
+
+
+ROW_BLOCK_BYTES = 64 << 20  # a block of a streamed tensor: small beside the 2B4T embedding (1.3 GB fp32)
+
+
+def row_ranges(rows: int, row_bytes: int, block_bytes: int | None = None) -> Iterator[tuple[int, int]]:
+    """[start, stop) ranges covering `rows` rows, each about `block_bytes` (default
+    ROW_BLOCK_BYTES; at least one row)."""
+    step = max(1, (block_bytes or ROW_BLOCK_BYTES) // max(1, row_bytes))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
 
 
 def header_bytes(entries: Sequence[PlannedTensor], metadata: dict[str, str] | None = None,
@@ -67,11 +93,13 @@ def header_bytes(entries: Sequence[PlannedTensor], metadata: dict[str, str] | No
 
 
 def write_safetensors(path: str | os.PathLike, entries: Sequence[PlannedTensor],
-                      metadata: dict[str, str] | None = None, align: int = 8) -> int:
+                      metadata: dict[str, str] | None = None, align: int = 8,
+                      progress: Callable[[PlannedTensor, int], None] | None = None) -> int:
     """Write `entries` as one safetensors file, producing each tensor only when it is written; the
     data section starts at a multiple of `align` bytes (see `aligned_order`).
     Returns the number of data bytes. A produced tensor whose dtype or shape disagrees with its
-    plan is a bug in the plan: ValueError, and the target is left untouched."""
+    plan is a bug in the plan: ValueError, and the target is left untouched. `progress(entry,
+    bytes so far)` is called after each tensor."""
     path = Path(path)
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
@@ -80,16 +108,31 @@ def write_safetensors(path: str | os.PathLike, entries: Sequence[PlannedTensor],
     with atomic_output_path(path) as tmp, open(tmp, "wb") as f:
         f.write(header_bytes(entries, metadata, align))
         for e in entries:
-            t = e.produce()
-            if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
-                raise ValueError(f"{e.name}: produced {t.dtype} {list(t.shape)}, planned {e.dtype} "
-                                 f"{list(e.shape)}")
-            # a byte view of the contiguous tensor: no second copy for the write
-            data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(memoryview(data))
-            total += data.nbytes
-            del t, data
+            total += _write_entry(f, e)
+            if progress is not None:
+                progress(e, total)
     return total
+
+
+def _write_entry(f, e: PlannedTensor) -> int:
+    """Produce one planned tensor (whole or in row blocks), check it against the plan, write it;
+    returns the bytes written."""
+    made = e.produce()
+    by_rows = isinstance(made, RowBlocks)
+    want = tuple(e.shape[1:]) if by_rows else tuple(e.shape)  # what each block's shape must end with
+    written = 0
+    for t in (made if by_rows else (made,)):
+        got = tuple(t.shape[1:]) if by_rows else tuple(t.shape)
+        if t.dtype != e.dtype or got != want:
+            raise ValueError(f"{e.name}: produced {t.dtype} {list(t.shape)}, planned {e.dtype} {list(e.shape)}")
+        # a byte view of the contiguous tensor: no second copy for the write
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        f.write(memoryview(data))
+        written += data.nbytes
+        del t, data
+    if written != e.nbytes:
+        raise ValueError(f"{e.name}: produced {written} bytes, planned {e.nbytes} ({list(e.shape)})")
+    return written
 
 
 def aligned_order(entries: Sequence[PlannedTensor], align: int = 64) -> list[PlannedTensor]:
@@ -192,11 +235,25 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name][0]
+
     def get_tensor(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self._entries[name]
-        buf = bytearray(end - begin)
+        return self._read(name, begin, end - begin, dtype, shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor of at least one dimension, read alone."""
+        dtype, shape, begin, _ = self._entries[name]
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"tensor {name}: rows [{start}, {stop}) outside its shape {list(shape)}")
+        row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        return self._read(name, begin + start * row, (stop - start) * row, dtype, (stop - start, *shape[1:]))
+
+    def _read(self, name: str, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = bytearray(nbytes)
         with open(self.path, "rb") as f:
-            f.seek(self._start + begin)
+            f.seek(self._start + offset)
             if f.readinto(buf) != len(buf):
                 raise ValueError(f"tensor {name}: file ended early (truncated?)")
         if not buf:

@@ -59,6 +59,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 _UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+METASPACE = "\u2581"  # SentencePiece's visible space (converted tokenizer.model vocabularies)
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
 # Run through a freshly parsed tokenizer, so a component that panics only when used (a charsmap
 # that parses but indexes out of bounds) fails at load rather than on a user's first prompt.
 _PROBE = "Hello, World! 123 naïve café\t\n  中文 😀 <|x|> \u0301\x00"
@@ -274,13 +276,20 @@ class Tokenizer:
 
     def _build_id_bytes(self) -> list[bytes]:
         special = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items()}
+        doc = json.loads(self.backend.to_str())
+        byte_fallback = bool((doc.get("model") or {}).get("byte_fallback"))
+        metaspace = METASPACE in json.dumps(doc.get("decoder"), ensure_ascii=False)  # SentencePiece-style: "▁" is a space
         table = [b""] * self.vocab_size
         for token, i in self.backend.get_vocab(with_added_tokens=True).items():
             if i in special:
                 table[i] = special[i].encode("utf-8")
+            elif byte_fallback and (byte := _BYTE_PIECE.fullmatch(token)):
+                table[i] = bytes([int(byte.group(1), 16)])
+            elif metaspace:
+                table[i] = token.replace(METASPACE, " ").encode("utf-8")
             elif all(c in _UNICODE_TO_BYTE for c in token):
                 table[i] = bytes(_UNICODE_TO_BYTE[c] for c in token)
-            else:  # not a byte-level vocabulary: fall back to the library's own decoding
+            else:  # neither byte-level nor SentencePiece-style: the library's own decoding
                 table[i] = self.backend.decode([i], skip_special_tokens=False).encode("utf-8")
         return table
 

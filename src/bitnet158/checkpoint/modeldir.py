@@ -113,6 +113,28 @@ class ModelDir:
         shape, dtype = self._expected[name]
         if t.shape != shape:
             raise CheckpointError(f"{where} has shape {list(t.shape)}, the config expects {list(shape)}")
+        self._check_values(name, t)
+        if name.endswith(".packed"):
+            layer = self._packed_layers[name[: -len(".packed")]]
+            bad = get_format(layer.format).first_invalid_byte(t.numpy(), layer.out_features, layer.in_features)
+            if bad is not None:
+                raise CheckpointError(f"{where}: {bad}")
+        return self._as_model_dtype(name, t)
+
+    def _as_model_dtype(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Float tensors stored narrower than the model computes (an fp16 head, bf16 masters kept
+        in their dtype) are widened to fp32; exact-dtype tensors (fp16 q4 scales) stay."""
+        want = self._model_dtypes[name]
+        return t.float() if t.is_floating_point() and want == torch.float32 and t.dtype != want else t
+
+    @cached_property
+    def _model_dtypes(self) -> dict[str, torch.dtype]:
+        return {name: t.dtype for name, t in self.skeleton().state_dict().items()}
+
+    def _check_values(self, name: str, t: torch.Tensor) -> None:
+        """dtype, finiteness and bounds of a tensor or a block of its rows."""
+        where = f"{self.file}: tensor {name}"
+        _, dtype = self._expected[name]
         if dtype is not None and t.dtype != dtype:
             raise CheckpointError(f"{where} has dtype {t.dtype}, expected {dtype}")
         if dtype is None and not t.is_floating_point():
@@ -128,12 +150,6 @@ class ModelDir:
         if name.endswith("norm.weight") and t.numel() and float(t.abs().max()) > MAX_NORM_WEIGHT:
             raise CheckpointError(f"{where} holds a norm weight of magnitude {float(t.abs().max()):.3g}, "
                                   f"above the bound {MAX_NORM_WEIGHT:g}")
-        if name.endswith(".packed"):
-            layer = self._packed_layers[name[: -len(".packed")]]
-            bad = get_format(layer.format).first_invalid_byte(t.numpy(), layer.out_features, layer.in_features)
-            if bad is not None:
-                raise CheckpointError(f"{where}: {bad}")
-        return t.float() if dtype == torch.float16 else t  # the runtime computes fp16 heads in fp32
 
     @cached_property
     def _reader(self) -> SafetensorsReader:
@@ -159,6 +175,22 @@ class ModelDir:
         except ValueError as e:
             raise CheckpointError(f"{self.file}: cannot read tensor {name} ({first_line(e)})") from None
         return self.check(name, t)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of one tensor, read alone and validated: a streamed conversion of
+        the embedding holds a block of it, not the whole."""
+        if name not in self._expected:
+            raise CheckpointError(f"{self.file}: the config has no tensor {name}")
+        shape, _ = self._expected[name]
+        if tuple(self._reader.shape(name)) != tuple(shape):
+            raise CheckpointError(f"{self.file}: tensor {name} has shape {list(self._reader.shape(name))}, "
+                                  f"the config expects {list(shape)}")
+        try:
+            t = self._reader.get_rows(name, start, stop)
+        except ValueError as e:
+            raise CheckpointError(f"{self.file}: cannot read tensor {name} ({first_line(e)})") from None
+        self._check_values(name, t)
+        return self._as_model_dtype(name, t)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor, memory-mapped (the weights stay in the page cache, shared and aligned)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
@@ -43,10 +44,19 @@ def model_entries(model: Transformer) -> list[PlannedTensor]:
 
 
 def write_files(directory: Path, config: ModelConfig, packing: PackConfig | None,
-                entries: Sequence[PlannedTensor], tokenizer=None, extra: dict[str, Any] | None = None) -> None:
-    """Write config.json, model.safetensors (and tokenizer.json) into an existing directory."""
-    write_safetensors(directory / WEIGHTS, aligned_order(entries, WEIGHT_ALIGN),
-                      metadata={"format": FORMAT, "kind": "model"}, align=WEIGHT_ALIGN)
+                entries: Sequence[PlannedTensor], tokenizer=None, extra: dict[str, Any] | None = None,
+                progress: bool = False) -> None:
+    """Write config.json, model.safetensors (and tokenizer.json) into an existing directory;
+    `progress`: a bar of tensors written and megabytes."""
+    # disable=None: a bar on a terminal only (not in logs or captured output)
+    with tqdm(total=len(entries), unit="tensor", desc="writing", disable=None if progress else True,
+              leave=False) as bar:
+        def advance(_: PlannedTensor, written: int) -> None:
+            bar.set_postfix_str(f"{written / 1e6:,.0f} MB", refresh=False)
+            bar.update()
+
+        write_safetensors(directory / WEIGHTS, aligned_order(entries, WEIGHT_ALIGN),
+                          metadata={"format": FORMAT, "kind": "model"}, align=WEIGHT_ALIGN, progress=advance)
     atomic_write_json(directory / CONFIG, config_document(config, packing, tokenizer, extra))
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER)
@@ -59,7 +69,8 @@ def write_model_files(directory: Path, model: Transformer, tokenizer=None,
 
 
 def write_model_dir(path: str | os.PathLike, config: ModelConfig, packing: PackConfig | None,
-                    entries: Sequence[PlannedTensor], tokenizer=None, *, overwrite: bool = False) -> Path:
+                    entries: Sequence[PlannedTensor], tokenizer=None, *, overwrite: bool = False,
+                    progress: bool = False) -> Path:
     """A model directory from planned tensors, atomically: written into a temporary sibling and
     renamed into place, so a failure leaves `path` untouched. Refuses to replace an existing
     directory unless `overwrite`."""
@@ -67,7 +78,7 @@ def write_model_dir(path: str | os.PathLike, config: ModelConfig, packing: PackC
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists (pass overwrite=True / --force to replace it)")
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        write_files(tmp, config, packing, entries, tokenizer)
+        write_files(tmp, config, packing, entries, tokenizer, progress=progress)
     return path
 
 

@@ -29,3 +29,12 @@ def set_threads(n: int | None) -> None:
 
 def directory_megabytes(path: str | Path) -> float:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()) / 1e6
+
+
+def peak_resident_megabytes() -> float:
+    """This process's peak resident set so far (what a long conversion reports at its end)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3  # macOS reports bytes, Linux KiB

@@ -1,4 +1,5 @@
-"""`bitnet158 pack CKPT OUT`: pack a b1.58/b1 checkpoint for the fast CPU runtime."""
+"""`bitnet158 pack CKPT OUT`: pack a b1.58/b1 checkpoint for the fast CPU runtime, streamed tensor by
+tensor (checkpoint/packing.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,9 @@ import argparse
 import sys
 
 from .. import checkpoint
-from ..errors import ConfigError
-from ..layers import BitLinear
-from ..pack import pack_, packed_linear_bytes
+from ..pack import packed_linear_bytes
 from ..packed_layers import AUTO, PackConfig
-from .common import directory_megabytes
+from .common import directory_megabytes, peak_resident_megabytes
 
 NAME = "pack"
 HELP = "pack a b1.58/b1 checkpoint for the fast CPU runtime"
@@ -28,19 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = PackConfig(format=args.format, head=args.head).validate()
-    model, tokenizer = checkpoint.load(args.checkpoint)
-    if model.packing is not None:
-        raise ConfigError(f"{args.checkpoint} is already packed ({model.packing.describe()})")
-    if model.config.mode == "fp":
-        raise ConfigError(f"{args.checkpoint} is a full-precision (fp) model; only b158 and b1 models pack")
-    linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, BitLinear))
     if config.format == AUTO:
         print("timing every packed format on each weight shape (format auto) ...", file=sys.stderr)
-    pack_(model, config)
-    config = model.packing
-    out = checkpoint.save_packed(model, args.out, tokenizer, overwrite=args.force)
-    packed = packed_linear_bytes(model)
-    print(f"packed {linear_params:,} linear weights into {packed / 1e6:.2f} MB ({8 * packed / linear_params:.2f} "
-          f"bits each, {config.describe()}; fp16 would be {2 * linear_params / 1e6:.2f} MB), head {config.head}; "
-          f"{out} is {directory_megabytes(out):.2f} MB")
+    out = checkpoint.pack_dir(args.checkpoint, args.out, config, overwrite=args.force, progress=True)
+    packed = checkpoint.ModelDir(out)
+    skeleton = packed.skeleton()  # meta device: the counts come from the shapes
+    linear_params = skeleton.stats()["linear_parameters"]
+    nbytes = packed_linear_bytes(skeleton)
+    print(f"packed {linear_params:,} linear weights into {nbytes / 1e6:.2f} MB ({8 * nbytes / linear_params:.2f} "
+          f"bits each, {packed.packing.describe()}; fp16 would be {2 * linear_params / 1e6:.2f} MB), head "
+          f"{packed.packing.head}; {out} is {directory_megabytes(out):.2f} MB; peak memory "
+          f"{peak_resident_megabytes():,.0f} MB")
     return 0

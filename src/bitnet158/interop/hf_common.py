@@ -109,17 +109,37 @@ class TensorSource:
     def names(self) -> set[str]:
         return set(self.files)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str) -> tuple[Path, SafetensorsReader]:
         if name not in self.files:
             raise CheckpointError(f"{self.directory}: tensor {shown(name)} is missing")
         file = self.files[name]
         if file not in self._handles:
             self._handles[file] = self._open(file)
+        return file, self._handles[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        file, handle = self._handle(name)
         try:
-            return self._handles[file].get_tensor(name)
+            return handle.get_tensor(name)
         except Exception as e:
             first = first_line(e)
             raise CheckpointError(f"{file}: cannot read tensor {name} ({first})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file, handle = self._handle(name)
+        if name not in handle.keys():
+            raise CheckpointError(f"{file}: tensor {shown(name)} is missing (the index names it)")
+        return handle.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._handle(name)[1].dtype(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        file, handle = self._handle(name)
+        try:
+            return handle.get_rows(name, start, stop)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({first_line(e)})") from None
 
 
 def hf_name(ours: str, names: str = "bitnet") -> str:
@@ -131,17 +151,20 @@ def hf_name(ours: str, names: str = "bitnet") -> str:
     return ours if ours.startswith("lm_head") else "model." + ours
 
 
-def float_tensor(src: TensorSource, name: str, shape: torch.Size) -> torch.Tensor:
-    t = src.get(name)
-    if tuple(t.shape) != tuple(shape):
-        raise CheckpointError(f"{src.directory}: tensor {name} has shape {list(t.shape)}, "
+def float_tensor(src: TensorSource, name: str, shape: torch.Size, widen: bool = True,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A float tensor of the source (or rows [start, stop) of it), checked against the shape
+    config.json implies and for finite values; widened to fp32 unless `widen` is False."""
+    if tuple(src.shape(name)) != tuple(shape):
+        raise CheckpointError(f"{src.directory}: tensor {name} has shape {list(src.shape(name))}, "
                               f"config.json implies {list(shape)}")
-    if not t.is_floating_point():
-        raise CheckpointError(f"{src.directory}: tensor {name} has dtype {t.dtype}, expected a float dtype "
-                              f"(config.json says the weights are not packed)")
+    if not src.dtype(name).is_floating_point:
+        raise CheckpointError(f"{src.directory}: tensor {name} has dtype {src.dtype(name)}, expected a float "
+                              f"dtype (config.json says the weights are not packed)")
+    t = src.get(name) if rows is None else src.rows(name, *rows)
     if not all_finite(t):
         raise CheckpointError(f"{src.directory}: tensor {name} holds NaN or infinite values")
-    return t.float()
+    return t.float() if widen else t
 
 
 def unpack_hf_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:

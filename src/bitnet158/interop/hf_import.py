@@ -38,7 +38,7 @@ repo never allocates a full-precision linear weight nor the whole model.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,16 +47,16 @@ import torch
 
 from ..checkpoint import write_model_dir
 from ..config import MAX_SHAPE, ModelConfig
-from ..errors import BitNetError, CheckpointError, short_repr, shown
-from ..formats import get_format
+from ..errors import BitNetError, CheckpointError, ConfigError, short_repr, shown
 from ..jsonio import get_bool, get_dict, get_float, get_int, get_list, get_str, read_json_object
 from ..layers import BitLinear
 from ..model import Transformer
-from ..packed_layers import PackConfig, PackedBitLinear
-from ..safetensors_io import PlannedTensor
+from ..pack_plan import HEAD_NAMES, WeightSource, packed_plan
+from ..packed_layers import PackConfig
+from ..safetensors_io import PlannedTensor, RowBlocks, row_ranges
 from ..tokenizer import Tokenizer
-from .hf_common import (OnePacked, TensorSource, float_tensor, hf_name, hf_shape, latent_from_ternary,
-                        rope_theta, unpack_hf_ternary)
+from .hf_common import (TensorSource, float_tensor, hf_name, hf_shape, latent_from_ternary, rope_theta,
+                        unpack_hf_ternary)
 from .hf_tokenizer import read_hf_tokenizer
 
 ONEBITLLM_ARCHITECTURE = "BitnetForCausalLM"  # 1bitLLM's custom class (lower-case n), FORMATS §2.6
@@ -181,13 +181,17 @@ def _ternary(src: TensorSource, layout: HFLayout, ours: str, out_features: int, 
 class _Plan:
     directory: Path
     doc: dict[str, Any]
-    model: Transformer  # on the meta device (the packed skeleton for packed imports)
-    producers: dict[str, Callable[[], torch.Tensor]]  # our state-dict name → its tensor, in state-dict order
+    config: ModelConfig
+    packing: PackConfig | None  # None: the training form
+    entries: list[PlannedTensor]  # in state-dict order
 
 
-def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | None = None) -> _Plan:
-    """Check config.json and the tensor names, and say how to make each of our tensors; nothing
-    heavy is read yet."""
+def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | None = None,
+          pack: PackConfig | None = None, keep_dtype: bool = False) -> _Plan:
+    """Check config.json and the tensor names, and say how to make each tensor of the output;
+    nothing heavy is read yet. Packed repos give a packed plan (format i2, fp32 head unless
+    `pack` says otherwise) and masters a training-form one, unless `latent` / `pack` ask for the
+    other form."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -195,6 +199,8 @@ def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | Non
     doc = read_json_object(source)
     config = hf_model_config(doc, source)
     layout = hf_layout(doc, source)
+    if latent and pack is not None:
+        raise ConfigError("latent (the training form) and pack (a packed directory) exclude each other")
     if mode is not None:
         if layout.packed and mode != "b158":
             raise CheckpointError(f"{source}: a packed ternary checkpoint cannot load as mode {mode!r}")
@@ -202,42 +208,57 @@ def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | Non
             config = config.twin(mode)
         except BitNetError as e:
             raise CheckpointError(f"load_hf: {e}") from None
+    if layout.packed and not latent and pack is None:
+        pack = PackConfig(format=PACKED_FORMAT, head="fp32")  # the file's codes, its float head exactly
     src = TensorSource(directory)
-    packing = PackConfig(format=PACKED_FORMAT, head="fp32") if layout.packed and not latent else None
     with torch.device("meta"):
-        model = Transformer(config, packing)
-    fmt = get_format(PACKED_FORMAT)
+        train = Transformer(config)
+    shapes = {name: tuple(t.shape) for name, t in train.state_dict().items()}
+    linears = {name: m for name, m in train.named_modules() if isinstance(m, BitLinear)}
 
     def hf(ours: str) -> str:
         return hf_name(ours, layout.names)
 
-    producers: dict[str, Callable[[], torch.Tensor]] = {}
-    consumed: set[str] = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, (BitLinear, PackedBitLinear)):
-            continue
-        if layout.packed:
-            consumed.update({hf(name + ".weight"), hf(name + ".weight_scale")})
-            one = OnePacked(lambda name=name, m=module: _ternary(src, layout, name, m.out_features, m.in_features))
-            if isinstance(module, PackedBitLinear):
-                producers[name + ".packed"] = lambda one=one: torch.from_numpy(fmt.pack(one.take_codes().numpy()))
-                producers[name + ".weight_scale"] = lambda one=one: torch.tensor([one.scale()], dtype=torch.float32)
-            else:
-                producers[name + ".weight"] = lambda one=one: latent_from_ternary(one.take_codes(), one.scale())
-        else:
-            shape = torch.Size([module.out_features, module.in_features])
-            producers[name + ".weight"] = lambda n=hf(name + ".weight"), shape=shape: float_tensor(src, n, shape)
-            consumed.add(hf(name + ".weight"))
-    state = model.state_dict()  # meta tensors: names, shapes and dtypes only
-    for name, t in state.items():
-        if name not in producers:  # embedding, norms, untied head: plain floats
-            producers[name] = lambda n=hf(name), shape=t.shape: float_tensor(src, n, shape)
-            consumed.add(hf(name))
+    def ternary(prefix: str) -> tuple[torch.Tensor, float]:
+        return _ternary(src, layout, prefix, linears[prefix].out_features, linears[prefix].in_features)
+
+    weights = WeightSource(tensor=lambda name: float_tensor(src, hf(name), shapes[name]),
+                           rows=lambda name, a, b: float_tensor(src, hf(name), shapes[name], rows=(a, b)),
+                           ternary=ternary if layout.packed else None)
+    consumed = {hf(name) for name in shapes}
+    if layout.packed:
+        consumed |= {hf(prefix + ".weight_scale") for prefix in linears}
     ignorable = {"lm_head.weight"} if config.tie_embeddings else set()  # a tied head may be saved too
     extra = sorted(n for n in src.names() - consumed - ignorable if not n.endswith("rotary_emb.inv_freq"))
     if extra:
         raise CheckpointError(f"{directory}: unexpected tensor {shown(extra[0])} (config.json has no such weight)")
-    return _Plan(directory, doc, model, {name: producers[name] for name in state})
+    if pack is not None:
+        plan = packed_plan(config, pack, weights)
+        return _Plan(directory, doc, config, plan.packing, plan.entries)
+    entries = []
+    for name, shape in shapes.items():
+        prefix = name.removesuffix(".weight")
+        if layout.packed and prefix in linears:  # latent weights that re-quantize to the file's codes
+            entries.append(PlannedTensor(name, torch.float32, shape,
+                                         lambda p=prefix: latent_from_ternary(*ternary(p))))
+            continue
+        dtype = src.dtype(hf(name)) if keep_dtype else torch.float32
+        if not dtype.is_floating_point:
+            dtype = torch.float32  # float_tensor names the problem when it is read
+        if len(shape) == 2 and shape[0] * shape[1] >= 1 << 24:  # the embedding and head: a block at a time
+            make = lambda n=name, s=shape: RowBlocks(  # noqa: E731
+                weights.rows(n, a, b) if not keep_dtype else float_tensor(src, hf(n), s, widen=False, rows=(a, b))
+                for a, b in row_ranges(s[0], s[1] * 4))
+        else:
+            make = lambda n=name, s=shape: float_tensor(src, hf(n), s, widen=not keep_dtype)  # noqa: E731
+        entries.append(PlannedTensor(name, dtype, shape, make))
+    return _Plan(directory, doc, config, None, entries)
+
+
+def _materialize(entry: PlannedTensor) -> torch.Tensor:
+    made = entry.produce()
+    t = torch.cat(list(made)) if isinstance(made, RowBlocks) else made
+    return t.float() if t.dtype == torch.float16 and entry.name in HEAD_NAMES else t  # fp16 heads compute in fp32
 
 
 # --- entry points --------------------------------------------------------------------------
@@ -251,29 +272,61 @@ def load_hf(directory: str | os.PathLike, *, latent: bool = False, mode: str | N
     BitNet config without `quantization_config`).
     """
     plan = _plan(directory, latent=latent, mode=mode)
-    tensors = {name: make() for name, make in plan.producers.items()}
-    plan.model.load_state_dict(tensors, strict=True, assign=True)
-    plan.model.init_buffers()
-    return plan.model, read_hf_tokenizer(plan.directory, plan.doc)
+    with torch.device("meta"):
+        model = Transformer(plan.config, plan.packing)
+    model.load_state_dict({e.name: _materialize(e) for e in plan.entries}, strict=True, assign=True)
+    model.init_buffers()
+    return model, read_hf_tokenizer(plan.directory, plan.doc)
 
 
 def import_hf(directory: str | os.PathLike, out: str | os.PathLike, *, latent: bool = False,
-              overwrite: bool = False) -> Path:
+              pack: PackConfig | str | None = None, keep_dtype: bool = False, tokenizer: str | os.PathLike | None = None,
+              overwrite: bool = False, progress: bool = False) -> Path:
     """Convert a Hugging Face BitNet directory into our checkpoint directory `out`, streamed.
 
-    Packed repos become a packed directory (format i2, fp32 head: what `load_hf` builds) and
-    latent-master repos (or `latent=True`) a training-form one; `bitnet158.load` reads either.
-    The tokenizer keeps its special tokens (bos, eos and end-of-turn, generation_config.json's
-    list), whether bos starts a prompt, and the chat template. Tensors are converted and written
-    one at a time into a temporary directory renamed into place, so peak memory is about the
-    largest tensor, and a failure leaves `out` untouched.
+    Forms: `pack` (a PackConfig or a format name) writes a packed directory straight from float
+    masters or packed codes; `latent=True` writes the training form (float masters as they are,
+    kept in their fp16/bf16 dtype with `keep_dtype`, or latent weights made from packed codes).
+    With neither, packed repos become a packed directory (format i2, fp32 head: what `load_hf`
+    builds) and master repos a training-form one. `bitnet158.load` reads either.
+
+    The tokenizer (tokenizer.json, or a SentencePiece tokenizer.model converted; `tokenizer`: a
+    file or directory to take it from instead) keeps its special tokens, whether bos starts a
+    prompt, and the chat template; a directory with none imports with a warning. Tensors are
+    converted and written one at a time (the embedding a block of rows at a time) into a
+    temporary directory renamed into place, so peak memory stays near the largest tensor, and a
+    failure leaves `out` untouched.
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists (pass overwrite=True / --force to replace it)")
-    plan = _plan(directory, latent=latent)
-    tokenizer: Tokenizer | None = read_hf_tokenizer(plan.directory, plan.doc)
-    state = plan.model.state_dict()
-    entries = [PlannedTensor(name, state[name].dtype, tuple(state[name].shape), make)
-               for name, make in plan.producers.items()]
-    return write_model_dir(out, plan.model.config, plan.model.packing, entries, tokenizer, overwrite=overwrite)
+    if isinstance(pack, str):
+        pack = PackConfig(format=pack)
+    plan = _plan(directory, latent=latent, pack=pack, keep_dtype=keep_dtype)
+    tok = _tokenizer(plan, tokenizer)
+    return write_model_dir(out, plan.config, plan.packing, plan.entries, tok, overwrite=overwrite, progress=progress)
+
+
+def _tokenizer(plan: _Plan, override: str | os.PathLike | None) -> Tokenizer | None:
+    if override is None:
+        tok = read_hf_tokenizer(plan.directory, plan.doc)
+    else:
+        path = Path(override)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such tokenizer file or directory")
+        tok = read_hf_tokenizer(path if path.is_dir() else path.parent, plan.doc,
+                                file=None if path.is_dir() else path)
+        if tok is None:
+            raise CheckpointError(f"{path}: holds no tokenizer.json or tokenizer.model")
+    if tok is None:
+        warnings.warn(f"{plan.directory} has no tokenizer (no tokenizer.json or tokenizer.model): the model "
+                      f"imports without one and cannot turn text into tokens; pass --tokenizer PATH "
+                      f"(tokenizer= in Python) to add one", NoTokenizerWarning, stacklevel=3)
+    elif tok.vocab_size > plan.config.vocab_size:
+        raise CheckpointError(f"{plan.directory}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                              f"embedding has {plan.config.vocab_size} rows")
+    return tok
+
+
+class NoTokenizerWarning(UserWarning):
+    """An import found no tokenizer to keep."""

@@ -3,6 +3,7 @@
 An HF model directory spreads its tokenizer over several files; the reader gathers them:
 
     tokenizer.json          the vocabulary, merges, pre-tokenizer, post-processor
+    tokenizer.model         (when there is no tokenizer.json) a SentencePiece BPE model, converted
     tokenizer_config.json   bos_token / eos_token (a string or {"content": ...}), add_bos_token,
                             chat_template (a string, or a list of {"name", "template"}: "default")
     chat_template.jinja     the template as its own file (newer transformers); wins when present
@@ -31,7 +32,9 @@ from ..errors import CheckpointError, first_line
 from ..fileio import atomic_write_json
 from ..tokenizer import DEFAULT_EOS, Tokenizer, read_backend
 from ..jsonio import read_json_object
+from .spm_tokenizer import sentencepiece_backend
 
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model")  # the first present is read
 
 
 def _short(value: Any) -> str:
@@ -73,10 +76,10 @@ def _chat_template(value: Any, path: Path) -> str | None:
                           f"got {_short(value)}")
 
 
-def _post_processor_bos(path: Path) -> str | None:
+def _post_processor_bos(doc: dict[str, Any]) -> str | None:
     """The special token a TemplateProcessing post-processor puts first in a single sequence (as
     LLaMA 3's does with <|begin_of_text|>), or None. Looked for inside a Sequence too."""
-    proc = read_json_object(path).get("post_processor")
+    proc = doc.get("post_processor")
     procs = proc.get("processors") if isinstance(proc, dict) and proc.get("type") == "Sequence" else [proc]
     for p in procs if isinstance(procs, list) else []:
         if not isinstance(p, dict) or p.get("type") != "TemplateProcessing":
@@ -94,15 +97,23 @@ def _post_processor_bos(path: Path) -> str | None:
     return None
 
 
-def read_hf_tokenizer(directory: Path, config_doc: dict[str, Any] | None = None) -> Tokenizer | None:
-    """Our Tokenizer from an HF model directory (see the module docstring), or None when it has no
-    tokenizer.json. `config_doc`: config.json already parsed (read from the directory otherwise).
-    Every problem is a one-line CheckpointError naming the file."""
+def read_hf_tokenizer(directory: Path, config_doc: dict[str, Any] | None = None, *,
+                      file: Path | None = None) -> Tokenizer | None:
+    """Our Tokenizer from an HF model directory (see the module docstring), or None when it has
+    neither a tokenizer.json nor a SentencePiece tokenizer.model (converted, spm_tokenizer.py).
+    `config_doc`: config.json already parsed (read from the directory otherwise); `file`: the
+    vocabulary file to use instead of the directory's. Every problem is a one-line
+    CheckpointError naming the file."""
     directory = Path(directory)
-    tok_path = directory / "tokenizer.json"
-    if not tok_path.is_file():
+    tok_path = file or next((directory / name for name in VOCABULARY_FILES if (directory / name).is_file()), None)
+    if tok_path is None:
         return None
-    backend = read_backend(tok_path)
+    if tok_path.suffix == ".model":
+        backend = sentencepiece_backend(tok_path)
+        backend_doc = {}  # a converted model has no post-processor of its own
+    else:
+        backend = read_backend(tok_path)
+        backend_doc = read_json_object(tok_path)
     added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
 
     tc_path = directory / "tokenizer_config.json"
@@ -133,10 +144,10 @@ def read_hf_tokenizer(directory: Path, config_doc: dict[str, Any] | None = None)
     ends = list(dict.fromkeys(ends))
 
     # the post-processor is only asked when the config files leave bos or add_bos open
-    template_bos = _post_processor_bos(tok_path) if add_bos is None or not bos_candidates else None
+    template_bos = _post_processor_bos(backend_doc) if add_bos is None or not bos_candidates else None
     bos = bos_candidates[0] if bos_candidates else template_bos
-    if add_bos is None:
-        add_bos = bos is not None and template_bos == bos
+    if add_bos is None:  # LLaMA's SentencePiece tokenizers start every prompt with bos by default
+        add_bos = bos is not None and (template_bos == bos or tok_path.suffix == ".model")
     try:
         return Tokenizer(backend, ends[0] if ends else DEFAULT_EOS, bos_token=bos, end_tokens=ends,
                          add_bos=add_bos, chat_template=template)
