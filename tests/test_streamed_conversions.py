@@ -162,3 +162,39 @@ def test_import_hf_option_mistakes_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("bitnet158: error: ") and fragment in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+GGUF_CONFIG = ModelConfig(vocab_size=300, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=320,
+                          activation="swiglu", max_seq_len=64)
+
+
+@pytest.mark.parametrize("head", ["int8", "q4", None])
+def test_streamed_gguf_export_and_import_write_the_in_memory_bytes(tmp_path, tokenizer, head):
+    """export-gguf from a directory (one layer at a time) against export from the loaded model,
+    and import-gguf (streamed) against load_gguf + save_packed; FFN 320 pads to 512 and back."""
+    from bitnet158.interop.gguf_export import export_gguf
+    from bitnet158.interop.gguf_import import import_gguf, load_gguf
+
+    src = checkpoint.save(_trained_like(GGUF_CONFIG, seed=8), tmp_path / "ckpt", tokenizer)
+    if head is not None:
+        src = checkpoint.pack_dir(src, tmp_path / "packed", PackConfig(format="base3", head=head))
+    model, tok = bitnet158.load(src)
+    for gtype in ("tq2_0", "i2_s"):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "b").mkdir(exist_ok=True)
+        streamed = export_gguf(src, tmp_path / "a" / f"{gtype}.gguf", gtype)
+        memory = export_gguf(model, tmp_path / "b" / f"{gtype}.gguf", gtype, tokenizer=tok)
+        assert filecmp.cmp(streamed.path, memory.path, shallow=False), gtype
+        assert streamed.max_scale_rel_error == memory.max_scale_rel_error
+        back, back_tok = load_gguf(streamed.path)
+        in_memory = checkpoint.save_packed(back, tmp_path / f"memory-{gtype}", back_tok)
+        report = import_gguf(streamed.path, tmp_path / f"streamed-{gtype}")
+        _same_files(in_memory, report.out)
+
+
+def test_gguf_clis_report_peak_memory(tmp_path, tokenizer, capsys):
+    src = checkpoint.save(_trained_like(GGUF_CONFIG, seed=9), tmp_path / "ckpt", tokenizer)
+    assert main(["export-gguf", str(src), str(tmp_path / "m.gguf")]) == 0
+    assert main(["import-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "back")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("peak memory" in line for line in out)

@@ -165,6 +165,23 @@ class ModelDir:
             raise CheckpointError(f"{self.file}: tensor {missing[0]} is missing")
         return reader
 
+    def check_headers(self) -> None:
+        """Every tensor's name, shape and dtype checked from the safetensors header alone (the
+        header's byte ranges against the file's size too): what `info` shows without reading a
+        weight. CheckpointError (one line) at the first problem."""
+        reader = self._reader  # parsed and bounds-checked; every expected tensor is present
+        for name in reader.keys():
+            if name not in self._expected:
+                raise CheckpointError(f"{self.file}: unexpected tensor {name} (the config has no such weight)")
+            shape, dtype = self._expected[name]
+            if tuple(reader.shape(name)) != tuple(shape):
+                raise CheckpointError(f"{self.file}: tensor {name} has shape {list(reader.shape(name))}, "
+                                      f"the config expects {list(shape)}")
+            found = reader.dtype(name)
+            if (dtype is not None and found != dtype) or (dtype is None and not found.is_floating_point):
+                raise CheckpointError(f"{self.file}: tensor {name} has dtype {found}, expected "
+                                      f"{dtype or 'a float dtype'}")
+
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read with plain file reads (no mmap: a streamed conversion stays near the
         largest tensor) and validated."""

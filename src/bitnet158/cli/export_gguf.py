@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..interop.gguf_export import GGUF_TYPES, export_gguf
-from .common import default_of
+from .common import default_of, peak_resident_megabytes
 
 NAME = "export-gguf"
 HELP = "write a GGUF that llama.cpp runs (arch bitnet; tq2_0, tq1_0, i2_s, f16)"
@@ -22,11 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    r = export_gguf(args.checkpoint, args.out, args.type, overwrite=args.force, scale_tensors=args.scale_tensors)
+    r = export_gguf(args.checkpoint, args.out, args.type, overwrite=args.force, scale_tensors=args.scale_tensors,
+                    progress=True)
     notes = [f"FFN padded to {r.ffn_padded_to} with zero weights"] if r.ffn_padded_to else []
     if r.type in ("tq1_0", "tq2_0") and not args.scale_tensors:
         notes.append(f"fp16 block scales: max relative scale error {r.max_scale_rel_error:.2e}")
     if not r.tokenizer:
         notes.append("no tokenizer (no_vocab)")
+    notes.append(f"peak memory {peak_resident_megabytes():,.0f} MB")
     print(f"wrote {r.path} ({r.type}, {r.tensors} tensors, {r.bytes / 1e6:.2f} MB)" + "".join(f"; {n}" for n in notes))
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..interop.gguf_import import import_gguf
-from .common import default_of
+from .common import default_of, peak_resident_megabytes
 
 NAME = "import-gguf"
 HELP = "read a TQ1_0/TQ2_0/I2_S/F16/BF16 bitnet GGUF into a packed directory"
@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    r = import_gguf(args.file, args.out, format=args.format, overwrite=args.force)
+    r = import_gguf(args.file, args.out, format=args.format, overwrite=args.force, progress=True)
     note = f"; {len(r.ternarized)} float tensors absmean-ternarized (not exact)" if r.ternarized else ""
-    print(f"imported {args.file} ({', '.join(r.types)}) into packed {args.format} directory {r.out}{note}")
+    print(f"imported {args.file} ({', '.join(r.types)}) into packed {args.format} directory {r.out}{note}; "
+          f"peak memory {peak_resident_megabytes():,.0f} MB")
     return 0

@@ -1,4 +1,7 @@
-"""`bitnet158 info CKPT`: what a checkpoint holds — config, parameter counts, bits, tokenizer."""
+"""`bitnet158 info CKPT`: what a checkpoint holds — config, parameter counts, bits, tokenizer.
+
+It reads the headers only (config.json, the tokenizer, the skeleton's shapes): instant and a few
+MB of memory at any model size. `load` and the conversions validate the tensors themselves."""
 
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     md = ModelDir(args.checkpoint)
-    model, tokenizer = md.load()
+    md.check_headers()
+    model, tokenizer = md.skeleton(), md.tokenizer()  # meta device: shapes, no weights
     cfg, stats = model.config, model.stats()
     print(f"checkpoint      {md.path}  ({directory_megabytes(md.path):.1f} MB on disk)")
     if model.packing is not None:

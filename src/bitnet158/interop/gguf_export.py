@@ -20,20 +20,24 @@ but only readers that honour those tensors get the magnitudes right. I2_S keeps 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..errors import ConfigError
 from ..fileio import atomic_output_path
 from ..layers import BitLinear
-from ..packed_layers import Int8Embedding, PackedBitLinear
+from ..packed_layers import Int8Embedding, PackedBitLinear, head_table
+from ..safetensors_io import row_ranges
 from .gguf_common import (ARCH, FILE_TYPE, GGML_TYPE, GGUF_TYPES, I2S_BLOCK, LINEARS, NORMS, PAD_KEY, QK_K,
                           pack_i2s)
 from .gguf_header import I2_S
@@ -99,10 +103,12 @@ def _quantize_ternary(codes: np.ndarray, scale: float, gtype: str, unit: bool) -
 
 
 def export_gguf(ckpt_or_model, out_path: str | os.PathLike, type: str = "tq2_0", *, tokenizer=None,
-                overwrite: bool = False, scale_tensors: bool = False, embedding: str = "f16") -> ExportReport:
+                overwrite: bool = False, scale_tensors: bool = False, embedding: str = "f16",
+                progress: bool = False) -> ExportReport:
     """Write a GGUF that llama.cpp's `bitnet` graph runs. `ckpt_or_model`: a checkpoint directory
-    (model, training run or packed) or a Transformer (training form or packed). `type`: tq2_0,
-    tq1_0, i2_s (bitnet.cpp only) or f16. `embedding`: f16 (default) or f32 token_embd."""
+    (model, training run or packed: streamed, one layer in memory at a time) or a Transformer
+    (training form or packed). `type`: tq2_0, tq1_0, i2_s (bitnet.cpp only) or f16. `embedding`:
+    f16 (default) or f32 token_embd."""
     gtype = type.lower() if isinstance(type, str) else type
     if embedding not in ("f16", "f32"):
         raise ConfigError(f"embedding must be f16 or f32, got {embedding!r}")
@@ -112,11 +118,11 @@ def export_gguf(ckpt_or_model, out_path: str | os.PathLike, type: str = "tq2_0",
     if out_path.is_dir():
         raise ConfigError(f"{out_path} is a directory; give a .gguf file path")
     if isinstance(ckpt_or_model, (str, os.PathLike)):
-        model, loaded_tok = checkpoint.load(ckpt_or_model)
-        tokenizer = tokenizer or loaded_tok
+        source: _ModelReader | _DirReader = _DirReader(checkpoint.ModelDir(ckpt_or_model))
+        tokenizer = tokenizer or source.md.tokenizer()
     else:
-        model = ckpt_or_model
-    cfg = model.config
+        source = _ModelReader(ckpt_or_model)
+    cfg = source.config
     _check_exportable(cfg, gtype)
     ternary = gtype in ("tq1_0", "tq2_0", "i2_s")
     ffn = cfg.intermediate_size
@@ -147,45 +153,174 @@ def export_gguf(ckpt_or_model, out_path: str | os.PathLike, type: str = "tq2_0",
     else:  # llama.cpp accepts a model without a vocabulary; callers then pass token ids
         writer.add_tokenizer_model("no_vocab")
 
+    # Every tensor's name, shape, type and size go into the header first; then each is made,
+    # written and dropped in turn.
+    plan: list[_GGUFTensor] = []
     emb_dtype = np.float16 if embedding == "f16" else np.float32
-    writer.add_tensor("token_embd.weight", _embedding(model).astype(emb_dtype))
-    writer.add_tensor("output_norm.weight", model.norm.weight.detach().float().numpy())
-    worst = 0.0
-    for i, block in enumerate(model.layers):
+    hidden = cfg.hidden_size
+    plan.append(_GGUFTensor.array("token_embd.weight", (cfg.vocab_size, hidden), emb_dtype,
+                                  lambda: source.embedding(emb_dtype)))
+    plan.append(_GGUFTensor.array("output_norm.weight", (hidden,), np.float32,
+                                  lambda: source.tensor("norm.weight").float().numpy()))
+    worst = [0.0]
+    for i in range(cfg.num_layers):
         for ours, stem in NORMS.items():
-            w = block.get_submodule(ours).weight.detach().float().numpy()
-            if stem == "ffn_sub_norm" and ffn_out != ffn:
-                # zero channels added: RMS over ffn_out channels = RMS over ffn · sqrt(ffn/ffn_out),
-                # so normalized values grow by sqrt(ffn_out/ffn) and the gain shrinks by the same
-                # factor (exact but for eps, which acts as eps · ffn_out/ffn)
-                w = np.concatenate([w * np.float32(math.sqrt(ffn / ffn_out)), np.zeros(ffn_out - ffn, np.float32)])
-            writer.add_tensor(f"blk.{i}.{stem}.weight", w.astype(np.float32))
+            width = ffn_out if stem == "ffn_sub_norm" else hidden
+            plan.append(_GGUFTensor.array(f"blk.{i}.{stem}.weight", (width,), np.float32,
+                                          lambda n=f"layers.{i}.{ours}.weight", s=stem: _norm(source, n, s, ffn, ffn_out)))
         for ours, stem in LINEARS.items():
-            codes, scale, fp = _linear_weights(block.get_submodule(ours))
-            name = f"blk.{i}.{stem}.weight"
-            if ternary:
-                codes = _pad_ffn(codes, stem, ffn, ffn_out)
-                data = _quantize_ternary(codes, scale, gtype, unit=scale_tensors)
-                if gtype == "i2_s":  # gguf-py has no I2_S: give it the logical shape and raw bytes
-                    writer.add_tensor(name, data.view(np.int8), raw_shape=codes.shape, raw_dtype=I2_S)
-                else:
-                    writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType(GGML_TYPE[gtype]))
-                if scale_tensors and gtype != "i2_s":
-                    writer.add_tensor(f"blk.{i}.{stem}.scale", np.array([scale], dtype=np.float32))
-                else:
-                    stored = float(np.float32(scale).astype(np.float16)) if gtype != "i2_s" else scale
-                    worst = max(worst, abs(stored - scale) / scale)
+            name, path = f"blk.{i}.{stem}.weight", f"layers.{i}.{ours}"
+            rows, cols = _padded_shape(source.module_shape(path), stem, ffn, ffn_out)
+            if not ternary:
+                plan.append(_GGUFTensor.array(name, (rows, cols), np.float16,
+                                              lambda p=path: _float_linear(source.module(p))))
+                continue
+            linear = _OneLinear(source, path, stem, ffn, ffn_out, gtype, scale_tensors, worst)
+            if gtype == "i2_s":  # gguf-py has no I2_S: the logical shape, the raw bytes as int8
+                plan.append(_GGUFTensor(name, (rows, cols), np.dtype(np.int8), rows * cols // 4 + 32, I2_S,
+                                        lambda one=linear: one.data().view(np.int8)))
             else:
-                w = fp if fp is not None else codes.astype(np.float32) * np.float32(scale)
-                writer.add_tensor(name, w.astype(np.float16))
-    n_tensors = sum(len(t) for t in writer.tensors)
+                qtype = gguf.GGMLQuantizationType(GGML_TYPE[gtype])
+                byte_shape = gguf.quants.quant_shape_to_byte_shape((rows, cols), qtype)
+                plan.append(_GGUFTensor(name, byte_shape, np.dtype(np.uint8), byte_shape[0] * byte_shape[1], qtype,
+                                        lambda one=linear: one.data()))
+            if scale_tensors and gtype != "i2_s":
+                plan.append(_GGUFTensor.array(f"blk.{i}.{stem}.scale", (1,), np.float32,
+                                              lambda one=linear: np.array([one.scale], dtype=np.float32)))
+    for t in plan:
+        writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes, raw_dtype=t.raw_dtype)
     with atomic_output_path(out_path) as tmp:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for t in tqdm(plan, unit="tensor", desc="writing", disable=None if progress else True, leave=False):
+            data = np.ascontiguousarray(t.produce())
+            if data.nbytes != t.nbytes:
+                raise AssertionError(f"{t.name}: made {data.nbytes} bytes, planned {t.nbytes}")
+            writer.write_tensor_data(data)
+            del data
         writer.close()
-    return ExportReport(out_path, gtype, n_tensors, out_path.stat().st_size, worst,
+    return ExportReport(out_path, gtype, len(plan), out_path.stat().st_size, worst[0],
                         ffn_out if ffn_out != ffn else None, tokenizer is not None)
+
+
+@dataclass(frozen=True)
+class _GGUFTensor:
+    """One tensor of the file: its header entry (as gguf-py's add_tensor_info takes it) and how
+    to make its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int
+    raw_dtype: object
+    produce: Callable[[], np.ndarray]
+
+    @classmethod
+    def array(cls, name: str, shape: tuple[int, ...], dtype, produce: Callable[[], np.ndarray]) -> "_GGUFTensor":
+        dtype = np.dtype(dtype)
+        return cls(name, shape, dtype, math.prod(shape) * dtype.itemsize, None, lambda: produce().astype(dtype))
+
+
+class _OneLinear:
+    """A linear layer's GGUF bytes, made when written; the scale it used stays for the optional
+    scale tensor written after it."""
+
+    def __init__(self, source, path: str, stem: str, ffn: int, ffn_out: int, gtype: str, unit: bool,
+                 worst: list[float]):
+        self.source, self.path, self.stem, self.ffn, self.ffn_out = source, path, stem, ffn, ffn_out
+        self.gtype, self.unit, self.worst = gtype, unit, worst
+        self.scale = 1.0
+
+    def data(self) -> np.ndarray:
+        codes, scale, _ = _linear_weights(self.source.module(self.path))
+        self.scale = scale
+        codes = _pad_ffn(codes, self.stem, self.ffn, self.ffn_out)
+        if not (self.unit and self.gtype != "i2_s"):
+            stored = float(np.float32(scale).astype(np.float16)) if self.gtype != "i2_s" else scale
+            self.worst[0] = max(self.worst[0], abs(stored - scale) / scale)
+        return _quantize_ternary(codes, scale, self.gtype, unit=self.unit)
+
+
+def _float_linear(module) -> np.ndarray:
+    codes, scale, fp = _linear_weights(module)
+    return fp if fp is not None else codes.astype(np.float32) * np.float32(scale)
+
+
+def _norm(source, name: str, stem: str, ffn: int, ffn_out: int) -> np.ndarray:
+    w = source.tensor(name).float().numpy()
+    if stem == "ffn_sub_norm" and ffn_out != ffn:
+        # zero channels added: RMS over ffn_out channels = RMS over ffn · sqrt(ffn/ffn_out),
+        # so normalized values grow by sqrt(ffn_out/ffn) and the gain shrinks by the same
+        # factor (exact but for eps, which acts as eps · ffn_out/ffn)
+        w = np.concatenate([w * np.float32(math.sqrt(ffn / ffn_out)), np.zeros(ffn_out - ffn, np.float32)])
+    return w
+
+
+def _padded_shape(shape: tuple[int, int], stem: str, ffn: int, ffn_out: int) -> tuple[int, int]:
+    rows, cols = shape
+    if stem in ("ffn_gate", "ffn_up"):
+        return rows + ffn_out - ffn, cols
+    if stem == "ffn_down":
+        return rows, cols + ffn_out - ffn
+    return rows, cols
+
+
+class _ModelReader:
+    """A model in memory, read by module path."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def module(self, path: str):
+        return self.model.get_submodule(path)
+
+    def module_shape(self, path: str) -> tuple[int, int]:
+        m = self.model.get_submodule(path)
+        return m.out_features, m.in_features
+
+    def tensor(self, name: str) -> torch.Tensor:
+        path, _, attr = name.rpartition(".")
+        return getattr(self.model.get_submodule(path), attr).detach()
+
+    def embedding(self, dtype) -> np.ndarray:
+        return _embedding(self.model).astype(dtype)
+
+
+class _DirReader:
+    """A model directory read one module at a time: each is its meta-device skeleton with just
+    its own tensors loaded, so memory stays near one layer."""
+
+    def __init__(self, md):
+        self.md, self.config = md, md.config
+        self.skeleton = md.skeleton()
+
+    def module(self, path: str):
+        meta = self.skeleton.get_submodule(path)
+        module = copy.deepcopy(meta)
+        module.load_state_dict({k: self.md.tensor(f"{path}.{k}") for k in meta.state_dict()}, assign=True)
+        return module
+
+    def module_shape(self, path: str) -> tuple[int, int]:
+        m = self.skeleton.get_submodule(path)
+        return m.out_features, m.in_features
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.md.tensor(name)
+
+    def embedding(self, dtype) -> np.ndarray:
+        """The embedding rows (a quantized table's as its lookups give them), a block at a time."""
+        rows, dim = self.config.vocab_size, self.config.hidden_size
+        out = np.empty((rows, dim), dtype)
+        emb = self.skeleton.embed_tokens
+        for a, b in row_ranges(rows, dim * 4):
+            if isinstance(emb, Int8Embedding):
+                table = head_table(self.md.packing.head, b - a, dim)
+                table.load_state_dict({k: self.md.rows(f"embed_tokens.table.{k}", a, b) for k in table.state_dict()})
+                out[a:b] = table.embed(torch.arange(b - a)).numpy()
+            else:
+                out[a:b] = self.md.rows("embed_tokens.weight", a, b).float().numpy()
+        return out
 
 
 def _pad_ffn(codes: np.ndarray, stem: str, ffn: int, ffn_out: int) -> np.ndarray:

@@ -23,12 +23,13 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import save_packed
+from ..checkpoint import write_model_dir
 from ..config import ModelConfig
 from ..errors import BitNetError, CheckpointError, ConfigError, FormatError, first_line, short_repr, shown
-from ..formats import get_format
 from ..model import Transformer
+from ..pack_plan import WeightSource, packed_plan
 from ..packed_layers import PackConfig
+from ..safetensors_io import RowBlocks
 from ..quant import absmean_ternary
 from ..tokenizer import Tokenizer
 from . import gguf_header as gh
@@ -48,29 +49,38 @@ class GGUFImport:
     out: Path | None = None
 
 
-def _reader_tensors(header: GGUFHeader) -> dict[str, np.ndarray]:
-    """Every tensor's raw bytes as a flat uint8 array, through gguf-py's GGUFReader (files with
-    bitnet.cpp's I2_S, which gguf-py does not know, are sliced from the checked byte ranges)."""
-    path = header.path
-    if any(t.ggml_type == I2_S for t in header.tensors.values()):
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
-        return {n: raw[t.offset:t.offset + t.nbytes] for n, t in header.tensors.items()}
-    try:
-        reader = gguf.GGUFReader(path, "r")
-        out = {}
-        for t in reader.tensors:
-            out[t.name] = np.asarray(t.data).reshape(-1).view(np.uint8)
-    except BitNetError:
-        raise
-    except Exception as e:  # the header already passed our checks; anything left is gguf-py's own
-        line = first_line(e)
-        raise FormatError(f"{path}: gguf-py could not read the file ({type(e).__name__}: {line[:200]})") from None
-    if set(out) != set(header.tensors):
-        raise FormatError(f"{path}: gguf-py and the header disagree on the tensor list")
-    for name, entry in header.tensors.items():
-        if out[name].size != entry.nbytes:
-            raise FormatError(f"{path}: tensor {name} has {out[name].size} bytes, its type and shape say {entry.nbytes}")
-    return out
+class _RawTensors:
+    """Each tensor's raw bytes as a flat uint8 array, read from the file with plain reads when
+    asked for (the header parser has checked every byte range against the file's size): a
+    streamed import holds one tensor, and a memory map's touched pages would count as resident
+    memory until the end."""
+
+    def __init__(self, header: GGUFHeader):
+        self.header = header
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.header.tensors
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self[name] if name in self else None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        entry = self.header.tensors[name]
+        return self._read(name, entry.offset, entry.nbytes)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """The bytes of rows [start, stop) of a matrix (every row of a GGUF tensor is whole blocks)."""
+        entry = self.header.tensors[name]
+        row_bytes = entry.nbytes // entry.shape[0]
+        return self._read(name, entry.offset + start * row_bytes, (stop - start) * row_bytes)
+
+    def _read(self, name: str, offset: int, nbytes: int) -> np.ndarray:
+        buf = bytearray(nbytes)
+        with open(self.header.path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf) != nbytes:
+                raise FormatError(f"{self.header.path}: tensor {name} runs past the end of the file")
+        return np.frombuffer(buf, dtype=np.uint8)
 
 
 def _kv_int(header: GGUFHeader, key: str, default: int | None = None, limit: int = 1 << 40) -> int:
@@ -176,13 +186,18 @@ def _ternary(header: GGUFHeader, name: str, data: np.ndarray, shape: tuple[int, 
     return codes, scale, exact
 
 
-def _float_tensor(header: GGUFHeader, raw: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+def _float_tensor(header: GGUFHeader, raw: _RawTensors, name: str, shape: tuple[int, ...],
+                  rows: tuple[int, int] | None = None) -> np.ndarray:
+    """A float tensor (or rows [start, stop) of a matrix) as fp32, checked for shape and finite values."""
     entry = header.tensors.get(name)
-    data = raw.get(name)
-    if entry is None or data is None:
+    if entry is None:
         raise FormatError(f"{header.path}: tensor {name} is missing")
     if entry.shape != shape:
         raise FormatError(f"{header.path}: tensor {name} has shape {list(entry.shape)}, expected {list(shape)}")
+    if rows is not None:
+        data, shape = raw.rows(name, *rows), (rows[1] - rows[0], *shape[1:])
+    else:
+        data = raw[name]
     try:
         qtype = gguf.GGMLQuantizationType(entry.ggml_type)
         values = gguf.quants.dequantize(np.ascontiguousarray(data).reshape(shape[0] if len(shape) > 1 else 1, -1),
@@ -206,72 +221,109 @@ def load_gguf(path: str | os.PathLike, *, format: str = "i2") -> tuple[Transform
 
 def read_gguf(path: str | os.PathLike, *, format: str = "i2") -> tuple[Transformer, Tokenizer | None, GGUFImport]:
     """`load_gguf` with the report of what was read."""
-    header = read_header(path)
-    cfg = _config_from_header(header)
-    raw = _reader_tensors(header)
-    emb_type = header.tensors["token_embd.weight"].ggml_type
-    pack_config = PackConfig(format=format, head="fp16" if emb_type == F16 else "fp32").validate()
-    fmt = get_format(format)
-    ffn_file = cfg.intermediate_size
-    unpadded = header.kv.get(PAD_KEY)
-    ffn = int(unpadded) if isinstance(unpadded, (int, np.integer)) and 0 < unpadded < ffn_file else ffn_file
-    cfg = dataclasses.replace(cfg, intermediate_size=ffn)
+    plan = _GGUFPlan(path, format)
+    state = {}
+    for e in plan.entries:
+        made = e.produce()
+        state[e.name] = torch.cat(list(made)) if isinstance(made, RowBlocks) else made
+        if state[e.name].dtype == torch.float16:  # an fp16 head computes in fp32
+            state[e.name] = state[e.name].float()
     with torch.device("meta"):
-        model = Transformer(cfg, pack_config)
-
-    state: dict[str, torch.Tensor] = {}
-    hidden = cfg.hidden_size
-    state["embed_tokens.weight"] = torch.from_numpy(_float_tensor(header, raw, "token_embd.weight",
-                                                                  (cfg.vocab_size, hidden)))
-    if not cfg.tie_embeddings:
-        state["lm_head.weight"] = torch.from_numpy(_float_tensor(header, raw, "output.weight",
-                                                                 (cfg.vocab_size, hidden)))
-    state["norm.weight"] = torch.from_numpy(_float_tensor(header, raw, "output_norm.weight",
-                                                          (hidden,)))
-    kv_dim = cfg.num_kv_heads * cfg.head_dim
-    shapes = {"attn_q": (hidden, hidden), "attn_k": (kv_dim, hidden), "attn_v": (kv_dim, hidden),
-              "attn_output": (hidden, hidden), "ffn_gate": (ffn_file, hidden), "ffn_up": (ffn_file, hidden),
-              "ffn_down": (hidden, ffn_file)}
-    norm_dims = {"attn_norm": hidden, "attn_sub_norm": hidden, "ffn_norm": hidden, "ffn_sub_norm": ffn_file}
-    consumed = {"token_embd.weight", "output_norm.weight", "output.weight"}
-    ternarized = []
-    for i in range(cfg.num_layers):
-        for ours, stem in NORMS.items():
-            name = f"blk.{i}.{stem}.weight"
-            w = _float_tensor(header, raw, name, (norm_dims[stem],))
-            if stem == "ffn_sub_norm" and ffn != ffn_file:  # undo the export's padding compensation
-                w = w[:ffn] * np.float32(math.sqrt(ffn_file / ffn))
-            state[f"layers.{i}.{ours}.weight"] = torch.from_numpy(np.ascontiguousarray(w))
-            consumed.add(name)
-        for ours, stem in LINEARS.items():
-            name, scale_name = f"blk.{i}.{stem}.weight", f"blk.{i}.{stem}.scale"
-            if name not in raw:
-                raise FormatError(f"{header.path}: tensor {name} is missing")
-            scale_tensor = None
-            if scale_name in raw:
-                scale_tensor = float(_float_tensor(header, raw, scale_name, (1,))[0])
-                consumed.add(scale_name)
-            codes, scale, exact = _ternary(header, name, raw[name], shapes[stem], scale_tensor)
-            if not exact:
-                ternarized.append(name)
-            codes = _unpad(codes, stem, ffn, header, name)
-            prefix = f"layers.{i}.{ours}"
-            state[f"{prefix}.packed"] = torch.from_numpy(fmt.pack(codes))
-            state[f"{prefix}.weight_scale"] = torch.tensor([scale], dtype=torch.float32)
-            consumed.add(name)
-    unknown = sorted(set(header.tensors) - consumed)
-    if unknown:
-        raise FormatError(f"{header.path}: unexpected tensor {shown(unknown[0])} (not part of the bitnet graph)")
-    if pack_config.head == "fp16":
-        state["embed_tokens.weight"] = state["embed_tokens.weight"].half().float()
+        model = Transformer(plan.config, plan.packing)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # a name or shape this importer did not anticipate: say so in one line
-        raise FormatError(f"{header.path}: tensors do not fit the model ({first_line(e)})") from None
+        raise FormatError(f"{plan.header.path}: tensors do not fit the model ({first_line(e)})") from None
     model.init_buffers()
-    report = GGUFImport(Path(header.path), tuple(sorted({type_name(t.ggml_type) for t in header.tensors.values()})),
-                        tuple(ternarized))
-    return model, tokenizer_from_gguf(header), report
+    return model, plan.tokenizer, plan.report()
+
+
+def import_gguf(path: str | os.PathLike, out: str | os.PathLike, *, format: str = "i2",
+                overwrite: bool = False, progress: bool = False) -> GGUFImport:
+    """GGUF → our packed directory `out` (written atomically, one tensor at a time: memory stays
+    near the largest tensor), with the file's tokenizer; returns the report of what was read."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists (pass overwrite=True / --force to replace it)")
+    plan = _GGUFPlan(path, format)
+    write_model_dir(out, plan.config, plan.packing, plan.entries, plan.tokenizer, overwrite=overwrite,
+                    progress=progress)
+    return dataclasses.replace(plan.report(), out=out)
+
+
+class _GGUFPlan:
+    """The packed model a GGUF becomes, as a write plan: the header, metadata and tensor list are
+    checked now; each tensor is read and converted when its turn comes."""
+
+    def __init__(self, path: str | os.PathLike, format: str):
+        self.header = header = read_header(path)
+        cfg = _config_from_header(header)
+        self.raw = _RawTensors(header)
+        emb_type = header.tensors["token_embd.weight"].ggml_type
+        self.ffn_file = cfg.intermediate_size
+        unpadded = header.kv.get(PAD_KEY)
+        self.ffn = ffn = (int(unpadded) if isinstance(unpadded, (int, np.integer)) and 0 < unpadded < self.ffn_file
+                          else self.ffn_file)
+        self.config = dataclasses.replace(cfg, intermediate_size=ffn)
+        self.tokenizer = tokenizer_from_gguf(header)
+        self.ternarized: list[str] = []
+        self._names = self._gguf_names()
+        unknown = sorted(set(header.tensors) - set(self._names.values())
+                         - {f"blk.{i}.{stem}.scale" for i in range(cfg.num_layers) for stem in LINEARS.values()})
+        if unknown:
+            raise FormatError(f"{header.path}: unexpected tensor {shown(unknown[0])} (not part of the bitnet graph)")
+        for name in self._names.values():
+            if name not in header.tensors:
+                raise FormatError(f"{header.path}: tensor {name} is missing")
+        packing = PackConfig(format=format, head="fp16" if emb_type == F16 else "fp32").validate()
+        plan = packed_plan(self.config, packing, WeightSource(tensor=self._float, rows=self._rows,
+                                                              ternary=self._ternary))
+        self.packing, self.entries = plan.packing, plan.entries
+
+    def _gguf_names(self) -> dict[str, str]:
+        """our tensor (or linear layer) name → the GGUF tensor it comes from."""
+        names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
+        if not self.config.tie_embeddings:
+            names["lm_head.weight"] = "output.weight"
+        for i in range(self.config.num_layers):
+            names.update({f"layers.{i}.{ours}.weight": f"blk.{i}.{stem}.weight" for ours, stem in NORMS.items()})
+            names.update({f"layers.{i}.{ours}": f"blk.{i}.{stem}.weight" for ours, stem in LINEARS.items()})
+        return names
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        cfg, hidden = self.config, self.config.hidden_size
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            return (cfg.vocab_size, hidden)
+        return (self.ffn_file,) if name.endswith("ffn_sub_norm.weight") else (hidden,)
+
+    def _float(self, name: str) -> torch.Tensor:
+        w = _float_tensor(self.header, self.raw, self._names[name], self._shape(name))
+        if name.endswith("ffn_sub_norm.weight") and self.ffn != self.ffn_file:
+            w = w[:self.ffn] * np.float32(math.sqrt(self.ffn_file / self.ffn))  # undo the export's padding compensation
+        return torch.from_numpy(np.ascontiguousarray(w))
+
+    def _rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return torch.from_numpy(_float_tensor(self.header, self.raw, self._names[name], self._shape(name),
+                                              rows=(start, stop)))
+
+    def _ternary(self, layer: str) -> tuple[torch.Tensor, float]:
+        name = self._names[layer]
+        stem = name.split(".")[2]
+        scale_name = name.removesuffix(".weight") + ".scale"
+        scale_tensor = (float(_float_tensor(self.header, self.raw, scale_name, (1,))[0])
+                        if scale_name in self.raw else None)
+        hidden, kv_dim = self.config.hidden_size, self.config.num_kv_heads * self.config.head_dim
+        shape = {"attn_q": (hidden, hidden), "attn_k": (kv_dim, hidden), "attn_v": (kv_dim, hidden),
+                 "attn_output": (hidden, hidden), "ffn_gate": (self.ffn_file, hidden),
+                 "ffn_up": (self.ffn_file, hidden), "ffn_down": (hidden, self.ffn_file)}[stem]
+        codes, scale, exact = _ternary(self.header, name, self.raw[name], shape, scale_tensor)
+        if not exact:
+            self.ternarized.append(name)
+        return torch.from_numpy(_unpad(codes, stem, self.ffn, self.header, name)), scale
+
+    def report(self) -> GGUFImport:
+        types = tuple(sorted({type_name(t.ggml_type) for t in self.header.tensors.values()}))
+        return GGUFImport(Path(self.header.path), types, tuple(self.ternarized))
 
 
 def _unpad(codes: np.ndarray, stem: str, ffn: int, header: GGUFHeader, name: str) -> np.ndarray:
@@ -286,13 +338,3 @@ def _unpad(codes: np.ndarray, stem: str, ffn: int, header: GGUFHeader, name: str
     return np.ascontiguousarray(codes)
 
 
-def import_gguf(path: str | os.PathLike, out: str | os.PathLike, *, format: str = "i2",
-                overwrite: bool = False) -> GGUFImport:
-    """GGUF → our packed directory `out` (written atomically), with the file's tokenizer; returns
-    the report of what was read."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists (pass overwrite=True / --force to replace it)")
-    model, tokenizer, report = read_gguf(path, format=format)
-    save_packed(model, out, tokenizer, overwrite=overwrite)
-    return dataclasses.replace(report, out=out)
