@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.integrations.bitnet import AutoBitLinear  # noqa: E402
 
 from bitnet158 import checkpoint  # noqa: E402
+from bitnet158.checkpoint import ModelDir  # noqa: E402
 from bitnet158.cli import main  # noqa: E402
 from bitnet158.config import ModelConfig  # noqa: E402
 from bitnet158.errors import ConfigError  # noqa: E402
@@ -147,6 +148,21 @@ def test_packed_export_of_training_form_matches_transformers_and_round_trips(tmp
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok("return x", add_special_tokens=False)["input_ids"] == tok.encode("return x")
     assert hf_tok.eos_token_id == tok.eos_id
+
+
+def test_llama3_rope_scaling_exports_and_imports_with_transformers(tmp_path):
+    """A ternary model with Llama 3.1 RoPE scaling (what converting a Llama 3.2 model gives):
+    transformers' BitNet reads the scaling back and computes our logits; import-hf keeps it."""
+    model = _model(act="swiglu", rope_theta=500000.0, rope_scaling="llama3", rope_factor=32.0,
+                   rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_context=16)
+    save_hf(model, tmp_path / "hf")
+    doc = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert doc["rope_parameters"]["rope_type"] == "llama3" and doc["rope_parameters"]["factor"] == 32.0
+    _check(_ours(model), _hf_logits(tmp_path / "hf"), TOL, "llama3 RoPE export")
+    back, _ = load_hf(tmp_path / "hf")
+    assert back.config == model.config
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert ModelDir(tmp_path / "ours").config.rope_original_context == 16
 
 
 def test_packed_export_of_packed_model_untied_swiglu_sharded(tmp_path):

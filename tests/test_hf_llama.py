@@ -110,7 +110,8 @@ def test_pickle_only_directory_is_refused_unopened(tmp_path):
     ({"architectures": ["BitNetForCausalLM"]}, "already BitNet"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_type 'llama3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}, "rope_type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "factor"),
     ({"head_dim": 32}, "head_dim 32"),
     ({"quantization_config": {"quant_method": "gptq"}}, "already quantized"),
 ])
@@ -121,6 +122,39 @@ def test_unsupported_configs_are_one_line_errors(change, fragment):
     with pytest.raises(CheckpointError) as info:
         hf_llama_config(doc)
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def test_llama32_style_model_with_llama3_rope_matches_transformers(tmp_path):
+    """Tied embeddings and Llama 3.1's frequency-dependent RoPE rescaling (an original context of 16
+    puts the 8 frequencies of head_dim 16 in all three bands: kept, blended, stretched)."""
+    config_cls, model_cls = ARCHS["llama"]
+    cfg = config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=0,
+                     rope_parameters=LLAMA3_ROPE)
+    torch.manual_seed(5)
+    hf = model_cls(cfg).eval()
+    directory = _save(hf, tmp_path / "llama32")
+    ours, _ = load_hf_llama(directory)
+    c = ours.config
+    assert (c.rope_scaling, c.rope_factor, c.rope_original_context, c.tie_embeddings) == ("llama3", 32.0, 16, True)
+    with torch.no_grad():
+        got = ours(TOKENS)
+        plain = load_hf_llama(directory)[0]
+    err = float((got - _logits(hf)).abs().max())
+    print(f"llama3 RoPE: max |logit diff| vs transformers {err:.2e}")
+    assert err < TOL
+    # the scaling matters here: the same weights with plain RoPE give other logits
+    import dataclasses
+
+    from bitnet158.model import rope_tables
+
+    cos, _ = rope_tables(dataclasses.replace(c, rope_scaling="none"))
+    assert not torch.allclose(cos, plain.rope_cos)
 
 
 def test_conversion_inserts_sub_norms_at_the_inputs_rms(tmp_path):

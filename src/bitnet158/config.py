@@ -80,6 +80,9 @@ def _check_real(what: str, name: str, value: Any, lo: float, hi: float, hi_open:
                           f"got {short_repr(value)}")
 
 
+ROPE_SCALINGS = ("none", "llama3")
+
+
 @dataclass(frozen=True)
 class ModelConfig(_Serializable):
     """Shapes and numerics of a LLaMA-like BitNet decoder.
@@ -111,6 +114,13 @@ class ModelConfig(_Serializable):
     tie_embeddings: bool = True
     sub_norm: bool = True
     qkv_bias: bool = False
+    # RoPE frequency scaling: "none", or "llama3" (Llama 3.1/3.2: long wavelengths divided by
+    # rope_factor, short ones kept, a smooth blend between; model.rope_tables)
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
 
     @property
     def head_dim(self) -> int:
@@ -137,6 +147,15 @@ class ModelConfig(_Serializable):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model config: {name} must be one of {', '.join(allowed)}; "
                                   f"got {short_repr(getattr(self, name))}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(f"model config: rope_scaling must be one of {', '.join(ROPE_SCALINGS)}; "
+                              f"got {short_repr(self.rope_scaling)}")
+        if self.rope_scaling == "llama3":
+            _check_real("model config", "rope_factor", self.rope_factor, 0.0, 1e4, hi_open=False)
+            _check_real("model config", "rope_low_freq_factor", self.rope_low_freq_factor, 0.0, 1e4, hi_open=False)
+            _check_real("model config", "rope_high_freq_factor", self.rope_high_freq_factor,
+                        as_number(self.rope_low_freq_factor), 1e4, hi_open=False)
+            _check_positive_ints(self, "model config", ("rope_original_context",), {"rope_original_context": 1 << 24})
         for name in ("tie_embeddings", "sub_norm", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model config: {name} must be true or false, "

@@ -15,6 +15,8 @@ default) or ReLU² (2B4T). Module names follow Hugging Face's BitNet/LLaMA names
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,9 +40,25 @@ def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.T
         shape = (config.max_seq_len, hd)
         return torch.empty(shape, device=device), torch.empty(shape, device=device)
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    if config.rope_scaling == "llama3":
+        inv_freq = llama3_frequencies(inv_freq, config)
     angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's RoPE rescaling: wavelengths longer than original_context / low_freq_factor are
+    stretched by `factor`, those shorter than original_context / high_freq_factor kept, and the
+    band between blends the two linearly in original_context / wavelength."""
+    factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    context = config.rope_original_context
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    blend = (context / wavelength - low) / (high - low)
+    smoothed = (1 - blend) * scaled / factor + blend * scaled
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

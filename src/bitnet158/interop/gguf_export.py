@@ -65,6 +65,9 @@ def _check_exportable(cfg, gtype: str) -> None:
                           "from token_embd (tied embeddings)")
     if cfg.norm_placement != "subln" or not cfg.sub_norm:
         raise ConfigError("only SubLN models (block norms plus attn/ffn sub-norms) map to llama.cpp's bitnet graph")
+    if cfg.rope_scaling != "none":
+        raise ConfigError(f"{cfg.rope_scaling} RoPE scaling cannot be exported: llama.cpp's bitnet graph has "
+                          "plain RoPE only")
     if cfg.qkv_bias:
         raise ConfigError("llama.cpp's bitnet graph has no q/k/v biases; this model has them")
     if cfg.mode == "fp" and gtype != "f16":

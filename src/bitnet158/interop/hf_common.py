@@ -24,20 +24,45 @@ ONEBITLLM_NAMES = {"attn_sub_norm": "inner_attn_ln", "ffn_sub_norm": "ffn_layern
 
 
 
-def rope_theta(doc: dict[str, Any], source: Path | str, default: float) -> float:
-    """RoPE base of an HF config.json (transformers 5 writes rope_parameters; earlier versions
-    rope_theta + rope_scaling); `default` is the architecture's own. Scaled RoPE is refused."""
+def rope_settings(doc: dict[str, Any], source: Path | str, default: float) -> dict[str, Any]:
+    """Our RoPE fields (rope_theta, and rope_scaling with its parameters) from an HF config.json:
+    transformers 5 writes rope_parameters, earlier versions rope_theta + rope_scaling. `default` is
+    the architecture's own base. Default and Llama 3.1's "llama3" scaling are read; other kinds
+    (linear, dynamic, yarn, longrope) are refused in one line."""
     params = get_dict(doc, "rope_parameters", source, default={})
     scaling = get_dict(doc, "rope_scaling", source, default={})
+    out: dict[str, Any] = {}
     for key, table in (("rope_parameters", params), ("rope_scaling", scaling)):
         kind = table.get("rope_type", table.get("type", "default"))
-        if kind != "default":
+        if kind == "llama3":
+            where = f"{source}: {key}"
+            out = {"rope_scaling": "llama3", "rope_factor": get_float(table, "factor", where, positive=True),
+                   "rope_low_freq_factor": get_float(table, "low_freq_factor", where, positive=True),
+                   "rope_high_freq_factor": get_float(table, "high_freq_factor", where, positive=True),
+                   "rope_original_context": get_int(table, "original_max_position_embeddings", where, lo=1)}
+        elif kind != "default":
             raise CheckpointError(f"{source}: {key}: rope_type {short_repr(kind)} is not supported "
-                                  f"(only default RoPE)")
+                                  f"(default and llama3 RoPE are)")
     if doc.get("rope_theta") is not None:
-        return get_float(doc, "rope_theta", source, hi=ROPE_THETA_MAX, positive=True)
-    return get_float(params, "rope_theta", f"{source}: rope_parameters", default=default, hi=ROPE_THETA_MAX,
-                     positive=True)
+        out["rope_theta"] = get_float(doc, "rope_theta", source, hi=ROPE_THETA_MAX, positive=True)
+    else:
+        out["rope_theta"] = get_float(params, "rope_theta", f"{source}: rope_parameters", default=default,
+                                      hi=ROPE_THETA_MAX, positive=True)
+    return out
+
+
+def rope_document(config) -> dict[str, Any]:
+    """config.json's RoPE keys for our ModelConfig, in both spellings (transformers 5 reads
+    rope_parameters, older releases rope_theta + rope_scaling)."""
+    params: dict[str, Any] = {"rope_type": "default"}
+    if config.rope_scaling == "llama3":
+        params = {"rope_type": "llama3", "factor": config.rope_factor, "low_freq_factor": config.rope_low_freq_factor,
+                  "high_freq_factor": config.rope_high_freq_factor,
+                  "original_max_position_embeddings": config.rope_original_context}
+    doc: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_parameters": {**params, "rope_theta": config.rope_theta}}
+    if config.rope_scaling != "none":
+        doc["rope_scaling"] = params
+    return doc
 
 
 # config.json's shape fields → ours; each an integer ≥ 1 under our bound, named by HF's key

@@ -45,7 +45,7 @@ from ..layers import BitLinear, RMSNorm
 from ..model import Transformer
 from ..packed_layers import Int8Embedding, Int8Head, PackedBitLinear, Q4Table, dequantize_rows_q4
 from ..safetensors_io import PlannedTensor, write_sharded
-from .hf_common import OnePacked, hf_name, latent_from_ternary, pack_hf_ternary
+from .hf_common import OnePacked, hf_name, latent_from_ternary, pack_hf_ternary, rope_document
 from .hf_tokenizer import write_hf_tokenizer
 
 LAYOUTS = ("packed", "bf16")
@@ -188,8 +188,7 @@ def hf_config_document(config: ModelConfig, layout: str, dtype: str,
         "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
         "head_dim": config.head_dim, "hidden_act": _HF_ACT[config.activation],
         "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        # both spellings: transformers 5 reads rope_parameters, older releases rope_theta
-        "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        **rope_document(config),
         "tie_word_embeddings": config.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
         "initializer_range": 0.02, "use_cache": True,
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,

@@ -55,7 +55,7 @@ from ..pack_plan import HEAD_NAMES, WeightSource, packed_plan
 from ..packed_layers import PackConfig
 from ..safetensors_io import PlannedTensor, RowBlocks, row_ranges
 from ..tokenizer import Tokenizer
-from .hf_common import (TensorSource, float_tensor, hf_name, hf_shape, latent_from_ternary, rope_theta,
+from .hf_common import (TensorSource, float_tensor, hf_name, hf_shape, latent_from_ternary, rope_settings,
                         unpack_hf_ternary)
 from .hf_tokenizer import read_hf_tokenizer
 
@@ -105,7 +105,7 @@ def hf_model_config(doc: dict[str, Any], source: Path | str = "config.json") -> 
         return ModelConfig(
             **shape, max_seq_len=get_int(doc, "max_position_embeddings", source, default=2048, lo=1,
                                          hi=MAX_SHAPE["max_seq_len"]),
-            rope_theta=rope_theta(doc, source, 500000.0),  # BitNetConfig's default
+            **rope_settings(doc, source, 500000.0),  # BitNetConfig's default base
             norm_eps=get_float(doc, "rms_norm_eps", source, default=1e-5, positive=True),
             activation=_ACTIVATIONS[act], mode="b158", norm_placement="subln",
             tie_embeddings=get_bool(doc, "tie_word_embeddings", source, default=False),

@@ -35,7 +35,7 @@ from ..config import ModelConfig
 from ..errors import BitNetError, CheckpointError, short_repr, shown
 from ..jsonio import get_bool, get_dict, get_float, get_int, get_list, get_str, read_json_object
 from ..model import Transformer
-from .hf_common import TensorSource, float_tensor, hf_name, hf_shape, rope_theta
+from .hf_common import TensorSource, float_tensor, hf_name, hf_shape, rope_settings
 from .hf_tokenizer import read_hf_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -112,7 +112,7 @@ def hf_llama_config(doc: dict[str, Any], source: Path | str = "config.json",
         context = min(context, DEFAULT_MAX_SEQ_LEN)
     try:
         return ModelConfig(
-            **shape, max_seq_len=context, rope_theta=rope_theta(doc, source, 10000.0),
+            **shape, max_seq_len=context, **rope_settings(doc, source, 10000.0),
             norm_eps=get_float(doc, "rms_norm_eps", source, default=1e-6, positive=True),
             activation="swiglu", mode="fp", norm_placement="subln", sub_norm=False,
             qkv_bias=arch == "Qwen2ForCausalLM",
