@@ -86,3 +86,11 @@ def test_speculative_benchmark_runs_on_a_tiny_checkpoint(tmp_path):
               "--draft-tokens", "2", "--draft", str(tmp_path / "m"))
     assert "plain" in out and "prompt lookup, k = 2" in out and "draft model, k = 2" in out
     assert "same tokens: yes" in out and "NO" not in out and "positions costs" in out
+
+
+def test_convert_memory_benchmark_runs_every_step_on_a_tiny_model():
+    out = run("convert_memory.py", "--preset", "tiny")
+    for label in ("import 1bitllm → i2", "import bf16 → i2", "import bf16 → fp32 latent", "pack fp32 → i2",
+                  "export gguf tq2_0", "import gguf → i2", "export hf (packed)", "import hf (packed)"):
+        assert label in out, label
+    assert "ratio = (peak − baseline)" in out

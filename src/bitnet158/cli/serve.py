@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint
+from ..checkpoint.adapter import load_adapter, resolve_adapter
 from ..bench import use_kernel_threads
 from ..chat_template import read_template_file
 from ..errors import BitNetError, CheckpointError, ConfigError
@@ -48,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (default: the tokenizer's "
                    "own, else a plain System/User/Assistant transcript)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout, or a finetune run) applied "
+                   "unmerged to every request")
     p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     p.add_argument("--threads", type=int)
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default: the server's, 1 MiB)")
@@ -56,12 +59,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def engine_loader(path: str | Path, *, max_concurrency: int, max_queue: int, threads: int | None = None,
-                  prefill_chunk: int | None = None) -> Callable[[], tuple[Engine, Tokenizer]]:
-    """What the app runs in its loading thread: the checkpoint → a started Engine and its tokenizer."""
+                  prefill_chunk: int | None = None, adapter: str | Path | None = None
+                  ) -> Callable[[], tuple[Engine, Tokenizer]]:
+    """What the app runs in its loading thread: the checkpoint (and a LoRA adapter, unmerged) → a
+    started Engine and its tokenizer."""
     def load() -> tuple[Engine, Tokenizer]:
         model, tokenizer = checkpoint.load(path)
         if tokenizer is None:
             raise CheckpointError(f"{path}: no tokenizer.json beside the weights")
+        if adapter is not None:
+            load_adapter(model, adapter)
         if model.packing is not None:
             use_kernel_threads(threads)
         chunk = {"prefill_chunk": prefill_chunk} if prefill_chunk is not None else {}
@@ -84,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if not Path(args.checkpoint).exists():
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
+    if args.adapter is not None:
+        resolve_adapter(args.adapter)  # a missing adapter is a one-line error now, not a failed load later
     if args.max_concurrency < 1 or args.max_queue < 0 or args.prefill_chunk < 1:
         raise ConfigError("--max-concurrency and --prefill-chunk must be at least 1 and --max-queue at least 0")
     if not 0 < args.port < 65536:
@@ -105,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
     options: dict[str, Any] = {"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}
     app = create_app(engine_loader(args.checkpoint, max_concurrency=args.max_concurrency,
-                                   max_queue=args.max_queue, threads=args.threads, prefill_chunk=args.prefill_chunk),
+                                   max_queue=args.max_queue, threads=args.threads, prefill_chunk=args.prefill_chunk,
+                                   adapter=args.adapter),
                      model_name=args.model_name or model_name_for(args.checkpoint), api_key=args.api_key,
                      chat_template=template, drain_timeout=args.drain_timeout,
                      on_load_error=stop_on_load_error, **options)
