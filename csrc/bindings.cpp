@@ -149,13 +149,23 @@ uint64_t py_read_sum(py::array buf, int nthreads, int streams) {
     const int64_t n = buf.size() / 128 * 128;
     const int nth = std::max(1, std::min(nthreads, pool_threads()));
     std::vector<uint64_t> part(size_t(nth), 0);
-    const bool avx2 = isa_supported(Isa::Avx2);
+#if defined(BN158_X86)
+    const bool simd = isa_supported(Isa::Avx2);
+#elif defined(BN158_ARM64)
+    const bool simd = true;
+#else
+    const bool simd = false;
+#endif
     {
         py::gil_scoped_release nogil;
         pool_run(nth, [&](int64_t i) {  // one share per thread: the probe measures nth streams at once
             const int64_t a = n / 128 * i / nth * 128, b = n / 128 * (i + 1) / nth * 128;
-            if (avx2) {
+            if (simd) {
+#if defined(BN158_X86)
                 part[size_t(i)] = read_sum_avx2(p + a, b - a, streams);
+#elif defined(BN158_ARM64)
+                part[size_t(i)] = read_sum_neon(p + a, b - a, streams);
+#endif
             } else {
                 uint64_t s = 0;
                 const uint64_t* q = reinterpret_cast<const uint64_t*>(p + a);
@@ -232,7 +242,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("packed_nbytes", [](const std::string& f, int64_t N, int64_t K) { return packed_nbytes(parse_format(f), N, K); });
     m.def("cpu_features", [] {
         const CpuFeatures& f = cpu_features();
-        py::dict d;
+        py::dict d;  // this build's architecture's features
+#if defined(BN158_X86)
         d["avx2"] = f.avx2;
         d["fma"] = f.fma;
         d["f16c"] = f.f16c;
@@ -242,6 +253,11 @@ PYBIND11_MODULE(_C, m) {
         d["avx512vnni"] = f.avx512vnni;
         d["os_avx"] = f.os_avx;
         d["os_avx512"] = f.os_avx512;
+#elif defined(BN158_ARM64)
+        d["asimd"] = f.asimd;
+        d["dotprod"] = f.dotprod;
+        d["i8mm"] = f.i8mm;
+#endif
         return d;
     });
     m.def("available_paths", [] {  // best first

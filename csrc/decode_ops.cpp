@@ -18,6 +18,9 @@
 #include <cstring>
 
 #pragma GCC optimize("fp-contract=off")
+#if defined(__clang__)  // clang ignores the line above and contracts by default on arm64
+#pragma STDC FP_CONTRACT OFF
+#endif
 
 namespace bn158 {
 

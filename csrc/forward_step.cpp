@@ -25,6 +25,9 @@
 #include "threadpool.h"
 
 #pragma GCC optimize("fp-contract=off")
+#if defined(__clang__)  // clang ignores the line above and contracts by default on arm64
+#pragma STDC FP_CONTRACT OFF
+#endif
 
 namespace bn158 {
 namespace {
@@ -125,10 +128,15 @@ const float* maybe_norm(const StepModel& m, const float* x, int64_t M, int64_t n
     }
 
 BN158_ATTENTION_KERNELS(base)
+#if defined(BN158_X86)
 #pragma GCC push_options
 #pragma GCC target("avx2")
 BN158_ATTENTION_KERNELS(avx2)
 #pragma GCC pop_options
+#else
+// Elsewhere isa_supported(Isa::Avx2) is false: a copy of the baseline form keeps attend_one's one shape.
+BN158_ATTENTION_KERNELS(avx2)
+#endif
 
 // One query row of one head over keys/values [0, n) of its KV head: softmax(q·kᵀ/√hd) · v.
 void attend_one(const float* q, const float* keys, const float* values, int64_t n, int64_t hd, float scale,

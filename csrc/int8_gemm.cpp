@@ -1,5 +1,7 @@
 // int8 × int8 → int32 matmul for the packed model's output head (int8 per-row weights, int8
 // per-token activations). out[m, n] = sum_k x[m, k] * w[n, k], w row-major [N, K].
+// This file: the driver (splits rows over the pool), the portable rows and the x86-64 AVX2 kernels;
+// int8_gemm_avx512.cpp and int8_gemm_neon.cpp hold the AVX-512 VNNI and arm64 ones.
 //
 // AVX2 has no signed × signed byte multiply-add, so x·w = |x| · (w · sign(x)): vpsignb moves the
 // sign of x onto w, vpmaddubsw multiplies the unsigned |x| (≤ 128) with it. The weights are
@@ -11,13 +13,15 @@
 // 10 KiB; instead 4 cursors, a quarter of the rows apart, each walk one row at a time, so memory
 // sees 4 long sequential streams: the 2B4T head (328 MB) went from 48 % to 88 % of the read
 // bandwidth on one core. Threads split the rows.
-#include <immintrin.h>
-
 #include <cstdint>
 #include <vector>
 
 #include "int8_gemm.h"
 #include "threadpool.h"
+
+#if defined(BN158_X86)
+#include <immintrin.h>
+#endif
 
 namespace bn158 {
 namespace {
@@ -34,6 +38,7 @@ void rows_scalar(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t
         }
 }
 
+#if defined(BN158_X86)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
@@ -110,6 +115,7 @@ void gemv_avx2(const int8_t* x, int64_t, int64_t K, const int8_t* w, int64_t N, 
 }
 
 #pragma GCC pop_options
+#endif  // BN158_X86
 
 }  // namespace
 
@@ -123,6 +129,11 @@ void int8_matmul(Isa isa, const int8_t* x, int64_t M, int64_t K, const int8_t* w
             fn(n0, n1 < N ? n1 : N);
         });
     };
+#if defined(BN158_ARM64)
+    if (isa != Isa::Scalar)
+        return split([&](int64_t n0, int64_t n1) { int8_rows_neon(isa, x, M, K, w, N, out, n0, n1); });
+    split([&](int64_t n0, int64_t n1) { rows_scalar(x, M, K, w, N, out, n0, n1); });
+#elif defined(BN158_X86)
     if (isa == Isa::Avx512Vnni && M > 1) {
         std::vector<int32_t> xsum(size_t(M), 0);
         for (int64_t m = 0; m < M; ++m)
@@ -131,6 +142,10 @@ void int8_matmul(Isa isa, const int8_t* x, int64_t M, int64_t K, const int8_t* w
     }
     auto fn = isa == Isa::Scalar ? rows_scalar : M == 1 ? gemv_avx2 : rows_avx2;
     split([&](int64_t n0, int64_t n1) { fn(x, M, K, w, N, out, n0, n1); });
+#else
+    (void)isa;
+    split([&](int64_t n0, int64_t n1) { rows_scalar(x, M, K, w, N, out, n0, n1); });
+#endif
 }
 
 }  // namespace bn158

@@ -7,6 +7,7 @@
 // activation rows (16 zmm accumulators): each weight vector, loaded once, serves 4 rows of x, and
 // the 4 weight rows stay in L1 while every block of x passes them. The AVX2 kernel (int8_gemm.cpp)
 // makes 32 products per vpmaddubsw and needs a vpsignb and a vpmaddwd beside it.
+#if defined(__x86_64__) || defined(_M_X64)  // x86-64 builds only (an arm64 build holds the NEON files)
 #include <immintrin.h>
 
 #include <cstdint>
@@ -60,3 +61,5 @@ void int8_rows_vnni(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int6
 }
 
 }  // namespace bn158
+
+#endif  // x86-64

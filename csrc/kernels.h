@@ -1,9 +1,10 @@
 // What a ternary kernel is, and the per-ISA tables of them, indexed by Format.
 //
 // Each ISA's translation unit defines one KernelTable: a row per format it has its own kernel
-// for. A row left empty borrows the next narrower ISA's (cpu_features.h orders them so that a
-// wider one's requirements include the narrower one's); the scalar table fills every row, so the
-// chain always ends in a kernel. The dispatcher (ternary_dispatch.cpp) reads only these tables.
+// for. A row left empty borrows the next narrower ISA's of the same architecture (kIsaNarrower in
+// cpu_features.h: a wider one's requirements include the narrower one's); the scalar table fills
+// every row, so the chain always ends in a kernel. A build holds the tables of its own
+// architecture only. The dispatcher (ternary_dispatch.cpp) reads only these tables.
 #pragma once
 #include <cstdint>
 
@@ -63,11 +64,18 @@ struct KernelTable {
 
 // One per ISA, each in its own translation unit (compiled with that ISA's `#pragma GCC target`).
 extern const KernelTable kScalarKernels;      // ternary_scalar.cpp
+#if defined(BN158_X86)
 extern const KernelTable kAvx2Kernels;        // ternary_avx2.cpp
 extern const KernelTable kAvx512VnniKernels;  // ternary_avx512.cpp
 
 // ternary_lut_avx2.cpp: the lut2 lookup-table kernel (needs AVX2).
 void lut2_range_avx2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
                      int64_t t1);
+#endif
+#if defined(BN158_ARM64)
+extern const KernelTable kNeonKernels;      // ternary_neon.cpp (baseline Advanced SIMD)
+extern const KernelTable kNeonDotKernels;   // ternary_neon_dot.cpp (sdot)
+extern const KernelTable kNeonI8mmKernels;  // ternary_neon_i8mm.cpp (smmla for M > 1)
+#endif
 
 }  // namespace bn158

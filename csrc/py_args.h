@@ -25,7 +25,8 @@ inline Isa parse_path(const std::string& path) {
     const int i = isa_index(path.c_str());
     if (i < 0) {
         std::string known;
-        for (const char* name : kIsaNames) known += (known.empty() ? "" : ", ") + std::string(name);
+        for (int j = 0; j < kNumIsas; ++j)  // this build's architecture only
+            if (isa_in_build(Isa(j))) known += (known.empty() ? "" : ", ") + std::string(kIsaNames[j]);
         throw pybind11::value_error("unknown kernel path '" + path + "' (expected one of " + known + ")");
     }
     if (!isa_supported(Isa(i))) throw pybind11::value_error("kernel path '" + path + "' is not supported by this CPU");

@@ -6,15 +6,20 @@
 // with vpmaddwd and accumulates each group's 8 int32 lanes in fp32 times its scale. The −8 offset
 // of the codes comes off at the end as −8 · Σ_g scale_g · Σ_{k in g} x_k (the group sums of x are
 // computed once per activation row). Half the bytes of the int8 head, a few more instructions a
-// value: a win where the head streams from memory (one decoding sequence).
+// value: a win where the head streams from memory (one decoding sequence). On arm64 every path
+// runs one NEON kernel (rows_neon) that gives the portable loop's bits.
 #include "q4_gemm.h"
-
-#include <immintrin.h>
 
 #include <cstring>
 #include <vector>
 
 #include "threadpool.h"
+
+#if defined(BN158_X86)
+#include <immintrin.h>
+#elif defined(BN158_ARM64)
+#include <arm_neon.h>
+#endif
 
 namespace bn158 {
 
@@ -78,6 +83,7 @@ void rows_scalar(const int8_t* x, int64_t M, int64_t K, const uint8_t* codes, co
     }
 }
 
+#if defined(BN158_X86)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
@@ -131,6 +137,42 @@ void rows_avx2(const int8_t* x, int64_t M, int64_t K, const uint8_t* codes, cons
 }
 
 #pragma GCC pop_options
+#endif  // BN158_X86
+
+#if defined(BN158_ARM64)
+// arm64 (baseline Advanced SIMD): each group's integer sum Σ c·x with smull/smlal (|c·x| <= 15·128,
+// two per int16 lane) and a widening add, then the scalar loop's own float steps in the scalar
+// loop's order, so every arm64 path gives the scalar path's bits.
+void rows_neon(const int8_t* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales, int64_t N,
+               float* out, const int32_t* xs, int64_t n0, int64_t n1) {
+    const int64_t G = K / kQ4Group;
+    const uint8x16_t low = vdupq_n_u8(15);
+    std::vector<float> d(static_cast<size_t>(G));
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* c = codes + n * (K / 2);
+        for (int64_t g = 0; g < G; ++g) d[size_t(g)] = half_to_float(scales[n * G + g]);
+        for (int64_t m = 0; m < M; ++m) {
+            const int8_t* xm = x + m * K;
+            float acc = 0.0f;
+            for (int64_t b = 0; b < K / kQ4Block; ++b) {
+                const uint8x16_t w0 = vld1q_u8(c + 32 * b), w1 = vld1q_u8(c + 32 * b + 16);
+                const int8x16_t c0 = vreinterpretq_s8_u8(vandq_u8(w0, low)), c1 = vreinterpretq_s8_u8(vandq_u8(w1, low));
+                const int8x16_t c2 = vreinterpretq_s8_u8(vshrq_n_u8(w0, 4)), c3 = vreinterpretq_s8_u8(vshrq_n_u8(w1, 4));
+                const int8_t* xb = xm + kQ4Block * b;
+                const int8x16_t x0 = vld1q_s8(xb), x1 = vld1q_s8(xb + 16), x2 = vld1q_s8(xb + 32), x3 = vld1q_s8(xb + 48);
+                int16x8_t lo = vmlal_high_s8(vmull_s8(vget_low_s8(c0), vget_low_s8(x0)), c0, x0);
+                lo = vaddq_s16(lo, vmlal_high_s8(vmull_s8(vget_low_s8(c1), vget_low_s8(x1)), c1, x1));
+                int16x8_t hi = vmlal_high_s8(vmull_s8(vget_low_s8(c2), vget_low_s8(x2)), c2, x2);
+                hi = vaddq_s16(hi, vmlal_high_s8(vmull_s8(vget_low_s8(c3), vget_low_s8(x3)), c3, x3));
+                const int32_t s_lo = vaddvq_s32(vpaddlq_s16(lo)), s_hi = vaddvq_s32(vpaddlq_s16(hi));
+                acc += d[size_t(2 * b)] * float(s_lo - 8 * xs[m * G + 2 * b]);
+                acc += d[size_t(2 * b + 1)] * float(s_hi - 8 * xs[m * G + 2 * b + 1]);
+            }
+            out[m * N + n] = acc;
+        }
+    }
+}
+#endif  // BN158_ARM64
 
 }  // namespace
 
@@ -138,7 +180,13 @@ void q4_matmul(Isa isa, const int8_t* x, int64_t M, int64_t K, const uint8_t* co
                int64_t N, float* out) {
     std::vector<int32_t> xs(static_cast<size_t>(M * (K / kQ4Group)));
     group_sums(x, M, K, xs.data());
+#if defined(BN158_X86)
     auto fn = isa == Isa::Scalar ? rows_scalar : rows_avx2;
+#elif defined(BN158_ARM64)
+    auto fn = isa == Isa::Scalar ? rows_scalar : rows_neon;  // one kernel for every arm64 path
+#else
+    auto fn = rows_scalar;
+#endif
     const int64_t chunks = pool_chunks(N / 8 + 1);
     if (chunks <= 1) return fn(x, M, K, codes, scales, N, out, xs.data(), 0, N);
     pool_run(chunks, [&](int64_t i) {

@@ -1,18 +1,22 @@
 // Absmax int8 activation quantization for the fused BitLinear call (bindings.cpp), portable and
-// AVX2, chosen at run time.
+// AVX2 (chosen at run time) or NEON on arm64.
 //
-// Both give q = clamp(round_half_even(x · inv), -128, 127) in fp32, bit for bit as bitnet158.quant
+// All give q = clamp(round_half_even(x · inv), -128, 127) in fp32, bit for bit as bitnet158.quant
 // does. In AVX2, vroundps with _MM_FROUND_TO_NEAREST_INT is round-half-to-even and the saturating
 // packs (int32 → int16 → int8) are the clamp. The portable loop calls libm's nearbyintf per
 // element (no SSE4.1 in the baseline ISA) and cost more than the matmul it fed at decode sizes.
 #include "quant.h"
 
-#include <immintrin.h>
-
 #include <cmath>
 #include <cstdint>
 
 #include "cpu_features.h"
+
+#if defined(BN158_X86)
+#include <immintrin.h>
+#elif defined(BN158_ARM64)
+#include <arm_neon.h>
+#endif
 
 namespace bn158 {
 namespace {
@@ -30,6 +34,7 @@ void quantize_scalar(const float* x, int64_t n, float inv, int8_t* q) {
     }
 }
 
+#if defined(BN158_X86)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
@@ -64,9 +69,38 @@ void quantize_avx2(const float* x, int64_t n, float inv, int8_t* q) {
 }
 
 #pragma GCC pop_options
+#endif  // BN158_X86
+
+#if defined(BN158_ARM64)
+// Advanced SIMD is in every arm64 CPU. fcvtns rounds half to even, sqxtn saturates (the clamp).
+float absmax_neon(const float* x, int64_t n) {
+    float32x4_t m0 = vdupq_n_f32(0.0f), m1 = m0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        m0 = vmaxq_f32(m0, vabsq_f32(vld1q_f32(x + i)));
+        m1 = vmaxq_f32(m1, vabsq_f32(vld1q_f32(x + i + 4)));
+    }
+    const float v = vmaxvq_f32(vmaxq_f32(m0, m1)), t = absmax_scalar(x + i, n - i);
+    return v > t ? v : t;
+}
+
+void quantize_neon(const float* x, int64_t n, float inv, int8_t* q) {
+    const float32x4_t s = vdupq_n_f32(inv);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        int32x4_t v[4];
+        for (int j = 0; j < 4; ++j) v[j] = vcvtnq_s32_f32(vmulq_f32(vld1q_f32(x + i + 4 * j), s));
+        const int16x8_t a = vcombine_s16(vqmovn_s32(v[0]), vqmovn_s32(v[1]));
+        const int16x8_t b = vcombine_s16(vqmovn_s32(v[2]), vqmovn_s32(v[3]));
+        vst1q_s8(q + i, vcombine_s8(vqmovn_s16(a), vqmovn_s16(b)));
+    }
+    quantize_scalar(x + i, n - i, inv, q + i);
+}
+#endif  // BN158_ARM64
 
 }  // namespace
 
+#if defined(BN158_X86)
 float absmax(const float* x, int64_t n) {
     static const bool simd = isa_supported(Isa::Avx2);
     return simd ? absmax_avx2(x, n) : absmax_scalar(x, n);
@@ -76,5 +110,12 @@ void quantize_row(const float* x, int64_t n, float inv, int8_t* q) {
     static const bool simd = isa_supported(Isa::Avx2);
     simd ? quantize_avx2(x, n, inv, q) : quantize_scalar(x, n, inv, q);
 }
+#elif defined(BN158_ARM64)
+float absmax(const float* x, int64_t n) { return absmax_neon(x, n); }
+void quantize_row(const float* x, int64_t n, float inv, int8_t* q) { quantize_neon(x, n, inv, q); }
+#else
+float absmax(const float* x, int64_t n) { return absmax_scalar(x, n); }
+void quantize_row(const float* x, int64_t n, float inv, int8_t* q) { quantize_scalar(x, n, inv, q); }
+#endif
 
 }  // namespace bn158

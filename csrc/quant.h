@@ -1,4 +1,4 @@
-// Activation quantization for the fused BitLinear call (quant.cpp): AVX2 where the CPU has it,
+// Activation quantization for the fused BitLinear call (quant.cpp): AVX2 where the CPU has it, NEON on arm64,
 // the same bits from a portable loop elsewhere.
 #pragma once
 #include <cstdint>

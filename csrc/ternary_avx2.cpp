@@ -15,6 +15,7 @@
 //
 // Compiled for AVX2 with `#pragma GCC target`, so one build holds every path. Nothing here uses
 // the standard library (no inline templates compiled for AVX2 could leak into other paths).
+#if defined(__x86_64__) || defined(_M_X64)  // x86-64 builds only (an arm64 build holds the NEON files)
 #include <immintrin.h>
 
 #include <cstdint>
@@ -391,3 +392,5 @@ const KernelTable kAvx2Kernels = KernelTable{}
                                      .with(Format::Base3, {range_b3})
                                      .with(Format::Lut2, {lut2_range_avx2});
 }
+
+#endif  // x86-64

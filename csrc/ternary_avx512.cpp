@@ -3,6 +3,7 @@
 // adjacent rows of a tile block (rows 2p, 2p+1), the 32 activations are broadcast to both halves,
 // so 4 zmm accumulators hold 8 rows. GEMM: same L1 unpack + 4×2 micro-kernel as AVX2, with
 // 256-bit vpdpbusd (AVX512-VL). Selected only when cpuid + xgetbv report AVX512F/BW/VL/VNNI.
+#if defined(__x86_64__) || defined(_M_X64)  // x86-64 builds only (an arm64 build holds the NEON files)
 #include <immintrin.h>
 
 #include <cstdint>
@@ -435,3 +436,5 @@ const KernelTable kAvx512VnniKernels = KernelTable{}
                                            .with(Format::I2, {range_i2, prep_panels, kPanelMinM})
                                            .with(Format::Base3, {range_b3, prep_panels, kPanelMinM});
 }
+
+#endif  // x86-64

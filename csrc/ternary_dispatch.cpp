@@ -13,15 +13,25 @@
 namespace bn158 {
 namespace {
 
-const KernelTable* const kTables[kNumIsas] = {&kScalarKernels, &kAvx2Kernels, &kAvx512VnniKernels};  // by Isa
+// By Isa; nullptr for the paths of another architecture (never selected: isa_supported is false).
+#if defined(BN158_X86)
+const KernelTable* const kTables[kNumIsas] = {&kScalarKernels, &kAvx2Kernels, &kAvx512VnniKernels, nullptr, nullptr,
+                                              nullptr};
+#elif defined(BN158_ARM64)
+const KernelTable* const kTables[kNumIsas] = {&kScalarKernels, nullptr, nullptr, &kNeonKernels, &kNeonDotKernels,
+                                              &kNeonI8mmKernels};
+#else
+const KernelTable* const kTables[kNumIsas] = {&kScalarKernels, nullptr, nullptr, nullptr, nullptr, nullptr};
+#endif
 
 int g_isa = -1;  // set_isa's choice; -1: not chosen yet, the best supported
 
-// isa's kernel for fmt, or the nearest narrower ISA's: a wider ISA's requirements include the
-// narrower ones' (cpu_features.h), and the scalar table is complete, so the walk always stops.
+// isa's kernel for fmt, or the nearest narrower ISA's of the same architecture: a wider ISA's
+// requirements include the narrower ones' (cpu_features.h), and the scalar table is complete, so
+// the walk always stops.
 const KernelRow& kernel_row(Isa isa, Format fmt) {
     int i = int(isa);
-    while (!kTables[i]->row[int(fmt)].range) --i;
+    while (!kTables[i] || !kTables[i]->row[int(fmt)].range) i = kIsaNarrower[i];
     return kTables[i]->row[int(fmt)];
 }
 

@@ -14,6 +14,8 @@ void set_isa(Isa isa);  // the caller has checked isa_supported(isa)
 void matmul(Isa isa, Format fmt, const int8_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
             int32_t* out);
 
+// Memory read-bandwidth probes: the uint64 sum of n bytes read as `streams` interleaved parts.
 uint64_t read_sum_avx2(const uint8_t* p, int64_t n, int streams);  // ternary_avx2.cpp
+uint64_t read_sum_neon(const uint8_t* p, int64_t n, int streams);  // ternary_neon.cpp
 
 }  // namespace bn158

@@ -22,6 +22,7 @@
 //
 // Compiled for AVX2 with `#pragma GCC target`; no standard-library templates (they could leak AVX2
 // code into other paths through inline-function merging).
+#if defined(__x86_64__) || defined(_M_X64)  // x86-64 builds only (an arm64 build holds the NEON files)
 #include <immintrin.h>
 
 #include <cstdint>
@@ -150,3 +151,5 @@ void lut2_range_avx2(const Act& a, const uint8_t* w, const WShape& s, int32_t* o
 }  // namespace bn158
 
 #pragma GCC pop_options
+
+#endif  // x86-64

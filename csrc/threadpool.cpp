@@ -1,6 +1,8 @@
 #include "threadpool.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#endif
 
 #include <atomic>
 #include <chrono>
@@ -11,6 +13,15 @@
 
 namespace bn158 {
 namespace {
+
+// The spin-wait hint: pause on x86-64, yield on arm64 (both let a sibling hardware thread run).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 constexpr auto kSpin = std::chrono::microseconds(150);  // busy-wait window before sleeping
 constexpr int64_t kChunksPerThread = 8;
@@ -58,7 +69,7 @@ struct Pool {
             auto t0 = std::chrono::steady_clock::now();
             int spins = 0;
             while (gen.load(std::memory_order_acquire) == seen && !stop->load(std::memory_order_relaxed)) {
-                _mm_pause();
+                cpu_relax();
                 if (++spins == 256) {
                     spins = 0;
                     if (std::chrono::steady_clock::now() - t0 > kSpin) {
@@ -115,7 +126,7 @@ struct Pool {
         // Only chunks a worker has claimed are left; if that worker lost its core, give it ours.
         for (int spins = 0; done.load(std::memory_order_acquire) != n;) {
             if (++spins < 4096) {
-                _mm_pause();
+                cpu_relax();
             } else {
                 std::this_thread::yield();
             }

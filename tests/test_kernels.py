@@ -5,6 +5,7 @@ compiled extension."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -77,17 +78,18 @@ def test_the_native_format_table_matches_the_registry():
 def test_native_path_names_are_checked():
     from bitnet158 import _C
     x, w = np.zeros((1, 8), np.int8), get_format("i2").pack(np.zeros((8, 8), np.int8))
-    with pytest.raises(ValueError, match="unknown kernel path 'neon'"):
-        _C.matmul(x, w, "i2", 8, 8, path="neon")
+    with pytest.raises(ValueError, match="unknown kernel path 'sse9'"):
+        _C.matmul(x, w, "i2", 8, 8, path="sse9")
     assert _C.best_path() == _C.available_paths()[0] and _C.available_paths()[-1] == "scalar"
     _C.set_path(_C.path())  # a no-op round trip through the name table
-    with pytest.raises(ValueError, match="unknown kernel path 'neon'"):
-        _C.set_path("neon")
-    for path in ("scalar", "avx2", "avx512vnni"):
+    with pytest.raises(ValueError, match="unknown kernel path 'sse9'"):
+        _C.set_path("sse9")
+    own = kernels._ARCH_PATHS.get(platform.machine().lower(), ())  # this build's architecture's paths
+    for path in ("scalar", "avx2", "avx512vnni", "neon", "dotprod", "i8mm"):
         if path in _C.available_paths():
             assert _C.matmul(x, w, "i2", 8, 8, path=path).tolist() == [[0] * 8]
-        else:
-            with pytest.raises(ValueError, match="not supported by this CPU"):
+        else:  # another architecture's path is not even a name in this build
+            with pytest.raises(ValueError, match="not supported by this CPU" if path in own else "unknown kernel path"):
                 _C.matmul(x, w, "i2", 8, 8, path=path)
 
 
@@ -210,7 +212,7 @@ def test_numpy_entry_matches_the_tensor_entry_and_refuses_the_torch_path():
 
 def test_set_path_rejects_unknown_and_restores_best():
     with pytest.raises(ConfigError, match="unknown kernel path"):
-        kernels.set_path("neon")
+        kernels.set_path("sse9")
     assert kernels.set_path("torch") == "torch"
     forced = os.environ.get(kernels.ENV_PATH, "").strip()  # BITNET158_KERNEL runs the suite on one path
     assert kernels.set_path(None) == (forced or PATHS[0])

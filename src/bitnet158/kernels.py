@@ -6,13 +6,15 @@ caller's business (applied after the integer product, see :mod:`bitnet158.pack`)
 
 Paths, chosen once at import from the CPU's features (best first):
 
-- ``avx512vnni`` / ``avx2`` / ``scalar``: the C++ extension ``bitnet158._C`` (``csrc/``);
+- ``avx512vnni`` / ``avx2`` / ``scalar`` on x86-64, ``i8mm`` / ``dotprod`` / ``neon`` / ``scalar`` on arm64:
+  the C++ extension ``bitnet158._C`` (``csrc/``; a build holds its own architecture's paths);
 - ``torch``: unpack to int8 codes and multiply in fp32 — exact while K·127 < 2²⁴ — used when the
   extension is missing (one warning) and as an independent cross-check in tests.
 
 Environment overrides (read at import; ``set_path`` changes the path later):
 
-- ``BITNET158_KERNEL=scalar|avx2|avx512vnni|torch`` forces a path (an unsupported one is an error);
+- ``BITNET158_KERNEL=scalar|avx2|avx512vnni|neon|dotprod|i8mm|torch`` forces a path (an unsupported one
+  is an error);
 - ``BITNET158_DISABLE_EXT=1`` behaves as if the extension had failed to build.
 
 Before a SIMD path is first used it is checked against the scalar oracle on a few small random
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import time
 import warnings
 from typing import Any
@@ -39,6 +42,9 @@ from .formats.base import aligned_copy  # noqa: F401  (public here: the kernels 
 ENV_PATH = "BITNET158_KERNEL"
 ENV_DISABLE = "BITNET158_DISABLE_EXT"
 TORCH_PATH = "torch"
+# The compiled paths a build for this machine's architecture can hold (csrc/cpu_features.h), best first.
+_X86_PATHS, _ARM64_PATHS = ("avx512vnni", "avx2"), ("i8mm", "dotprod", "neon")
+_ARCH_PATHS = {"x86_64": _X86_PATHS, "amd64": _X86_PATHS, "aarch64": _ARM64_PATHS, "arm64": _ARM64_PATHS}
 
 _ext: Any = None
 _ext_error: str | None = None
@@ -124,7 +130,7 @@ def _validate_path(name: str) -> str:
     paths = available_paths()
     if name not in paths:
         ext = _load_extension()
-        known = ["avx512vnni", "avx2", "scalar", TORCH_PATH]
+        known = [*_ARCH_PATHS.get(platform.machine().lower(), ()), "scalar", TORCH_PATH]
         if name not in known:
             raise ConfigError(f"unknown kernel path {name!r}; expected one of {', '.join(known)}")
         why = "the compiled extension is unavailable" if ext is None else "this CPU does not support it"
