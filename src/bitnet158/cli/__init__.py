@@ -25,7 +25,7 @@ _CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 # verb → module under bitnet158.cli, in the order `--help` lists them
 VERBS = {
     "demo": "demo", "train": "train", "finetune": "finetune", "generate": "generate", "chat": "chat", "pack": "pack",
-    "convert": "convert", "merge": "merge",
+    "convert": "convert", "merge": "merge", "prepare-data": "prepare_data", "export-run": "export_run",
     "export-hf": "export_hf", "import-hf": "import_hf", "bench": "bench", "evidence": "evidence",
     "export-gguf": "export_gguf", "import-gguf": "import_gguf", "info": "info", "serve": "serve",
 }

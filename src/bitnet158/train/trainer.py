@@ -12,15 +12,21 @@ Chat fine-tuning (sft.py) brings its own data and step contents: `batches(index)
 targets)` replaces the random windows of a token stream (targets of IGNORE are not scored),
 `eval_set` the held-out windows, and a `payload` what a step directory holds (a LoRA adapter
 instead of the whole model).
+
+With `dist` (a Dist from distributed.py: a torchrun job, or a sharded run resumed in one process)
+the loop calls the wrapped model (DDP or FSDP2), trains each rank on its rows of the job's batch,
+logs the mean loss over ranks, shows the bar on rank 0 only, and saves and resumes sharded steps
+(dcp_steps.py). Without it the loop is exactly the one-process loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +39,9 @@ from ..model import Transformer
 from .data import batch_for_step, eval_windows
 from .data.chat import IGNORE  # a target not scored (F.cross_entropy's default ignore_index)
 from .schedule import lr_and_wd
+
+if TYPE_CHECKING:  # only for type hints: a one-process run never imports torch.distributed's parts
+    from .distributed import Dist
 
 # (logits [batch, seq, vocab], inputs, targets [batch, seq]) → (scalar loss, named parts to log)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
@@ -125,7 +134,7 @@ def train(model: ModelConfig | Transformer, train_config: TrainConfig, train_tok
           resume: bool = False, until: int | None = None, progress: bool = True, desc: str | None = None,
           on_step: StepHook | None = None, loss_fn: LossFn | None = None, batches: BatchFn | None = None,
           eval_set: tuple[torch.Tensor, torch.Tensor] | None = None,
-          payload: RunPayload | None = None) -> TrainResult:
+          payload: RunPayload | None = None, dist: "Dist | None" = None) -> TrainResult:
     """Train `model` (a ModelConfig: a new model drawn from `train_config.seed`; a Transformer:
     that model, in place) and return it with its loss history and held-out evaluations.
 
@@ -134,7 +143,8 @@ def train(model: ModelConfig | Transformer, train_config: TrainConfig, train_tok
     step; `loss_fn` replaces cross-entropy and the parts it returns join each history row
     (averaged over micro-batches). Without `heldout_tokens` nothing is evaluated. `batches` and
     `eval_set` stand in for the two token streams (train_tokens is then None); `payload` says what
-    a step directory holds (default: the whole model)."""
+    a step directory holds (default: the whole model); `dist` trains as one rank of a job (see the
+    module's docstring)."""
     tc = train_config.validate()
     given = model if isinstance(model, Transformer) else None
     mc = (given.config if given is not None else model).validate()
@@ -152,20 +162,36 @@ def train(model: ModelConfig | Transformer, train_config: TrainConfig, train_tok
     torch.manual_seed(tc.seed)
     model = given if given is not None else Transformer(mc)
     model.to(device).train()
+    if dist is not None and payload is not None:
+        raise ConfigError("a sharded run saves the whole model; a payload needs a one-process run")
+    if dist is not None and tc.batch_size % dist.world_size:
+        raise ConfigError(f"--batch-size {tc.batch_size} must split evenly over {dist.world_size} processes")
+    net = dist.wrap(model) if dist is not None else model  # what the loop calls (DDP / FSDP2)
+    progress = progress and (dist is None or dist.is_main)
     optimizer = torch.optim.AdamW(param_groups(model), lr=0.0, betas=(0.9, 0.95), eps=1e-8)
     if eval_set is None and heldout_tokens is not None:
         eval_set = eval_windows(heldout_tokens, tc.seq_len, tc.eval_batches * tc.batch_size)
+    # rows per micro-batch and micro-batches per step on this rank; a job keeps its layout on resume
+    layout = dist.layout(tc) if dist is not None else None
+    rows, accum = (layout["rows"], layout["units"] // dist.world_size) if dist is not None else \
+        (tc.batch_size, tc.grad_accum)
     if batches is None:
         def batches(index: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return batch_for_step(train_tokens, index, tc.batch_size, tc.seq_len, tc.seed)
+            return batch_for_step(train_tokens, index, rows, tc.seq_len, tc.seed)
     payload = payload or ModelPayload()
 
     start, history, evals, elapsed = 0, [], [], 0.0
     if resume:
         if run_dir is None:
             raise ConfigError("resume needs a run directory")
-        directory = payload.restore(run_dir, model, device)
-        state = checkpoint.load_training_state(directory, model, optimizer)
+        if dist is not None:
+            from .dcp_steps import restore_step  # torch.distributed.checkpoint: sharded runs only
+            state = restore_step(dist, run_dir, model, optimizer)
+            layout = dist.layout(tc, state.get("layout"))
+            rows, accum = layout["rows"], layout["units"] // dist.world_size
+        else:
+            directory = payload.restore(run_dir, model, device)
+            state = checkpoint.load_training_state(directory, model, optimizer)
         start, history, evals = state["step"], state.get("history", []), state.get("evals", [])
         elapsed = state.get("seconds", 0.0)
 
@@ -182,19 +208,30 @@ def train(model: ModelConfig | Transformer, train_config: TrainConfig, train_tok
             group["lr"], group["weight_decay"] = lr, (wd if group["decay"] else 0.0)
         t0 = time.perf_counter()
         loss_sum, parts_sum = 0.0, {}
-        for micro in range(tc.grad_accum):
-            x, y = batches(step * tc.grad_accum + micro)
+        for micro in range(accum):
+            index = step * accum + micro
+            if dist is not None:  # W ranks draw W consecutive batches of B / W rows (distributed.py)
+                index = index * dist.world_size + dist.rank
+            x, y = batches(index)
             x, y = x.to(device), y.to(device)
-            loss, parts = loss_fn(model(x), x, y)
-            loss = loss / tc.grad_accum
-            loss.backward()
+            with dist.sync(net, micro == accum - 1) if dist is not None else contextlib.nullcontext():
+                with dist.autocast() if dist is not None else contextlib.nullcontext():
+                    loss, parts = loss_fn(net(x), x, y)
+                loss = loss / accum
+                loss.backward()
             loss_sum += loss.item()
             for name, value in parts.items():
-                parts_sum[name] = parts_sum.get(name, 0.0) + value / tc.grad_accum
+                parts_sum[name] = parts_sum.get(name, 0.0) + value / accum
         if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            if dist is not None:
+                dist.clip_grad_norm_(model, tc.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if dist is not None:  # every rank logs (and checks) the job's loss: the mean over equal row counts
+            loss_sum = dist.mean(loss_sum)
+            parts_sum = {name: dist.mean(value) for name, value in parts_sum.items()}
         if not math.isfinite(loss_sum):
             raise ConfigError(f"training diverged at step {step + 1} (loss {loss_sum}); lower --lr")
         dt = time.perf_counter() - t0
@@ -204,11 +241,19 @@ def train(model: ModelConfig | Transformer, train_config: TrainConfig, train_tok
 
         done = step + 1
         if eval_set is not None and (done % tc.eval_every == 0 or done == tc.steps):
-            eval_loss = evaluate(model, *eval_set, tc.batch_size)
+            with dist.evaluating() if dist is not None else contextlib.nullcontext():
+                # every rank evaluates: FSDP2's forward needs all of them
+                eval_loss = evaluate(net, *eval_set, tc.batch_size)
             evals.append({"step": done, "loss": eval_loss, "perplexity": math.exp(eval_loss)})
             bar.write(f"  step {done}: held-out loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f}") \
                 if progress else None
-        if run_dir is not None and (done % tc.save_every == 0 or done == stop):
+        if run_dir is not None and (done % tc.save_every == 0 or done == stop) and dist is not None:
+            from .dcp_steps import save_step
+            save_step(dist, run_dir, done, model, optimizer, tokenizer,
+                      {"history": history, "evals": evals, "train_config": tc.to_dict(),
+                       "layout": layout, "seconds": elapsed + time.perf_counter() - t_start},
+                      keep=tc.keep_checkpoints)
+        elif run_dir is not None and (done % tc.save_every == 0 or done == stop):
             checkpoint.save_training_checkpoint(
                 run_dir, done, model, tokenizer, optimizer,
                 {"history": history, "evals": evals, "train_config": tc.to_dict(),

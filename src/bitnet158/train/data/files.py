@@ -30,7 +30,7 @@ def load_corpus(paths: Sequence[str | os.PathLike]) -> Corpus:
         paths = [paths]
     if not paths:
         raise DataError("no data paths given")
-    files = _expand_paths(paths)
+    files = expand_paths(paths)
     per_file = [(name, _read_file(path)) for name, path in files]
     if not any(d.text for _, docs in per_file for d in docs):
         raise DataError(f"no text found in {', '.join(map(str, paths))}")
@@ -44,8 +44,9 @@ def load_corpus(paths: Sequence[str | os.PathLike]) -> Corpus:
     return Corpus(train, heldout, description + f", last ~{HELDOUT_FRACTION:.0%} held out")
 
 
-def _expand_paths(paths: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
-    """(split name, path) for each file; folders are walked recursively in sorted order."""
+def expand_paths(paths: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
+    """(split name, path) for each file; folders are walked recursively in sorted order (shared
+    with prepare-data, train/shard_units.py)."""
     out: list[tuple[str, Path]] = []
     seen: set[Path] = set()
     for raw in paths:
