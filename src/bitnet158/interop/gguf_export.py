@@ -222,7 +222,8 @@ class _GGUFTensor:
     @classmethod
     def array(cls, name: str, shape: tuple[int, ...], dtype, produce: Callable[[], np.ndarray]) -> "_GGUFTensor":
         dtype = np.dtype(dtype)
-        return cls(name, shape, dtype, math.prod(shape) * dtype.itemsize, None, lambda: produce().astype(dtype))
+        return cls(name, shape, dtype, math.prod(shape) * dtype.itemsize, None,
+                   lambda: produce().astype(dtype, copy=False))  # no second copy of the embedding
 
 
 class _OneLinear:
