@@ -83,7 +83,8 @@ def child(method: str, args: argparse.Namespace) -> dict:
         model, tok = checkpoint.load(args.base)
         conversations, groups = default_instructions()
         with PeakSampler() as peak:
-            result = sft(model, tok, conversations, tc, method=method, lora=lora, groups=groups, progress=False)
+            result = sft(model, tok, conversations, tc, method=method, lora=lora, groups=groups, progress=False,
+                         on_step=timed)
         loss = result.heldout_loss_after
         before = result.heldout_loss_before
     else:
@@ -100,7 +101,9 @@ def child(method: str, args: argparse.Namespace) -> dict:
         with PeakSampler() as peak:
             train(model, tc, None, batches=lambda i: (x, y), progress=False, on_step=timed)
         loss = before = None
+    # gap i is step i's time (the last step has no gap: the final eval follows it); skip step 0's
     gaps = [b - a for a, b in zip(step_times, step_times[1:])]
+    gaps = gaps[1:] or gaps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"method": method, "peak_train": peak.peak - baseline,
             "peak_proc": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline,

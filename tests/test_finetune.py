@@ -84,8 +84,11 @@ def test_heldout_loss_drops_and_only_adapters_change(base):
     model, tok = checkpoint.load(root / "base")
     codes_before = {n: m.quantized_weight()[0].clone() for n, m in model.named_modules() if hasattr(m, "quantized_weight")}
     tc = sft_train_config(steps=30, batch_size=4, seq_len=48, eval_every=30, lr=3e-3, warmup=2)
-    result = sft(model, tok, read_conversations(data), tc, lora=LoRAConfig(r=4), heldout=0.25, progress=False)
+    seen = []
+    result = sft(model, tok, read_conversations(data), tc, lora=LoRAConfig(r=4), heldout=0.25, progress=False,
+                 on_step=lambda step, m: seen.append(step))
     assert result.heldout_loss_after < result.heldout_loss_before
+    assert seen == list(range(30))  # the hook reaches the loop (the benchmark times steps with it)
     for name, layer in lora_layers(model).items():
         assert torch.equal(layer.base.codes, codes_before[name])
 

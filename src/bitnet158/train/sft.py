@@ -27,7 +27,7 @@ from ..errors import CheckpointError, ConfigError
 from ..lora import LoRAConfig, add_lora, lora_layers
 from ..model import Transformer
 from .data.chat import ChatData, prepare_chat_data, window_batches
-from .trainer import TrainResult, evaluate, resolve_device, train
+from .trainer import StepHook, TrainResult, evaluate, resolve_device, train
 
 METHODS = ("lora", "full")
 # Peak LRs at a constant schedule: adapters start at zero and need a larger step than latent
@@ -100,10 +100,12 @@ def sft(model: Transformer, tokenizer, conversations: Sequence[tuple[str, list[d
         train_config: TrainConfig, *, method: str = "lora", lora: LoRAConfig | None = None,
         heldout: float = 0.1, chat_template: str | None = None, run_dir: str | os.PathLike | None = None,
         resume: bool = False, until: int | None = None, progress: bool = True,
-        base_model: str | None = None, groups: Sequence[str] | None = None) -> SFTResult:
+        base_model: str | None = None, groups: Sequence[str] | None = None,
+        on_step: StepHook | None = None) -> SFTResult:
     """Fine-tune `model` (in place) on chat `conversations` ((where, messages) pairs, see
     data.chat.read_conversations), scoring the assistant's tokens only; `groups` holds out whole
-    groups (the embedded set's topics) instead of single conversations."""
+    groups (the embedded set's topics) instead of single conversations; `on_step(step, model)` runs
+    before each step (as in trainer.train)."""
     tc = train_config.validate()
     if tokenizer is None:
         raise CheckpointError("chat fine-tuning needs the model's tokenizer (tokenizer.json beside the weights)")
@@ -124,7 +126,7 @@ def sft(model: Transformer, tokenizer, conversations: Sequence[tuple[str, list[d
         model.to(resolve_device(tc.device))
         before = evaluate(model, *eval_set, tc.batch_size)
     result = train(model, tc, None, tokenizer=tokenizer, run_dir=run_dir, resume=resume, until=until,
-                   progress=progress, desc=f"finetune {method}", eval_set=eval_set,
+                   progress=progress, desc=f"finetune {method}", eval_set=eval_set, on_step=on_step,
                    batches=window_batches(data.train_inputs, data.train_targets, tc.batch_size, tc.seed),
                    payload=AdapterPayload(lora, base_model) if lora is not None else None)
     return SFTResult(result.model, result, data, before)
