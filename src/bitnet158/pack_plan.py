@@ -129,6 +129,17 @@ def packed_plan(config: ModelConfig, packing: PackConfig, source: WeightSource) 
     return PackedPlan(packing, entries)
 
 
+def plan_state(entries: list[PlannedTensor]) -> dict[str, torch.Tensor]:
+    """A plan made whole, as a state dict for `load_state_dict(assign=True)` (the in-memory loaders:
+    load_hf, load_gguf); an fp16 head is widened to the fp32 the model computes in."""
+    state = {}
+    for e in entries:
+        made = e.produce()
+        t = torch.cat(list(made)) if isinstance(made, RowBlocks) else made
+        state[e.name] = t.float() if t.dtype == torch.float16 and e.name in HEAD_NAMES else t
+    return state
+
+
 def _pack_layer(prefix: str, meta: BitLinear, fmt: str, source: WeightSource) -> dict[str, torch.Tensor]:
     """One linear layer packed, its tensors under their full names."""
     if source.ternary is not None:

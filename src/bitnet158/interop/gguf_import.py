@@ -27,9 +27,8 @@ from ..checkpoint import write_model_dir
 from ..config import ModelConfig
 from ..errors import BitNetError, CheckpointError, ConfigError, FormatError, first_line, short_repr, shown
 from ..model import Transformer
-from ..pack_plan import WeightSource, packed_plan
+from ..pack_plan import WeightSource, packed_plan, plan_state
 from ..packed_layers import PackConfig
-from ..safetensors_io import RowBlocks
 from ..quant import absmean_ternary
 from ..tokenizer import Tokenizer
 from . import gguf_header as gh
@@ -222,12 +221,7 @@ def load_gguf(path: str | os.PathLike, *, format: str = "i2") -> tuple[Transform
 def read_gguf(path: str | os.PathLike, *, format: str = "i2") -> tuple[Transformer, Tokenizer | None, GGUFImport]:
     """`load_gguf` with the report of what was read."""
     plan = _GGUFPlan(path, format)
-    state = {}
-    for e in plan.entries:
-        made = e.produce()
-        state[e.name] = torch.cat(list(made)) if isinstance(made, RowBlocks) else made
-        if state[e.name].dtype == torch.float16:  # an fp16 head computes in fp32
-            state[e.name] = state[e.name].float()
+    state = plan_state(plan.entries)
     with torch.device("meta"):
         model = Transformer(plan.config, plan.packing)
     try:

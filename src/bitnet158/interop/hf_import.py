@@ -51,7 +51,7 @@ from ..errors import BitNetError, CheckpointError, ConfigError, short_repr, show
 from ..jsonio import get_bool, get_dict, get_float, get_int, get_list, get_str, read_json_object
 from ..layers import BitLinear
 from ..model import Transformer
-from ..pack_plan import HEAD_NAMES, WeightSource, packed_plan
+from ..pack_plan import WeightSource, packed_plan, plan_state
 from ..packed_layers import PackConfig
 from ..safetensors_io import PlannedTensor, RowBlocks, row_ranges
 from ..tokenizer import Tokenizer
@@ -255,12 +255,6 @@ def _plan(directory: str | os.PathLike, *, latent: bool = False, mode: str | Non
     return _Plan(directory, doc, config, None, entries)
 
 
-def _materialize(entry: PlannedTensor) -> torch.Tensor:
-    made = entry.produce()
-    t = torch.cat(list(made)) if isinstance(made, RowBlocks) else made
-    return t.float() if t.dtype == torch.float16 and entry.name in HEAD_NAMES else t  # fp16 heads compute in fp32
-
-
 # --- entry points --------------------------------------------------------------------------
 
 def load_hf(directory: str | os.PathLike, *, latent: bool = False, mode: str | None = None):
@@ -274,7 +268,7 @@ def load_hf(directory: str | os.PathLike, *, latent: bool = False, mode: str | N
     plan = _plan(directory, latent=latent, mode=mode)
     with torch.device("meta"):
         model = Transformer(plan.config, plan.packing)
-    model.load_state_dict({e.name: _materialize(e) for e in plan.entries}, strict=True, assign=True)
+    model.load_state_dict(plan_state(plan.entries), strict=True, assign=True)
     model.init_buffers()
     return model, read_hf_tokenizer(plan.directory, plan.doc)
 

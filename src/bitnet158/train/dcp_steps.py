@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from .. import checkpoint
 from ..config import ModelConfig
 from ..errors import CheckpointError, first_line
-from ..fileio import atomic_write_bytes, atomic_write_json, clean_stale_temporaries
+from ..fileio import atomic_write_bytes, atomic_write_json, clean_stale_temporaries, fsync_path, fsync_tree
 from ..jsonio import get_float, get_int, get_list, read_json_object
 from ..model import Transformer
 from .distributed import Dist
@@ -142,11 +142,11 @@ def save_step(d: Dist, run_dir: str | os.PathLike, step: int, model: Transformer
         if tokenizer is not None:
             tokenizer.save(tmp / checkpoint.TOKENIZER)
         (tmp / STATE).write_text(json.dumps({"step": step, "world_size": d.world_size, **state}, indent=2) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if target.exists():  # the same step again (a resumed run that saves where it started)
             shutil.rmtree(target)
         os.rename(tmp, target)
-        _fsync(run_dir)
+        fsync_path(run_dir)
         atomic_write_bytes(run_dir / checkpoint.LATEST, target.name.encode())
         steps = sorted((int(c.name[5:]), c) for c in run_dir.iterdir()
                        if c.name.startswith("step-") and c.name[5:].isdigit())
@@ -213,21 +213,3 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
     export-hf read it)."""
     model, tokenizer, _ = load_step_model(run)
     return checkpoint.save(model, out, tokenizer, overwrite=overwrite)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        else:
-            _fsync(path)
-    _fsync(root)
