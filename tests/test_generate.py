@@ -247,7 +247,7 @@ def test_stop_strings_through_generate(model, roles_tok):
 
 
 def test_prompt_cache_keeps_a_chats_prefix(model, roles_tok):
-    cache = PromptCache(model.config)
+    cache = PromptCache(model)
     turn1 = roles_tok.encode("def f(x):")
     out1 = [r.token for r in stream_generate(model, roles_tok, turn1, 6, GREEDY, cache=cache)]
     assert cache.tokens == turn1 + out1[:-1]  # the last token never went through the model
@@ -265,8 +265,8 @@ def test_prompt_cache_keeps_a_chats_prefix(model, roles_tok):
     assert cache.last_prefill == 1 and same == list(generate_step(model, branch[:2], GREEDY, 2))
     cache.reset()
     assert cache.tokens == [] and cache.kv.offset == 0
-    other = PromptCache(preset("tiny", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
-                               intermediate_size=64, vocab_size=300, max_seq_len=64))
+    other = PromptCache(Transformer(preset("tiny", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                                           intermediate_size=64, vocab_size=300, max_seq_len=64)))
     with pytest.raises(ConfigError, match="different model"):
         list(generate_step(model, turn1, GREEDY, 2, cache=other))
     with pytest.raises(ConfigError, match="vocabulary"):

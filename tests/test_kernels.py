@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitnet158 import kernels
+from bitnet158 import kernels, native
 from bitnet158.errors import ConfigError
 from bitnet158.formats import FORMATS as REGISTRY
 from bitnet158.formats import get_format
@@ -84,7 +84,7 @@ def test_native_path_names_are_checked():
     _C.set_path(_C.path())  # a no-op round trip through the name table
     with pytest.raises(ValueError, match="unknown kernel path 'sse9'"):
         _C.set_path("sse9")
-    own = kernels._ARCH_PATHS.get(platform.machine().lower(), ())  # this build's architecture's paths
+    own = native._ARCH_PATHS.get(platform.machine().lower(), ())  # this build's architecture's paths
     for path in ("scalar", "avx2", "avx512vnni", "neon", "dotprod", "i8mm"):
         if path in _C.available_paths():
             assert _C.matmul(x, w, "i2", 8, 8, path=path).tolist() == [[0] * 8]

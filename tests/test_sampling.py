@@ -4,45 +4,51 @@ and one sequence's sampler (own seeded generator, penalty history)."""
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from bitnet158.errors import ConfigError
 from bitnet158.sampling import (SamplingConfig, TokenSampler, apply_presence_frequency_penalty,
                                 apply_repetition_penalty, filter_min_p, filter_top_k, filter_top_p, sample)
+from bitnet158.sampling import generator as np_generator
 
 INF = float("-inf")
+
+
+def f32(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
 GREEDY = SamplingConfig(temperature=0.0)
 
 
 def test_top_k_by_hand():
-    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    logits = f32([1.0, 3.0, 2.0, 0.0])
     assert filter_top_k(logits, 2).tolist() == [INF, 3.0, 2.0, INF]
     assert filter_top_k(logits, 0).tolist() == logits.tolist()
 
 
 def test_top_p_by_hand():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    logits = probs.log()
+    probs = f32([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs)
     kept = filter_top_p(logits, 0.75)  # 0.5 < 0.75 ≤ 0.8: the two most likely tokens
-    assert torch.isfinite(kept).tolist() == [True, True, False, False]
+    assert np.isfinite(kept).tolist() == [True, True, False, False]
     kept = filter_top_p(logits, 0.5)   # the top token alone reaches 0.5
-    assert torch.isfinite(kept).tolist() == [True, False, False, False]
+    assert np.isfinite(kept).tolist() == [True, False, False, False]
 
 
 def test_min_p_by_hand():
-    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    # threshold = min_p · 0.5: 0.3 → 0.15 keeps three tokens (0.15 ≥ 0.15), 0.61 → 0.305 keeps one
-    assert torch.isfinite(filter_min_p(logits, 0.3)).tolist() == [True, True, True, False]
-    assert torch.isfinite(filter_min_p(logits, 0.61)).tolist() == [True, False, False, False]
-    assert torch.isfinite(filter_min_p(logits, 1.0)).tolist() == [True, False, False, False]
+    logits = np.log(f32([0.5, 0.3, 0.15, 0.05]))
+    # threshold = min_p · 0.5: 0.29 → 0.145 keeps three tokens, 0.61 → 0.305 keeps one
+    assert np.isfinite(filter_min_p(logits, 0.29)).tolist() == [True, True, True, False]
+    assert np.isfinite(filter_min_p(logits, 0.61)).tolist() == [True, False, False, False]
+    assert np.isfinite(filter_min_p(logits, 1.0)).tolist() == [True, False, False, False]
     assert filter_min_p(logits, 0.0) is logits
-    kept = filter_min_p(logits, 0.3)
+    kept = filter_min_p(logits, 0.29)
     assert kept[:3].tolist() == logits[:3].tolist()  # survivors keep their logits exactly
 
 
 def test_repetition_penalty_by_hand_ids_and_mask_agree():
-    logits = torch.tensor([2.0, -2.0, 1.0])
+    logits = f32([2.0, -2.0, 1.0])
     out = apply_repetition_penalty(logits, torch.tensor([0, 1, 1]), 2.0)
     assert out.tolist() == [1.0, -4.0, 1.0]
     mask = torch.tensor([True, True, False])
@@ -51,8 +57,8 @@ def test_repetition_penalty_by_hand_ids_and_mask_agree():
 
 
 def test_presence_and_frequency_penalties_by_hand():
-    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    counts = torch.tensor([0.0, 1.0, 3.0, 0.0])
+    logits = f32([1.0, 2.0, 3.0, 4.0])
+    counts = f32([0.0, 1.0, 3.0, 0.0])
     # logit -= presence·(count > 0) + frequency·count
     out = apply_presence_frequency_penalty(logits, counts, 0.5, 0.25)
     assert out.tolist() == [1.0, 2.0 - 0.5 - 0.25, 3.0 - 0.5 - 0.75, 4.0]
@@ -67,15 +73,15 @@ def test_greedy_is_exactly_argmax_of_raw_logits_without_penalties():
         logits = torch.randn(1000) * 5
         assert int(sample(logits, GREEDY, seen=torch.tensor([1, 2, 3]), counts=torch.ones(1000))) == \
             int(logits.argmax())
-    logits = torch.tensor([1.0, 0.9, 0.0])
+    logits = f32([1.0, 0.9, 0.0])
     penalized = dataclasses.replace(GREEDY, frequency_penalty=0.2)
-    assert int(sample(logits, penalized, counts=torch.tensor([1.0, 0.0, 0.0]))) == 1  # 0.8 < 0.9
+    assert int(sample(logits, penalized, counts=f32([1.0, 0.0, 0.0]))) == 1  # 0.8 < 0.9
 
 
 def test_sampling_respects_filters_and_seed():
-    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    logits = f32([0.0, 5.0, 4.9, -3.0])
     cfg = SamplingConfig(temperature=1.0, top_k=2)
-    draws = {int(sample(logits, cfg, generator=torch.Generator().manual_seed(s))) for s in range(50)}
+    draws = {int(sample(logits, cfg, generator=np.random.default_rng(s))) for s in range(50)}
     assert draws == {1, 2}
     assert int(sample(logits, SamplingConfig(temperature=0.0))) == 1
     with pytest.raises(ConfigError):
@@ -83,18 +89,18 @@ def test_sampling_respects_filters_and_seed():
 
 
 def _support(logits: torch.Tensor, cfg: SamplingConfig, draws: int = 300) -> set[int]:
-    return {int(sample(logits, cfg, generator=torch.Generator().manual_seed(s))) for s in range(draws)}
+    return {int(sample(logits, cfg, generator=np.random.default_rng(s))) for s in range(draws)}
 
 
 def test_temperature_comes_before_min_p():
-    logits = torch.tensor([0.5, 0.3, 0.2]).log()
+    logits = np.log(f32([0.5, 0.3, 0.2]))
     # T = 1: 0.3 ≥ 0.5·0.5 survives. T = 0.5: p ∝ [0.25, 0.09, 0.04], 0.09/0.25 = 0.36 < 0.5 does not
     assert _support(logits, SamplingConfig(temperature=1.0, min_p=0.5)) == {0, 1}
     assert _support(logits, SamplingConfig(temperature=0.5, min_p=0.5)) == {0}
 
 
 def test_top_k_comes_before_top_p_and_min_p_keeps_ratios():
-    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+    logits = np.log(f32([0.4, 0.3, 0.2, 0.1]))
     # top_p 0.75 alone: the mass before each token is 0, .4, .7, .9, so three tokens survive
     assert _support(logits, SamplingConfig(temperature=1.0, top_p=0.75)) == {0, 1, 2}
     # top_k 3 first renormalizes to [4, 3, 2]/9: the mass before the third is 7/9 ≥ 0.75
@@ -126,7 +132,7 @@ def test_range_edges_are_accepted_and_the_config_is_frozen():
 
 
 def test_sampler_history_by_hand():
-    logits = torch.tensor([1.0, 0.9, 0.0])
+    logits = f32([1.0, 0.9, 0.0])
     # frequency 0.2: 0 (→0.8), 1 (→0.7), 0 (→0.6), 1 ...: the penalty grows with each use
     freq = TokenSampler(dataclasses.replace(GREEDY, frequency_penalty=0.2))
     assert [freq(logits) for _ in range(4)] == [0, 1, 0, 1]
@@ -147,9 +153,9 @@ def test_sampler_matches_sample_with_the_same_history_and_generator():
     steps = [torch.randn(50) for _ in range(30)]
     sampler = TokenSampler(cfg, prompt=[3, 4], seed=11)
     got = [sampler(logits) for logits in steps]
-    generator, seen, counts, expected = torch.Generator().manual_seed(11), [3, 4], torch.zeros(50), []
+    generator, seen, counts, expected = np_generator(11), [3, 4], np.zeros(50, dtype=np.float32), []
     for logits in steps:
-        token = int(sample(logits, cfg, torch.tensor(seen), generator, counts=counts))
+        token = int(sample(logits, cfg, np.array(seen), generator, counts=counts))
         expected.append(token)
         seen.append(token)
         counts[token] += 1
@@ -179,9 +185,9 @@ def test_seeded_samplers_are_reproducible_and_unseeded_ones_follow_torch_manual_
 def test_extreme_but_valid_settings_still_give_a_token():
     """A tiny temperature, or a repetition penalty that overflows float32, must not make NaN
     probabilities (torch.multinomial would raise): the sample is then the argmax."""
-    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
-    gen = torch.Generator().manual_seed(0)
+    logits = f32([1.0, 3.0, 2.0, -1.0])
+    gen = np.random.default_rng(0)
     assert sample(logits, SamplingConfig(temperature=1e-40), generator=gen).item() == 1
-    huge = torch.tensor([3e38, 1.0, -3e38, 0.5])
+    huge = f32([3e38, 1.0, -3e38, 0.5])
     cfg = SamplingConfig(temperature=1.0, repetition_penalty=1e-3)
     assert sample(huge, cfg, seen=torch.tensor([0, 2]), generator=gen).item() == 0

@@ -13,7 +13,7 @@ from bitnet158.generate import GenerationRequest, PromptCache, SpeculationStats,
 from bitnet158.model import Transformer
 from bitnet158.pack import pack_
 from bitnet158.packed_layers import PackConfig
-from bitnet158.sampling import SamplingConfig, sample_with_draft
+from bitnet158.sampling import SamplingConfig, generator, sample_with_draft
 from bitnet158.speculative import DraftModel, PromptLookup, check_draft_tokens
 from bitnet158.tokenizer import Tokenizer
 
@@ -50,7 +50,7 @@ def model(tok):
 
 def _run(model, tok, prompt, drafter=None, sampling=GREEDY, max_tokens=60, seed=None, stop=(), k=6):
     stats = SpeculationStats()
-    cache = PromptCache(model.config)
+    cache = PromptCache(model)
     request = GenerationRequest(tuple(prompt), max_tokens, sampling, tuple(stop), seed).validate()
     responses = list(stream_request(model, tok, request, cache=cache, drafter=drafter, draft_tokens=k, stats=stats))
     return [r.token for r in responses], "".join(r.text for r in responses), responses[-1], stats, cache
@@ -109,7 +109,7 @@ def test_a_draft_keeps_the_sampling_distribution():
     probs = torch.zeros(5)
     kept = torch.topk(logits / 0.8, 4).indices
     probs[kept] = torch.softmax(logits[kept] / 0.8, -1)
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     n = 40_000
     for draft in (0, 2, 3):
         counts = torch.bincount(torch.tensor([sample_with_draft(logits, cfg, draft, generator=gen)

@@ -115,7 +115,7 @@ class ModelConfig(_Serializable):
     sub_norm: bool = True
     qkv_bias: bool = False
     # RoPE frequency scaling: "none", or "llama3" (Llama 3.1/3.2: long wavelengths divided by
-    # rope_factor, short ones kept, a smooth blend between; model.rope_tables)
+    # rope_factor, short ones kept, a smooth blend between; rope.rope_arrays)
     rope_scaling: str = "none"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0

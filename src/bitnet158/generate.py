@@ -7,6 +7,10 @@ history, stream detokenizing, end tokens, stop strings, max_tokens, logprobs —
 object, `SequenceDecoder`, which takes next-token logits and answers a `GenerationResponse`.
 `stream_generate` drives it with a model over a `PromptCache`; the batching engine drives one per
 request from a batched forward. So a request gives the same tokens through either.
+
+This module never imports torch. A model reaches it as a `Runner` (forward over a KV cache,
+numpy logits out): the torch-free runtime's `NativeModel` is one; a torch `Transformer` is wrapped
+by `torch_runner.TorchRunner` the first time it is used (`runner_for`).
 """
 
 from __future__ import annotations
@@ -14,15 +18,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
-import torch
+import numpy as np
 
-from .cache import KVCache
 from .config import ModelConfig
 from .errors import ConfigError, GenerationError
-from .sampling import SamplingConfig, TokenSampler
+from .sampling import SamplingConfig, TokenSampler, as_logits, log_softmax
 from .stops import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -46,14 +50,22 @@ def token_text(tokenizer: Tokenizer, token: int) -> str:
     return tokenizer.token_bytes(token).decode("utf-8", "replace")
 
 
-def token_logprobs(tokenizer: Tokenizer, logits: torch.Tensor, chosen: Sequence[int],
-                   k: int) -> list[TokenLogprob]:
+def top_tokens(logprobs: np.ndarray, k: int) -> np.ndarray:
+    """The k largest entries' indices of each row [N, vocab], largest first (ties: lower id first)."""
+    k = min(k, logprobs.shape[-1])
+    part = np.argpartition(-logprobs, k - 1, axis=-1)[:, :k]  # the k largest, unordered: O(vocab)
+    order = np.lexsort((part, -np.take_along_axis(logprobs, part, axis=-1)), axis=-1)
+    return np.take_along_axis(part, order, axis=-1)
+
+
+def token_logprobs(tokenizer: Tokenizer, logits: Any, chosen: Sequence[int], k: int) -> list[TokenLogprob]:
     """logits [N, vocab] (raw), chosen N ids → their TokenLogprob with k alternatives each."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    ids = torch.as_tensor(list(chosen), dtype=torch.long, device=logprobs.device)
-    picked = logprobs.gather(-1, ids[:, None])[:, 0].tolist()
+    logprobs = log_softmax(logits)
+    ids = np.asarray(list(chosen), dtype=np.int64)
+    picked = logprobs[np.arange(len(ids)), ids].tolist()
     if k > 0:
-        values, indices = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)  # sorted, descending
+        indices = top_tokens(logprobs, k)
+        values = np.take_along_axis(logprobs, indices, axis=-1)
         tops = [[(i, token_text(tokenizer, i), v) for i, v in zip(row_i, row_v)]
                 for row_i, row_v in zip(indices.tolist(), values.tolist())]
     else:
@@ -62,12 +74,12 @@ def token_logprobs(tokenizer: Tokenizer, logits: torch.Tensor, chosen: Sequence[
             for t, lp, top in zip(ids.tolist(), picked, tops)]
 
 
-def check_logits(logits: torch.Tensor, position: int) -> None:
+def check_logits(logits: np.ndarray, position: int) -> None:
     """GenerationError unless next-token logits are all finite. Sampling would fail with a bare
     RuntimeError (multinomial) and greedy argmax would silently pick a NaN's index, so a model
     whose weights or scales overflow (set after loading, where no file check sees them) is
     stopped here with one line. `position`: 1 for the first generated token."""
-    if not bool(torch.isfinite(logits).all()):
+    if not bool(np.isfinite(logits).all()):
         raise GenerationError(f"the model produced non-finite logits at token {position} "
                               f"(its weights or scales are out of range)")
 
@@ -171,12 +183,13 @@ class SequenceDecoder:
             raise RuntimeError("next_input exists only after a step that did not finish the sequence")
         return self.tokens[-1]
 
-    def prompt_logprobs(self, logits: torch.Tensor) -> list[TokenLogprob | None]:
+    def prompt_logprobs(self, logits: Any) -> list[TokenLogprob | None]:
         """From the prefill's logits [T, vocab] at every prompt position: entry i is the logprob of
         prompt token i given the tokens before it (entry 0, with nothing before it, is None).
         Also remembered for the next `step`'s response."""
         prompt = self.request.prompt
-        if logits.dim() != 2 or logits.shape[0] != len(prompt):
+        logits = as_logits(logits)
+        if logits.ndim != 2 or logits.shape[0] != len(prompt):
             raise ValueError(f"prompt_logprobs needs logits [{len(prompt)}, vocab], got {list(logits.shape)}")
         k = self.request.logprobs or 0
         entries: list[TokenLogprob | None] = [None]
@@ -184,12 +197,13 @@ class SequenceDecoder:
         self._prompt_logprobs = entries
         return entries
 
-    def step(self, logits: torch.Tensor, draft: int | None = None) -> GenerationResponse:
+    def step(self, logits: Any, draft: int | None = None) -> GenerationResponse:
         """Sample the next token from next-token logits [vocab] and answer what it adds. `draft`:
         a speculative drafter's proposal for this position, accepted or replaced so the token
         keeps the distribution it would have had without one (`sampling.sample_with_draft`)."""
         if self.finished:
             raise RuntimeError("the sequence has already finished")
+        logits = as_logits(logits)
         check_logits(logits, len(self.tokens) + 1)
         token = self._sampler(logits, draft)
         self.tokens.append(token)
@@ -219,15 +233,52 @@ class SequenceDecoder:
         return text
 
 
+@runtime_checkable
+class Runner(Protocol):
+    """What generation needs from a model. A cache holds one sequence (`new_cache`: `max_len`,
+    `offset`, `reset()`) or many (`new_slot_cache`: slots for the batching engine, `free(slot)`,
+    `bind_rows(segments, out_rows)` as `cache.SlotKVCache` has them). Logits come back as float32
+    numpy arrays; each forward advances the cache it ran over."""
+
+    config: ModelConfig
+
+    def new_cache(self, max_len: int | None = None) -> Any: ...
+
+    def logits(self, tokens: Sequence[int], cache: Any, *, all_logits: bool = True) -> np.ndarray:
+        """[len(tokens), vocab], or [1, vocab] for the last token when not all_logits."""
+
+    def new_slot_cache(self, slots: int, max_len: int) -> Any: ...
+
+    def rows_logits(self, tokens: Sequence[int], binding: Any) -> np.ndarray:
+        """A mixed step: the tokens of `binding`'s segments side by side → [len(out_rows), vocab]."""
+
+    def worker(self) -> AbstractContextManager:
+        """Made in the thread that starts a worker, entered in the worker thread (the engine's):
+        what the model needs there (torch: the starter's thread count, autograd off)."""
+
+
+def runner_for(model: Any) -> Runner:
+    """`model` as a Runner: itself, or (a torch module) its TorchRunner, made once per model."""
+    runner = getattr(model, "__dict__", {}).get("_runner")
+    if runner is not None:
+        return runner
+    if isinstance(model, Runner):
+        return model
+    if runner is None:
+        from .torch_runner import TorchRunner  # here, not at the top: the torch-free runtime never gets here
+        runner = model.__dict__["_runner"] = TorchRunner(model)
+    return runner
+
+
 class PromptCache:
     """A KV cache that remembers which tokens it holds, so the next prompt that starts the same
     way (a chat's next turn) prefills only what is new. Positions past `tokens` hold stale keys;
     they are overwritten before anything reads them, so truncating is just moving the offset."""
 
-    def __init__(self, config: ModelConfig, max_len: int | None = None, *,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.config = config
-        self.kv = KVCache(config, batch_size=1, max_len=max_len, dtype=dtype, device=device)
+    def __init__(self, model: Any, max_len: int | None = None):
+        runner = runner_for(model)
+        self.config: ModelConfig = runner.config
+        self.kv = runner.new_cache(max_len)
         self.tokens: list[int] = []
         self.last_prefill = 0  # tokens the last prefill ran through the model (the rest were reused)
 
@@ -244,12 +295,12 @@ class PromptCache:
         self.kv.offset = n
         del self.tokens[n:]
 
-    def prefill(self, model: torch.nn.Module, prompt: Sequence[int], *,
-                all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, model: Any, prompt: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         """Run the prompt's uncached tail through the model; logits [1, vocab] for the last position,
         or with all_logits [len(prompt), vocab] for every position (then nothing is reused: the
         cached positions have no logits)."""
-        if model.config != self.config:
+        runner = runner_for(model)
+        if runner.config != self.config:
             raise ConfigError("this PromptCache was made for a different model configuration")
         prompt = list(prompt)
         reuse = 0
@@ -258,41 +309,36 @@ class PromptCache:
             while reuse < limit and self.tokens[reuse] == prompt[reuse]:
                 reuse += 1
         self.truncate(reuse)  # before the forward, so a failed one leaves tokens and offset in step
-        device = self.kv.keys[0].device
-        logits = model(torch.tensor([prompt[reuse:]], dtype=torch.long, device=device), self.kv,
-                       last_only=not all_logits)[0]
+        logits = runner.logits(prompt[reuse:], self.kv, all_logits=all_logits)
         self.tokens.extend(prompt[reuse:])
         self.last_prefill = len(prompt) - reuse
         return logits
 
-    def feed(self, model: torch.nn.Module, token: int) -> torch.Tensor:
+    def feed(self, model: Any, token: int) -> np.ndarray:
         """Run one generated token through the model; the next-token logits [vocab]."""
         return self.feed_many(model, [token])[0]
 
-    def feed_many(self, model: torch.nn.Module, tokens: Sequence[int]) -> torch.Tensor:
+    def feed_many(self, model: Any, tokens: Sequence[int]) -> np.ndarray:
         """Run several tokens through the model in one forward (a token and the draft after it);
         logits [len(tokens), vocab], row i predicting what follows tokens[i]. With the native step
         each row computes exactly what it would alone, so a verified draft changes no output."""
-        device = self.kv.keys[0].device
-        logits = model(torch.tensor([list(tokens)], dtype=torch.long, device=device), self.kv)[0]
+        logits = runner_for(model).logits(list(tokens), self.kv)
         self.tokens.extend(tokens)
         return logits
 
 
-def _prepare(model: torch.nn.Module, cache: PromptCache | None,
-             prompt: Sequence[int]) -> tuple[PromptCache, int]:
+def _prepare(model: Any, cache: PromptCache | None, prompt: Sequence[int]) -> tuple[PromptCache, int]:
     """The cache to run on (a fresh one when none is given) and the context it leaves."""
-    vocab = model.config.vocab_size
+    config = runner_for(model).config
+    vocab = config.vocab_size
     if any(not 0 <= t < vocab for t in prompt):  # the embedding would fail with a bare IndexError
         raise ConfigError(f"the prompt has token ids outside the model's vocabulary [0, {vocab})")
     if cache is None:
-        cache = PromptCache(model.config, device=next(model.parameters()).device)
-    model.eval()
-    return cache, min(model.config.max_seq_len, cache.max_len)
+        cache = PromptCache(model)
+    return cache, min(config.max_seq_len, cache.max_len)
 
 
-@torch.no_grad()
-def generate_step(model, prompt: list[int], sampling: SamplingConfig | None = None, max_tokens: int = 100,
+def generate_step(model: Any, prompt: list[int], sampling: SamplingConfig | None = None, max_tokens: int = 100,
                   seed: int | None = None, *, cache: PromptCache | None = None) -> Iterator[int]:
     """Yield up to max_tokens new token ids (end tokens included: ids carry no text, so end
     tokens, stop strings and logprobs belong to `stream_generate`). The prompt is prefilled in one
@@ -342,7 +388,7 @@ class SpeculationStats:
 
 
 def _next_rows(model, cache: PromptCache, decoder: SequenceDecoder, context: int, drafter: Drafter | None,
-               draft_tokens: int, stats: SpeculationStats | None) -> list[tuple[torch.Tensor, int | None]]:
+               draft_tokens: int, stats: SpeculationStats | None) -> list[tuple[np.ndarray, int | None]]:
     """The logits to decide the next tokens from, each with the draft token proposed for it: one
     row without a draft; with one, the rows of a single forward over the last token and the draft."""
     token = decoder.next_input
@@ -356,7 +402,6 @@ def _next_rows(model, cache: PromptCache, decoder: SequenceDecoder, context: int
     return list(zip(cache.feed_many(model, [token] + draft), draft + [None]))
 
 
-@torch.no_grad()
 def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
                    cache: PromptCache | None = None, drafter: Drafter | None = None, draft_tokens: int = 8,
                    stats: SpeculationStats | None = None) -> Iterator[GenerationResponse]:
@@ -374,7 +419,7 @@ def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
     logits = cache.prefill(model, request.prompt, all_logits=request.echo)
     if request.echo:
         decoder.prompt_logprobs(logits)
-    rows: list[tuple[torch.Tensor, int | None]] = [(logits[-1], None)]
+    rows: list[tuple[np.ndarray, int | None]] = [(logits[-1], None)]
     first = None
     while True:
         base = len(cache.tokens) - len(rows)  # cached tokens before the rows' inputs

@@ -25,139 +25,19 @@ never give wrong answers silently).
 from __future__ import annotations
 
 import functools
-import os
-import platform
 import time
-import warnings
-from typing import Any
 
 import numpy as np
 import torch
 
+from . import native
 from .errors import ConfigError, FormatError
-from .formats import FORMATS, get_format
+from .formats import get_format
 from .formats.q4_table import dequantize_rows_q4
 from .formats.base import aligned_copy  # noqa: F401  (public here: the kernels are why it exists)
-
-ENV_PATH = "BITNET158_KERNEL"
-ENV_DISABLE = "BITNET158_DISABLE_EXT"
-TORCH_PATH = "torch"
-# The compiled paths a build for this machine's architecture can hold (csrc/cpu_features.h), best first.
-_X86_PATHS, _ARM64_PATHS = ("avx512vnni", "avx2"), ("i8mm", "dotprod", "neon")
-_ARCH_PATHS = {"x86_64": _X86_PATHS, "amd64": _X86_PATHS, "aarch64": _ARM64_PATHS, "arm64": _ARM64_PATHS}
-
-_ext: Any = None
-_ext_error: str | None = None
-_loaded = False
-_verified: dict[str, bool] = {}
-_path: str | None = None
-
-
-def _load_extension() -> Any:
-    global _ext, _ext_error, _loaded
-    if _loaded:
-        return _ext
-    _loaded = True
-    if os.environ.get(ENV_DISABLE, "").strip() not in ("", "0"):
-        _ext_error = f"disabled by {ENV_DISABLE}"
-    else:
-        try:
-            from . import _C  # type: ignore[attr-defined]
-            _ext = _C
-        except ImportError as exc:  # not built (no compiler at install time) or wrong platform
-            _ext_error = str(exc).splitlines()[0]
-    if _ext is not None:
-        _ext.set_num_threads(max(1, torch.get_num_threads()))  # like torch: one per physical core
-    if _ext is None:
-        warnings.warn(f"bitnet158: the compiled CPU kernels are unavailable ({_ext_error}); using the "
-                      f"portable torch path, which is much slower. Reinstall with a working g++ to build them.",
-                      RuntimeWarning, stacklevel=3)
-    return _ext
-
-
-def extension_available() -> bool:
-    return _load_extension() is not None
-
-
-def available_paths() -> list[str]:
-    """Kernel paths this machine can run, fastest first (``torch`` always last)."""
-    ext = _load_extension()
-    paths = [p for p in ext.available_paths() if _self_check(p)] if ext is not None else []
-    return paths + [TORCH_PATH]
-
-
-def cpu_features() -> dict[str, bool]:
-    ext = _load_extension()
-    return dict(ext.cpu_features()) if ext is not None else {}
-
-
-def _self_check(path: str) -> bool:
-    """Compare a SIMD path with the scalar oracle once, on shapes that touch every code branch, in
-    every registered format (one the extension does not know raises here, at the first path choice),
-    and its int8 head kernels."""
-    if path in _verified:
-        return _verified[path]
-    ok = True
-    if path != "scalar":
-        rng = np.random.default_rng(1234)
-        for fmt_name, fmt in FORMATS.items():
-            for m, n, k in ((1, 13, 300), (5, 24, 517), (17, 9, 160)):
-                codes = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
-                x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
-                w = fmt.pack(codes)
-                got = _ext.matmul(x, w, fmt_name, n, k, path=path)
-                ok &= bool(np.array_equal(got, _ext.matmul(x, w, fmt_name, n, k, path="scalar")))
-        for m, n, k in ((1, 9, 200), (5, 9, 200), (6, 4, 64)):  # the int8 head: GEMV and the M > 1 kernels
-            x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
-            w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
-            ok &= bool(np.array_equal(_ext.int8_matmul(x, w, path=path), _ext.int8_matmul(x, w, path="scalar")))
-        if not ok:
-            warnings.warn(f"bitnet158: kernel path {path!r} disagrees with the scalar reference on this "
-                          f"machine and is disabled; please report this.", RuntimeWarning, stacklevel=3)
-    _verified[path] = ok
-    return ok
-
-
-def current_path() -> str:
-    global _path
-    if _path is None:
-        requested = os.environ.get(ENV_PATH, "").strip()
-        _path = _validate_path(requested) if requested else available_paths()[0]
-    return _path
-
-
-def _validate_path(name: str) -> str:
-    paths = available_paths()
-    if name not in paths:
-        ext = _load_extension()
-        known = [*_ARCH_PATHS.get(platform.machine().lower(), ()), "scalar", TORCH_PATH]
-        if name not in known:
-            raise ConfigError(f"unknown kernel path {name!r}; expected one of {', '.join(known)}")
-        why = "the compiled extension is unavailable" if ext is None else "this CPU does not support it"
-        raise ConfigError(f"kernel path {name!r} cannot run here ({why}); available: {', '.join(paths)}")
-    return name
-
-
-def set_path(name: str | None) -> str:
-    """Select the kernel path (None: the best one); returns the path now in use."""
-    global _path
-    _path = None if name is None else _validate_path(name)
-    return current_path()
-
-
-def set_num_threads(n: int) -> None:
-    """Threads of the extension's pool (the torch path follows ``torch.set_num_threads``)."""
-    if n < 1:
-        raise ConfigError(f"thread count must be at least 1, got {n}")
-    ext = _load_extension()
-    if ext is not None:
-        ext.set_num_threads(int(n))
-
-
-def get_num_threads() -> int:
-    ext = _load_extension()
-    return ext.get_num_threads() if ext is not None else torch.get_num_threads()
-
+# the extension and the path choice live in `native` (torch-free); public here as they always were
+from .native import (ENV_DISABLE, ENV_PATH, TORCH_PATH, _load_extension, available_paths,  # noqa: F401
+                     cpu_features, current_path, extension_available, get_num_threads, set_num_threads, set_path)
 
 def unpack_codes(packed: torch.Tensor, fmt: str, n: int, k: int) -> torch.Tensor:
     """int8 codes [N, K] of a packed matrix (the torch path's weights)."""
@@ -200,7 +80,7 @@ def ternary_matmul_numpy(x: np.ndarray, packed: np.ndarray, fmt: str, n: int, k:
     :func:`extension_available`); shapes and dtypes are checked in C++."""
     ext = _load_extension()
     if ext is None:
-        raise ConfigError(f"the compiled kernels are unavailable ({_ext_error}); use ternary_matmul")
+        raise ConfigError(f"the compiled kernels are unavailable ({native.extension_error()}); use ternary_matmul")
     path = path or current_path()
     if path == TORCH_PATH:
         raise ConfigError("ternary_matmul_numpy runs compiled paths only; use ternary_matmul for 'torch'")
@@ -215,7 +95,7 @@ def bitlinear(x: np.ndarray, packed: np.ndarray, fmt: str, n: int, k: int, w_sca
     int8 (absmax per token, or per tensor) → exact integer product → fp32 ``[M, N]`` with both
     scales applied. Rounds exactly as :mod:`bitnet158.quant` does. For callers that have checked
     that `path` is a compiled one: a decode step makes ~200 of these calls."""
-    return _ext.bitlinear(x, packed, fmt, n, k, w_scale, per_token, path=path)
+    return native._ext.bitlinear(x, packed, fmt, n, k, w_scale, per_token, path=path)
 
 
 def native_small_ops(x: torch.Tensor) -> bool:
@@ -228,7 +108,7 @@ def native_small_ops(x: torch.Tensor) -> bool:
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """fp32 rotary embedding (rotate_half layout), x [..., T, hd], cos/sin [T, hd], in one native
     call that rounds exactly like the torch formula (check `native_small_ops` first)."""
-    return torch.from_numpy(_ext.rope(x.detach().numpy(), cos.numpy(), sin.numpy()))
+    return torch.from_numpy(native._ext.rope(x.detach().numpy(), cos.numpy(), sin.numpy()))
 
 
 # torch's CPU sum of one row runs in vector lanes of 8 or 16 floats; the native norm must follow it.
@@ -244,7 +124,7 @@ def _norm_width_matches(width: int) -> bool:
         x = (rng.standard_normal((rows, n)) * rng.uniform(1e-2, 20)).astype(np.float32)
         w = rng.uniform(-2, 2, n).astype(np.float32)
         want = torch.nn.functional.rms_norm(torch.from_numpy(x), (n,), torch.from_numpy(w), 1e-5)
-        if not np.array_equal(_ext.rms_norm(x, w, 1e-5, width), want.numpy()):
+        if not np.array_equal(native._ext.rms_norm(x, w, 1e-5, width), want.numpy()):
             return False
     return True
 
@@ -269,7 +149,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     width = _norm_width()
     if width is None:
         return None
-    return torch.from_numpy(_ext.rms_norm(x.detach().numpy(), weight.detach().numpy(), eps, width))
+    return torch.from_numpy(native._ext.rms_norm(x.detach().numpy(), weight.detach().numpy(), eps, width))
 
 
 def int8_matmul(x: torch.Tensor, w: torch.Tensor, *, path: str | None = None) -> torch.Tensor:

@@ -15,8 +15,6 @@ default) or ReLU² (2B4T). Module names follow Hugging Face's BitNet/LLaMA names
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +25,7 @@ from .config import ModelConfig
 from .errors import ConfigError
 from .layers import WEIGHT_BITS, BitLinear, MetaSafeEmbedding, MetaSafeLinear, RMSNorm
 from .packed_layers import TABLE_HEADS, Int8Embedding, Int8Head, PackConfig, PackedBitLinear, head_table
+from .rope import rope_arrays
 
 Cache = KVCache | SlotBatch | SlotRows  # what a forward can read and extend
 
@@ -39,26 +38,8 @@ def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.T
         # modules, ~70 MB resident) — a cost every packed-model load would otherwise pay.
         shape = (config.max_seq_len, hd)
         return torch.empty(shape, device=device), torch.empty(shape, device=device)
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
-    if config.rope_scaling == "llama3":
-        inv_freq = llama3_frequencies(inv_freq, config)
-    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64, device=device), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def llama3_frequencies(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """Llama 3.1's RoPE rescaling: wavelengths longer than original_context / low_freq_factor are
-    stretched by `factor`, those shorter than original_context / high_freq_factor kept, and the
-    band between blends the two linearly in original_context / wavelength."""
-    factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
-    context = config.rope_original_context
-    wavelength = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
-    blend = (context / wavelength - low) / (high - low)
-    smoothed = (1 - blend) * scaled / factor + blend * scaled
-    medium = (wavelength >= context / high) & (wavelength <= context / low)
-    return torch.where(medium, smoothed, scaled)
+    cos, sin = rope_arrays(config)  # numpy, shared with the torch-free runtime: the same floats
+    return torch.from_numpy(cos).to(device or "cpu"), torch.from_numpy(sin).to(device or "cpu")
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -215,7 +196,9 @@ class Transformer(nn.Module):
             if int(start.max()) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(start.max())} exceeds max_seq_len {self.config.max_seq_len}")
             cos, sin = self.rope_cos[start].unsqueeze(1), self.rope_sin[start].unsqueeze(1)
-        if cache is not None:  # a packed model's whole step in native code, where it can run
+        # a packed model's whole step in native code, where it can run; the step reads the embedding
+        # table itself, so an embedding that adds to it (a LoRA update) runs here in Python
+        if cache is not None and isinstance(self.embed_tokens, (nn.Embedding, Int8Embedding)):
             logits = native_step.run(self, tokens, cache, start, last_only)
             if logits is not None:
                 return logits

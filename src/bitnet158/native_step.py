@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, native
 from .errors import ConfigError
 from .layers import RMSNorm
 from .packed_layers import Int8Embedding, Int8Head, PackedBitLinear, Q4Table
@@ -159,7 +159,7 @@ def _build(model: Any) -> StepPlan:
                                                           ("down", "down_proj"))},
         })
     spec["blocks"] = blocks
-    return StepPlan(kernels._ext.StepModel(spec), b.watched, float_head)
+    return StepPlan(native.extension().StepModel(spec), b.watched, float_head)
 
 
 def plan_for(model: Any) -> StepPlan | None:
@@ -199,7 +199,7 @@ def _cache_view(cache: Any) -> Any:
     if view is None:
         if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in cache.keys[:1] + cache.values[:1]):
             return None
-        view = kernels._ext.StepCache([t.numpy() for t in cache.keys], [t.numpy() for t in cache.values])
+        view = native.extension().StepCache([t.numpy() for t in cache.keys], [t.numpy() for t in cache.values])
         cache.__dict__["_step_view"] = view
     return view
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import first_line, short_repr
 from .fileio import atomic_output_path, atomic_write_json
+from .safetensors_header import MAX_HEADER_BYTES, read_header  # noqa: F401 (MAX_HEADER_BYTES: public here)
 
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                 torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
@@ -182,7 +181,6 @@ def write_sharded(directory: str | os.PathLike, entries: Sequence[PlannedTensor]
 
 
 _NAMES_TO_DTYPE = {v: k for k, v in _DTYPE_NAMES.items()}
-MAX_HEADER_BYTES = 100_000_000  # what the safetensors library itself accepts: no header of ours comes close
 
 
 class SafetensorsReader:
@@ -193,41 +191,11 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        info = self.path.stat()
-        if not stat.S_ISREG(info.st_mode):  # opening a FIFO would wait for a writer forever
-            raise ValueError("not a regular file")
-        size = info.st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError(f"header length {n} runs past the end of the file")
-            if n > MAX_HEADER_BYTES:
-                raise ValueError(f"header length {n} is over {MAX_HEADER_BYTES} bytes (the safetensors limit)")
-            try:
-                header = json.loads(f.read(n))
-            # ValueError: not JSON, not UTF-8, an integer of thousands of digits; RecursionError: nested too deeply
-            except (ValueError, RecursionError) as e:
-                raise ValueError(f"header is not JSON ({first_line(e, 120)})") from None
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._start = 8 + n
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype = _NAMES_TO_DTYPE[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: a shape of [Infinity]
-                raise ValueError(f"tensor {short_repr(name)}: bad header entry {short_repr(info, 80)}") from None
-            if end - begin != math.prod(shape) * torch.empty((), dtype=dtype).element_size() or begin < 0:
-                raise ValueError(f"tensor {name}: data_offsets {[begin, end]} disagree with shape {list(shape)}")
-            if self._start + end > size:
-                raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
-            self._entries[name] = (dtype, shape, begin, end)
+        header = read_header(self.path)
+        self.metadata = header.metadata
+        self._start = header.data_start
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {
+            name: (_NAMES_TO_DTYPE[e.dtype], e.shape, e.begin, e.end) for name, e in header.entries.items()}
 
     def keys(self) -> list[str]:
         return list(self._entries)

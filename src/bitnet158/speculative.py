@@ -17,13 +17,13 @@ keeps its distribution (`sampling.sample_with_draft`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import ConfigError
-from .generate import PromptCache
+from .generate import PromptCache, runner_for
 
 MAX_DRAFT_TOKENS = 64  # more is never worth a forward: acceptance decays with every position
 
@@ -59,17 +59,17 @@ class DraftModel:
     """Greedy drafts from a smaller model that shares the target's tokenizer (its own KV cache
     keeps the common prefix between calls, so each proposal costs k small forwards)."""
 
-    def __init__(self, model: torch.nn.Module, target_vocab: int | None = None):
-        self.model = model.eval()
-        vocab = model.config.vocab_size
+    def __init__(self, model: Any, target_vocab: int | None = None):
+        """`model`: a torch Transformer or a torch-free runtime model (any `generate.Runner`)."""
+        self.model = model
+        vocab = runner_for(model).config.vocab_size
         if target_vocab is not None and vocab != target_vocab:
             raise ConfigError(f"the draft model's vocabulary ({vocab}) differs from the model's ({target_vocab}); "
                               f"a draft model must share the tokenizer")
-        self.cache = PromptCache(model.config, device=next(model.parameters()).device)
+        self.cache = PromptCache(model)
 
-    @torch.no_grad()
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
-        k = min(k, self.cache.max_len - len(tokens), self.model.config.max_seq_len - len(tokens))
+        k = min(k, self.cache.max_len - len(tokens), self.cache.config.max_seq_len - len(tokens))
         if k < 1:
             return []
         logits = self.cache.prefill(self.model, tokens)[-1]

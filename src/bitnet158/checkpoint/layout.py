@@ -20,9 +20,10 @@ from typing import Any
 
 from .._version import __version__
 from ..config import ModelConfig
-from ..errors import CheckpointError, first_line, short_repr
+from ..errors import BitNetError, CheckpointError, first_line, short_repr
 from ..jsonio import read_json_object
-from ..packed_layers import PackConfig
+from ..pack_config import PackConfig
+from ..tokenizer import Tokenizer
 
 FORMAT = "bitnet158"
 FORMAT_VERSION = 2
@@ -33,6 +34,12 @@ LATEST = "latest"
 WEIGHT_ALIGN = 64  # tensor data offsets in model.safetensors: whole cache lines for the kernels
 HEAD_TENSORS = ("embed_tokens.weight", "lm_head.weight")  # a float head is stored at its precision
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# A scale multiplies a layer's output. Two scaled outputs meet in the attention scores and in the
+# gated FFN (s²), whose RMSNorm squares again (s⁴ times the sums over hidden units): beyond about
+# 1e6, float32 overflows to inf and the logits become NaN. Real scales are ~1e-3 … 1e1.
+MAX_SCALE = 1e6
+# Norm weights multiply normalized (unit-RMS) activations; real ones stay below ~1e2.
+MAX_NORM_WEIGHT = 1e4
 
 
 def config_document(config: ModelConfig, packing: PackConfig | None, tokenizer=None,
@@ -104,3 +111,38 @@ def read_config_document(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: format_version {version} is newer than this bitnet158 reads "
                               f"({FORMAT_VERSION}); upgrade bitnet158")
     return doc
+
+
+def model_config(directory: Path, doc: dict[str, Any]) -> ModelConfig:
+    """The document's model section as a ModelConfig, or CheckpointError naming the file."""
+    try:
+        return ModelConfig.from_dict(doc["model"])
+    except BitNetError as e:
+        raise CheckpointError(f"{directory / CONFIG}: {e}") from None
+    except TypeError as e:
+        raise CheckpointError(f"{directory / CONFIG}: bad model config ({e})") from None
+
+
+def packing_config(directory: Path, doc: dict[str, Any]) -> PackConfig | None:
+    """The document's packing section (None for a training-form model), or CheckpointError."""
+    if doc.get("kind") != "packed":
+        return None
+    section = doc.get("packing", {})
+    try:
+        if not isinstance(section, dict):
+            raise TypeError("expected an object")
+        return PackConfig(**section).validate()
+    except (TypeError, BitNetError) as e:
+        raise CheckpointError(f"{directory / CONFIG}: bad packing section ({e})") from None
+
+
+def read_tokenizer(directory: Path, doc: dict[str, Any], rows: int) -> Tokenizer | None:
+    """The tokenizer saved beside the weights (special tokens and chat template from the config's
+    tokenizer section), or None; CheckpointError when it has more tokens than the embedding's `rows`."""
+    if not (directory / TOKENIZER).exists():
+        return None
+    tokenizer = Tokenizer.load(directory / TOKENIZER, section=doc.get("tokenizer"))
+    if tokenizer.vocab_size > rows:  # else its top ids would index past the embedding mid-generation
+        raise CheckpointError(f"{directory / TOKENIZER}: the tokenizer has {tokenizer.vocab_size} tokens "
+                              f"but the model's embedding has {rows} rows")
+    return tokenizer

@@ -29,14 +29,9 @@ from ..model import Transformer
 from ..packed_layers import TABLE_HEADS, PackConfig, PackedBitLinear, float_head_dtype
 from ..safetensors_io import SafetensorsReader, all_finite
 from ..tokenizer import Tokenizer
-from .layout import HEAD_TENSORS, CONFIG, TOKENIZER, WEIGHTS, read_config_document, resolve
+from .layout import (CONFIG, HEAD_TENSORS, MAX_NORM_WEIGHT, MAX_SCALE, WEIGHTS, model_config, packing_config,
+                     read_config_document, read_tokenizer, resolve)
 
-# A scale multiplies a layer's output. Two scaled outputs meet in the attention scores and in the
-# gated FFN (s²), whose RMSNorm squares again (s⁴ times the sums over hidden units): beyond about
-# 1e6, float32 overflows to inf and the logits become NaN. Real scales are ~1e-3 … 1e1.
-MAX_SCALE = 1e6
-# Norm weights multiply normalized (unit-RMS) activations; real ones stay below ~1e2.
-MAX_NORM_WEIGHT = 1e4
 
 
 class ModelDir:
@@ -57,24 +52,11 @@ class ModelDir:
 
     @cached_property
     def config(self) -> ModelConfig:
-        try:
-            return ModelConfig.from_dict(self.doc["model"])
-        except BitNetError as e:
-            raise CheckpointError(f"{self.path / CONFIG}: {e}") from None
-        except TypeError as e:
-            raise CheckpointError(f"{self.path / CONFIG}: bad model config ({e})") from None
+        return model_config(self.path, self.doc)
 
     @cached_property
     def packing(self) -> PackConfig | None:
-        if self.doc.get("kind") != "packed":
-            return None
-        section = self.doc.get("packing", {})
-        try:
-            if not isinstance(section, dict):
-                raise TypeError("expected an object")
-            return PackConfig(**section).validate()
-        except (TypeError, BitNetError) as e:
-            raise CheckpointError(f"{self.path / CONFIG}: bad packing section ({e})") from None
+        return packing_config(self.path, self.doc)
 
     def skeleton(self) -> Transformer:
         """The empty model (meta device) the tensors belong to: no weight is allocated."""
@@ -229,15 +211,7 @@ class ModelDir:
     def tokenizer(self) -> Tokenizer | None:
         """The tokenizer saved beside the weights (special tokens and chat template from the
         config's tokenizer section), or None."""
-        if not (self.path / TOKENIZER).exists():
-            return None
-        section = self.doc.get("tokenizer")
-        tokenizer = Tokenizer.load(self.path / TOKENIZER, section=section)
-        rows = self.config.vocab_size
-        if tokenizer.vocab_size > rows:  # else its top ids would index past the embedding mid-generation
-            raise CheckpointError(f"{self.path / TOKENIZER}: the tokenizer has {tokenizer.vocab_size} tokens "
-                                  f"but the model's embedding has {rows} rows")
-        return tokenizer
+        return read_tokenizer(self.path, self.doc, self.config.vocab_size)
 
     def load(self, device: str | torch.device = "cpu", with_tokenizer: bool = True
              ) -> tuple[Transformer, Tokenizer | None]:

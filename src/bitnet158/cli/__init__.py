@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from ..errors import BitNetError
 
@@ -35,11 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitnet158", description="1.58-bit BitNet models on a CPU")
     sub = parser.add_subparsers(dest="verb", required=True)
     for verb, module_name in VERBS.items():
-        module = importlib.import_module(f"{__name__}.{module_name}")
+        try:
+            module = importlib.import_module(f"{__name__}.{module_name}")
+        except ModuleNotFoundError as e:
+            if e.name != "torch":
+                raise
+            # a minimal install (no torch) still lists the verb, and says what it needs when used
+            p = sub.add_parser(verb, help="(needs torch) " + verb, add_help=False)
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(func=_needs_torch(verb))
+            continue
         p = sub.add_parser(verb, help=module.HELP)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
     return parser
+
+
+def _needs_torch(verb: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise BitNetError(f"`{verb}` needs torch, which this install lacks: pip install torch==2.13.0 (a CPU wheel) "
+                          f"and bitnet158[full]; generate, chat and serve run packed models without it")
+    return run
 
 
 def one_line(message: str) -> str:

@@ -13,15 +13,13 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from .. import checkpoint
-from ..bench import use_kernel_threads
-from ..checkpoint.adapter import load_adapter
 from ..chat_template import chat_template_for, encode_chat, read_template_file, stop_texts_for
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..generate import PromptCache, stream_generate
 from ..sampling import SamplingConfig
 from ..tokenizer import Tokenizer
-from .common import default_of, set_threads
+from .common import default_of
+from .inference import add_runtime_argument, load_model
 
 NAME = "chat"
 HELP = "chat with a checkpoint in the terminal (multi-turn, streamed; /reset, /exit)"
@@ -43,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the first answer (each later answer: seed + its turn)")
     p.add_argument("--threads", type=int)
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout, or a finetune run) applied unmerged")
+    add_runtime_argument(p)
 
 
 class ChatSession:
@@ -59,7 +58,7 @@ class ChatSession:
         self.system = system
         self.seed = seed
         self.context = model.config.max_seq_len
-        self.cache = PromptCache(model.config)
+        self.cache = PromptCache(model)
         self.messages: list[dict[str, str]] = []
         self.turn = 0
         self.reset()
@@ -140,19 +139,12 @@ def _template_note(tokenizer: Tokenizer, args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    set_threads(args.threads)
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty).validate()
     override = read_template_file(args.chat_template) if args.chat_template else None
-    model, tokenizer = checkpoint.load(args.checkpoint)
-    if args.adapter is not None:
-        load_adapter(model, args.adapter)
-    if model.packing is not None:
-        use_kernel_threads(args.threads)
-    if tokenizer is None:
-        raise CheckpointError(f"{args.checkpoint}: no tokenizer.json beside the weights")
+    model, tokenizer = load_model(args.checkpoint, runtime=args.runtime, threads=args.threads, adapter=args.adapter)
     session = ChatSession(model, tokenizer, chat_template_for(tokenizer, override), sampling, args.max_tokens,
                           system=args.system, seed=args.seed)
     interactive = sys.stdin.isatty()

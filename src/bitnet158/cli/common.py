@@ -6,8 +6,6 @@ import inspect
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from ..errors import ConfigError
 
 DEFAULT_RUNS = "runs"
@@ -24,6 +22,8 @@ def set_threads(n: int | None) -> None:
         return
     if n < 1:
         raise ConfigError(f"--threads must be at least 1, got {n}")
+    import torch  # here: the torch-free verbs never call this
+
     torch.set_num_threads(n)
 
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import checkpoint
-from ..bench import use_kernel_threads
-from ..checkpoint.adapter import load_adapter
-from ..errors import CheckpointError
 from ..generate import SpeculationStats, stream_generate
 from ..sampling import SamplingConfig
 from ..speculative import DraftModel, PromptLookup, check_draft_tokens
-from .common import default_of, set_threads
+from .common import default_of
+from .inference import add_runtime_argument, load_model
 
 NAME = "generate"
 HELP = "generate text from a checkpoint (streams to the terminal)"
@@ -36,22 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens drafted per verifying forward")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout, or a finetune run) applied unmerged")
     p.add_argument("--quiet", action="store_true", help="no statistics line")
+    add_runtime_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    set_threads(args.threads)
-    model, tokenizer = checkpoint.load(args.checkpoint)
-    if args.adapter is not None:
-        load_adapter(model, args.adapter)
-    if model.packing is not None:
-        use_kernel_threads(args.threads)
-    if tokenizer is None:
-        raise CheckpointError(f"{args.checkpoint}: no tokenizer.json beside the weights")
+    model, tokenizer = load_model(args.checkpoint, runtime=args.runtime, threads=args.threads, adapter=args.adapter)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty)
     drafter = None
     if args.draft is not None:
-        draft_model, _ = checkpoint.load(args.draft, with_tokenizer=False)
+        draft_model, _ = load_model(args.draft, runtime=args.runtime, threads=args.threads, need_tokenizer=False)
         drafter = DraftModel(draft_model, model.config.vocab_size)
     elif args.speculate == "ngram":
         drafter = PromptLookup()

@@ -19,14 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint
-from ..checkpoint.adapter import load_adapter, resolve_adapter
-from ..bench import use_kernel_threads
 from ..chat_template import read_template_file
 from ..errors import BitNetError, CheckpointError, ConfigError
+from ..runtime import choose
 from ..serve.engine import Engine
 from ..tokenizer import Tokenizer
-from .common import default_of, set_threads
+from .common import default_of
+from .inference import add_runtime_argument, load_model
 
 NAME = "serve"
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (chat, completions, streaming)"
@@ -56,21 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default: the server's, 1 MiB)")
     p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
                    help="seconds a shutdown waits for running requests; default %(default)s")
+    add_runtime_argument(p)
 
 
 def engine_loader(path: str | Path, *, max_concurrency: int, max_queue: int, threads: int | None = None,
-                  prefill_chunk: int | None = None, adapter: str | Path | None = None
+                  prefill_chunk: int | None = None, adapter: str | Path | None = None, runtime: str | None = None
                   ) -> Callable[[], tuple[Engine, Tokenizer]]:
     """What the app runs in its loading thread: the checkpoint (and a LoRA adapter, unmerged) → a
     started Engine and its tokenizer."""
     def load() -> tuple[Engine, Tokenizer]:
-        model, tokenizer = checkpoint.load(path)
-        if tokenizer is None:
-            raise CheckpointError(f"{path}: no tokenizer.json beside the weights")
-        if adapter is not None:
-            load_adapter(model, adapter)
-        if model.packing is not None:
-            use_kernel_threads(threads)
+        model, tokenizer = load_model(path, runtime=runtime, threads=threads, adapter=adapter)
         chunk = {"prefill_chunk": prefill_chunk} if prefill_chunk is not None else {}
         return Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, **chunk).start(), tokenizer
     return load
@@ -88,10 +82,17 @@ def run(args: argparse.Namespace) -> int:
 
     from ..serve.api import create_app
 
-    set_threads(args.threads)
     if not Path(args.checkpoint).exists():
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
-    if args.adapter is not None:
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    if choose(args.runtime) == "native":
+        if args.adapter is not None:
+            raise ConfigError("--adapter needs the torch runtime (a LoRA adapter runs in torch): "
+                              "install torch or leave out --runtime native")
+    elif args.adapter is not None:
+        from ..checkpoint.adapter import resolve_adapter
+
         resolve_adapter(args.adapter)  # a missing adapter is a one-line error now, not a failed load later
     if args.max_concurrency < 1 or args.max_queue < 0 or args.prefill_chunk < 1:
         raise ConfigError("--max-concurrency and --prefill-chunk must be at least 1 and --max-queue at least 0")
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}
     app = create_app(engine_loader(args.checkpoint, max_concurrency=args.max_concurrency,
                                    max_queue=args.max_queue, threads=args.threads, prefill_chunk=args.prefill_chunk,
-                                   adapter=args.adapter),
+                                   adapter=args.adapter, runtime=args.runtime),
                      model_name=args.model_name or model_name_for(args.checkpoint), api_key=args.api_key,
                      chat_template=template, drain_timeout=args.drain_timeout,
                      on_load_error=stop_on_load_error, **options)

@@ -29,13 +29,10 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
-import torch
-
-from ..cache import SlotKVCache
 from ..errors import BitNetError, ConfigError
-from ..generate import GenerationRequest, GenerationResponse, SequenceDecoder
-from ..model import Transformer
+from ..generate import GenerationRequest, GenerationResponse, SequenceDecoder, runner_for
 from ..tokenizer import Tokenizer
 
 
@@ -115,9 +112,10 @@ class _Sequence:
 class Engine:
     """The batching loop over one model (see the module docstring)."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int = 64,
+    def __init__(self, model: Any, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int = 64,
                  max_len: int | None = None, prefill_chunk: int = 512):
-        """`max_len`: positions per slot (prompt + answer), the model's context by default; the
+        """`model`: a torch Transformer or a torch-free runtime model (any `generate.Runner`).
+        `max_len`: positions per slot (prompt + answer), the model's context by default; the
         KV cache takes max_concurrency × max_len positions up front. `prefill_chunk`: prompt
         tokens a step takes at most (a longer prompt is prefilled over several steps, so the
         sequences already decoding wait at most one chunk for their next token)."""
@@ -125,10 +123,12 @@ class Engine:
             raise ConfigError(f"max_concurrency and prefill_chunk must be ≥ 1 and max_queue ≥ 0, got "
                               f"{max_concurrency}, {prefill_chunk}, {max_queue}")
         self.prefill_chunk = prefill_chunk
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model, tokenizer
+        self.runner = runner_for(model)
         self.max_queue = max_queue
-        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
-        self.cache = SlotKVCache(model.config, max_concurrency, self.max_len)
+        context = self.runner.config.max_seq_len
+        self.max_len = min(max_len or context, context)
+        self.cache = self.runner.new_slot_cache(max_concurrency, self.max_len)
         self._free = list(range(max_concurrency))[::-1]
         self._waiting: collections.deque[tuple[RequestStream, float]] = collections.deque()
         self._active: list[_Sequence] = []
@@ -155,7 +155,7 @@ class Engine:
 
     def start(self) -> "Engine":
         if self._thread is None:
-            self._torch_threads = torch.get_num_threads()  # the starter's setting (use_kernel_threads: 1)
+            self._worker = self.runner.worker()  # made here: it reads the starter's settings
             self._thread = threading.Thread(target=self._run, name="bitnet158-engine", daemon=True)
             self._thread.start()
         return self
@@ -193,8 +193,7 @@ class Engine:
 
     # --- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        torch.set_num_threads(self._torch_threads)  # OpenMP settings are per thread too
-        with torch.no_grad():  # grad mode is per thread: the engine thread sets its own
+        with self._worker:
             while True:
                 with self._wake:
                     while not (self._waiting or self._active or self._stopping):
@@ -243,11 +242,11 @@ class Engine:
             if not seq.prefilling or len(tokens) == len(seq.pending):  # a token to choose after this forward
                 out_rows.extend(range(at - len(tokens), at) if whole_echo else [at - 1])
         decoding = sum(not seq.prefilling for seq in rows)
-        ids = torch.tensor([[t for _, tokens in segments for t in tokens]], dtype=torch.long)
+        ids = [t for _, tokens in segments for t in tokens]
         binding = self.cache.bind_rows([(slot, len(tokens)) for slot, tokens in segments], out_rows)
         start = time.perf_counter()
         try:
-            logits = self.model(ids, binding)[0]  # [len(out_rows), vocab]
+            logits = self.runner.rows_logits(ids, binding)  # [len(out_rows), vocab]
         except Exception as e:  # a bug must not take the engine (and every other request) down
             for seq in rows:
                 self._release(seq)
