@@ -258,6 +258,10 @@ def test_generate_and_chat_without_torch_match_the_torch_path(torch_free_python,
                "--temperature", "0", "--quiet", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == "def f(x):" + want + "\n"
+    drafted = _run(torch_free_python, "generate", str(ckpt), "--prompt", "def f(x):", "--max-tokens", "30",
+                   "--temperature", "0", "--speculate", "ngram", cwd=tmp_path)
+    assert drafted.returncode == 0 and drafted.stdout == out.stdout, drafted.stderr[-2000:]  # exact: same tokens
+    assert "drafts accepted" in drafted.stderr
     chat = _run(torch_free_python, "chat", str(ckpt), "--temperature", "0", "--max-tokens", "8",
                 stdin="hello\n/reset\nagain\n/exit\n", cwd=tmp_path)
     assert chat.returncode == 0, chat.stderr[-2000:]
