@@ -14,7 +14,8 @@ fp32 latent weight is ever allocated for it). Each child reports
   s/step      the median over steps after the first;
   held-out    the loss on assistant tokens after the same number of tokens (with --base only).
 `--layers N` keeps a preset's shapes with N blocks (a full fine-tune of all 30 2B4T blocks needs
-~40 GB with AdamW); the embedding and head are kept whole.
+~40 GB with AdamW); the embedding and head are kept whole. `--targets` names LoRA's modules
+(default: the seven projections, embed_tokens and lm_head, i.e. the tied table's one update).
 """
 
 from __future__ import annotations
@@ -66,14 +67,14 @@ def child(method: str, args: argparse.Namespace) -> dict:
     from bitnet158.model import Transformer
     from bitnet158.pack import random_packed
     from bitnet158.train.data.instructions import default_instructions
-    from bitnet158.train.sft import prepare_model, sft, sft_train_config
+    from bitnet158.train.sft import chat_loss, prepare_model, sft, sft_train_config
     from bitnet158.train.trainer import train
 
     torch.set_num_threads(args.threads)
     baseline = _rss()
     tc = sft_train_config(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, warmup=1,
                           eval_every=args.steps, save_every=args.steps, lr=args.lr)
-    lora = LoRAConfig(r=args.rank, alpha=2.0 * args.rank)
+    lora = LoRAConfig(r=args.rank, targets=_targets(args))  # alpha: LoRAConfig's default, 2 x rank
     step_times: list[float] = []
 
     def timed(step: int, model) -> None:  # on_step runs before each step: the gaps are step times
@@ -99,7 +100,8 @@ def child(method: str, args: argparse.Namespace) -> dict:
         x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), generator=gen)
         y = torch.where(torch.rand(x.shape, generator=gen) < 0.5, torch.roll(x, -1, 1), -100)
         with PeakSampler() as peak:
-            train(model, tc, None, batches=lambda i: (x, y), progress=False, on_step=timed)
+            train(model, tc, None, batches=lambda i: (x, y), progress=False, on_step=timed,
+                  loss_fn=chat_loss)  # finetune's loss, for both methods
         loss = before = None
     # gap i is step i's time (the last step has no gap: the final eval follows it); skip step 0's
     gaps = [b - a for a, b in zip(step_times, step_times[1:])]
@@ -111,6 +113,26 @@ def child(method: str, args: argparse.Namespace) -> dict:
             "heldout_before": before, "trainable": trainable}
 
 
+def _targets(args: argparse.Namespace) -> tuple[str, ...]:
+    from bitnet158.lora import LoRAConfig
+    if not args.targets:
+        return LoRAConfig.targets
+    return tuple(t.strip() for t in args.targets.split(",") if t.strip())
+
+
+def _alpha(rank: int) -> float:
+    from bitnet158.lora import LoRAConfig
+    return LoRAConfig(r=rank).alpha
+
+
+def _describe(targets: tuple[str, ...]) -> str:
+    from bitnet158.lora import PROJECTIONS
+    rest = [t for t in targets if t not in PROJECTIONS]
+    head = "all seven projections" if set(PROJECTIONS) <= set(targets) else ", ".join(t for t in targets
+                                                                                      if t in PROJECTIONS)
+    return ", ".join(([head] if head else []) + rest)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="a trained training-form checkpoint (held-out loss on the embedded set)")
@@ -119,12 +141,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, help="LoRA rank (default: LoRAConfig's)")
+    p.add_argument("--targets", help="LoRA targets, comma-separated (default: LoRAConfig's: the projections, "
+                   "embed_tokens, lm_head)")
     p.add_argument("--lr", type=float, help="peak LR (default: each method's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the rows here too")
     p.add_argument("--child", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rank is None:
+        from bitnet158.lora import LoRAConfig
+        args.rank = LoRAConfig.r
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
@@ -137,7 +164,8 @@ def main() -> None:
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     what = f"base {args.base}" if args.base else f"preset {args.preset}" + (f", {args.layers} layers" if args.layers else "")
     print(f"fine-tuning {what}: {args.steps} steps of {args.batch_size}×{args.seq_len} tokens, "
-          f"{args.threads} threads, LoRA rank {args.rank} on all seven projections")
+          f"{args.threads} threads, LoRA rank {args.rank} (alpha {_alpha(args.rank):g}) on "
+          f"{_describe(_targets(args))}")
     print(f"{'method':<6} {'trainable':>12} {'peak (train)':>13} {'peak (proc)':>12} {'s/step':>8} {'held-out':>9}")
     for r in rows:
         loss = f"{r['heldout_loss']:.4f}" if r["heldout_loss"] is not None else "-"

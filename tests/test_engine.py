@@ -179,18 +179,17 @@ def test_served_adapter_gives_what_generate_with_the_adapter_gives(model, tok, t
     from bitnet158 import checkpoint
     from bitnet158.checkpoint.adapter import load_adapter, save_adapter
     from bitnet158.cli.serve import engine_loader
-    from bitnet158.lora import LoRAConfig, add_lora, lora_layers
+    from bitnet158.lora import LoRAConfig, add_lora, lora_modules
 
     base = checkpoint.save_packed(model, tmp_path / "base", tok)
     adapted, _ = bn.load(base)
-    config = LoRAConfig(r=4, alpha=8.0)
+    config = LoRAConfig(r=4, alpha=8.0)  # projections and the tied table (cached steps in Python)
     add_lora(adapted, config)
     torch.manual_seed(3)
     with torch.no_grad():
-        for layer in lora_layers(adapted).values():
-            for p in layer.parameters():
-                if p.requires_grad:
-                    p.normal_(0.0, 0.3)
+        for layer in lora_modules(adapted).values():
+            for p in layer.parameters(recurse=False):
+                p.normal_(0.0, 0.3)
     save_adapter(adapted, tmp_path / "adapter", config)
     reference, _ = bn.load(base)
     load_adapter(reference, tmp_path / "adapter")

@@ -1,5 +1,6 @@
 """LoRA beside a frozen ternary base (bitnet158.lora): exact base arithmetic, zero-B identity,
-gradients only to adapters, the float reference, and the base held as int8 codes."""
+gradients only to adapters, the float reference, and the base held as int8 codes; the embedding
+and head's update (one update of a tied table, or one each when untied)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import torch
 from bitnet158 import ModelConfig, Transformer, quant
 from bitnet158.errors import ConfigError
 from bitnet158.layers import BitLinear
-from bitnet158.lora import (PROJECTIONS, FrozenInt8Head, FrozenTernaryLinear, LoRAConfig, LoRALinear, add_lora,
-                            lora_layers)
+from bitnet158.lora import (FACTOR_NAMES, PROJECTIONS, FrozenInt8Head, FrozenTernaryLinear, LoRAConfig,
+                            LoRAEmbedding, LoRAHead, LoRALinear, TiedHead, add_lora, factors, lora_layers,
+                            lora_modules)
 from bitnet158.pack import pack_
-from bitnet158.packed_layers import PackConfig, PackedBitLinear
+from bitnet158.packed_layers import Int8Embedding, Int8Head, PackConfig, PackedBitLinear
 from common import one_torch_thread  # noqa: F401  (the fixture, by name)
 
 
@@ -67,24 +69,88 @@ def test_output_equals_float_reference():
         torch.testing.assert_close(lora(x).double(), ref, rtol=0, atol=1e-5)
 
 
+def _randomize(model, std: float = 0.01) -> None:
+    """Non-zero updates everywhere (the factors that start at zero: the projections' B, the embedding's A)."""
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            for p in m.parameters(recurse=False):
+                if p.abs().sum() == 0:
+                    p.normal_(std=std)
+
+
 def test_gradients_reach_only_adapters_and_the_input_through_the_ste():
     model = _model()
     add_lora(model, LoRAConfig(r=2, alpha=4.0))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
-    assert len(trainable) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
-    with torch.no_grad():
-        for m in lora_layers(model).values():
-            m.lora_B.normal_(std=0.01)
+    assert trainable and all(n.rpartition(".")[2] in FACTOR_NAMES for n in trainable)
+    # A and B, 7 projections, 2 layers; the tied table's one update (its head holds no factors of its own)
+    assert len(trainable) == 2 * 7 * 2 + 2
+    assert {"embed_tokens.lora_embedding_A", "embed_tokens.lora_embedding_B"} <= trainable
+    _randomize(model)
     tokens = torch.randint(0, 300, (2, 10))
     model(tokens).logsumexp(-1).mean().backward()
     for name, p in model.named_parameters():
-        if name.endswith(("lora_A", "lora_B")):
+        if name.rpartition(".")[2] in FACTOR_NAMES:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
     # the first layer's adapters learn only if the gradient passed down through later frozen bases
     assert model.layers[0].self_attn.q_proj.lora_A.grad.abs().sum() > 0
+    assert model.embed_tokens.base.weight.grad is None  # the table itself stays frozen
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_zero_update_gives_exactly_the_base_output_including_the_head(packed):
+    model = _model().eval()
+    if packed:
+        pack_(model, PackConfig(format="i2"))
+    tokens = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        before = model(tokens)
+    add_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=0.1), frozen_base=False)
+    assert isinstance(model.embed_tokens, LoRAEmbedding) and isinstance(model.lm_head, LoRAHead)
+    assert torch.count_nonzero(model.embed_tokens.lora_embedding_A) == 0  # PEFT's embedding: A starts at zero
+    assert torch.count_nonzero(model.embed_tokens.lora_embedding_B) > 0
+    with torch.no_grad():
+        assert torch.equal(model(tokens), before)
+        assert torch.equal(model.train()(tokens), before)  # dropout on the head's input: still nothing
+
+
+def test_tied_table_takes_one_update_at_both_ends():
+    model = _model().eval()
+    reference = _model().eval()
+    add_lora(model, LoRAConfig(r=4, alpha=8.0, targets=("embed_tokens", "lm_head")), frozen_base=False)
+    _randomize(model, std=0.5)
+    head = model.lm_head
+    assert head.tied is model.embed_tokens and not list(head.parameters(recurse=False))
+    a, b = factors(head)  # PEFT's lm_head factors: the embedding's, transposed
+    embed = model.embed_tokens
+    assert torch.equal(a, embed.lora_embedding_B.T) and torch.equal(b, embed.lora_embedding_A.T)
+    delta = model.embed_tokens.delta_weight().detach()
+    assert float(delta.abs().max()) > 1e-3
+    torch.testing.assert_close(head.delta_weight(), delta, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        reference.embed_tokens.weight.add_(delta)  # the plain model with the table replaced by E + ΔE
+        tokens = torch.randint(0, 300, (2, 9))
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=1e-5)
+
+
+def test_untied_model_gets_an_update_each_and_only_the_targets():
+    model = _model(tie=False)
+    add_lora(model, LoRAConfig(r=2))
+    assert isinstance(model.lm_head, LoRAHead) and model.lm_head.tied is None
+    assert isinstance(model.lm_head.base, torch.nn.Linear) and not model.lm_head.base.weight.requires_grad
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"lm_head.lora_A", "lm_head.lora_B", "embed_tokens.lora_embedding_A"} <= trainable
+    assert len(trainable) == 2 * 7 * 2 + 4
+    # on a tied model, the embedding alone leaves the head as it was (PEFT's meaning of that target)
+    only = _model()
+    add_lora(only, LoRAConfig(r=2, targets=("embed_tokens",)))
+    assert only.lm_head is None and isinstance(only.embed_tokens, LoRAEmbedding)
+    head_only = _model()
+    add_lora(head_only, LoRAConfig(r=2, targets=("lm_head",)))
+    assert isinstance(head_only.lm_head.base, TiedHead) and head_only.lm_head.tied is None
+    assert not isinstance(head_only.embed_tokens, LoRAEmbedding)
 
 
 def test_ste_gradient_to_the_input_matches_bitlinear():
@@ -101,7 +167,8 @@ def test_ste_gradient_to_the_input_matches_bitlinear():
 def test_every_projection_is_wrapped_and_latent_weights_are_gone():
     model = _model()
     names = add_lora(model, LoRAConfig())
-    assert len(names) == 14 and {n.rpartition(".")[2] for n in names} == set(PROJECTIONS)
+    assert len(names) == 16
+    assert {n.rpartition(".")[2] for n in names} == set(PROJECTIONS) | {"embed_tokens", "lm_head"}
     assert not any(isinstance(m, BitLinear) for m in model.modules())
     some = add_lora(_model(), LoRAConfig(targets=("q_proj", "v_proj")))
     assert len(some) == 4
@@ -114,12 +181,17 @@ def test_packed_model_trains_adapters_through_its_int8_head():
     with torch.no_grad():
         before = model(tokens)
     add_lora(model, LoRAConfig(r=2))
-    assert isinstance(model.lm_head, FrozenInt8Head)
+    assert isinstance(model.lm_head, LoRAHead) and isinstance(model.lm_head.base, FrozenInt8Head)
     assert not any(isinstance(m, PackedBitLinear) for m in model.modules())
     out = model(tokens)
     torch.testing.assert_close(out.detach(), before, rtol=0, atol=1e-5)
     out.logsumexp(-1).mean().backward()  # reaches the adapters through the int8 head
-    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("lora_A"))
+    assert all(p.grad is not None for n, p in model.named_parameters()
+               if n.endswith(("lora_A", "lora_embedding_A")))
+    plain = _model(tie=True).eval()
+    pack_(plain, PackConfig(format="i2"))
+    add_lora(plain, LoRAConfig(r=2, targets=PROJECTIONS))  # no table update: the int8 head alone
+    assert isinstance(plain.lm_head, FrozenInt8Head)
 
 
 def test_inference_wrap_keeps_packed_kernels():
@@ -127,6 +199,22 @@ def test_inference_wrap_keeps_packed_kernels():
     pack_(model, PackConfig(format="i2"))
     add_lora(model, LoRAConfig(r=2), frozen_base=False)
     assert all(isinstance(m.base, PackedBitLinear) for m in lora_layers(model).values())
+    assert isinstance(model.lm_head.base, Int8Head) and isinstance(model.embed_tokens.base, Int8Embedding)
+
+
+def test_q4_head_does_not_train_silently_wrong():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=300, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                                    intermediate_size=64, max_seq_len=64)).eval()
+    pack_(model, PackConfig(format="i2", head="q4"))
+    with pytest.raises(ConfigError, match="q4") as info:
+        add_lora(model, LoRAConfig(r=2))
+    assert "\n" not in str(info.value)
+
+
+def test_alpha_follows_the_rank_unless_given():
+    assert LoRAConfig().alpha == 2.0 * LoRAConfig().r and LoRAConfig(r=4).scaling == 2.0
+    assert LoRAConfig(r=4, alpha=4.0).scaling == 1.0
 
 
 @pytest.mark.parametrize("kw, fragment", [
@@ -134,7 +222,7 @@ def test_inference_wrap_keeps_packed_kernels():
     ({"r": -3}, "rank must be a positive integer"),
     ({"alpha": 0.0}, "alpha"),
     ({"dropout": 1.0}, "dropout"),
-    ({"targets": ("lm_head",)}, "unknown LoRA target"),
+    ({"targets": ("norm",)}, "unknown LoRA target"),
 ])
 def test_bad_config_is_one_line(kw, fragment):
     with pytest.raises(ConfigError, match=fragment) as info:

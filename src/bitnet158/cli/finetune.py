@@ -30,9 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help=f"run directory (default {DEFAULT_RUNS}/finetune-METHOD)")
     p.add_argument("--method", choices=METHODS, default=default_of(sft, "method"))
     p.add_argument("--rank", type=int, default=LoRAConfig.r, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=LoRAConfig.alpha, help="LoRA alpha (scale alpha/rank)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (the scale is alpha/rank; default 2 x rank)")
     p.add_argument("--lora-dropout", type=float, default=LoRAConfig.dropout)
-    p.add_argument("--targets", default=",".join(PROJECTIONS), help="comma-separated projections to adapt")
+    p.add_argument("--targets", default=",".join(LoRAConfig.targets),
+                   help="comma-separated modules to adapt, PEFT's names: the projections "
+                        f"({','.join(PROJECTIONS)}), embed_tokens and lm_head (the embedding and output "
+                        "head: one update of the table when tied); default all")
     p.add_argument("--heldout", type=float, default=default_of(sft, "heldout"),
                    help="share of conversations held out for the evaluation loss")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja template (default: the tokenizer's, else plain)")
