@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from bitnet158 import Transformer, preset
 from bitnet158.errors import ConfigError
 from bitnet158.generate import (GenerationRequest, PromptCache, SequenceDecoder, generate, generate_step,
-                                stream_generate, token_text)
+                                stream_generate)
+from bitnet158.logprobs import token_text
 from bitnet158.sampling import SamplingConfig
 from bitnet158.tokenizer import Tokenizer
 

@@ -13,7 +13,8 @@ import time
 import uuid
 from typing import Any
 
-from ..generate import GenerationResponse, TokenLogprob, token_text
+from ..generate import GenerationResponse
+from ..logprobs import TokenLogprob, token_text
 from ..tokenizer import Tokenizer
 
 # OpenAI reports -9999.0 for a token the model gives no chance at all; JSON has no -Infinity

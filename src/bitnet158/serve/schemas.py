@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
-from ..generate import MAX_LOGPROBS
+from ..logprobs import MAX_LOGPROBS
 
 MAX_STOP = 4            # OpenAI's limit on stop sequences
 MAX_INT = 2**31 - 1     # token counts beyond this cannot fit any context; refusing them keeps ints small

@@ -118,8 +118,8 @@ class AdapterPayload:
         if set(pairs) != set(modules):
             raise CheckpointError(f"{directory}: the run's adapter covers other layers than this model's")
         for name, (a, b) in pairs.items():
-            if tuple(a.shape) != tuple(factors(modules[name])[0].shape) or \
-                    tuple(b.shape) != tuple(factors(modules[name])[1].shape):
+            mine_a, mine_b = factors(modules[name])
+            if a.shape != mine_a.shape or b.shape != mine_b.shape:
                 raise CheckpointError(f"{directory}: {name} has other shapes than this model's adapter")
             set_factors(modules[name], a, b)
         return directory
