@@ -54,10 +54,17 @@ void rows_avx2(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t kv = K / 32 * 32;
     int64_t n = n0;
+    // The next group's rows (contiguous) are fetched a slice per activation row while this group
+    // is worked: the rows come from memory once per call, and nothing else hides their latency.
+    const int64_t group_lines = (kRows * K + 63) / 64, lines_per_m = (group_lines + M - 1) / M;
     for (; n + kRows <= n1; n += kRows) {
         const int8_t* wr = w + n * K;
+        const bool fetch = n + 2 * kRows <= n1;
         for (int64_t m = 0; m < M; ++m) {
             const int8_t* xm = x + m * K;
+            if (fetch)
+                for (int64_t l = m * lines_per_m; l < (m + 1) * lines_per_m && l < group_lines; ++l)
+                    _mm_prefetch(reinterpret_cast<const char*>(wr + kRows * K + l * 64), _MM_HINT_T0);
             __m256i acc[kRows];
             for (auto& a : acc) a = _mm256_setzero_si256();
             for (int64_t k = 0; k < kv; k += 32) {

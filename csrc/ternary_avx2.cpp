@@ -10,8 +10,11 @@
 // instead of three (fields 1 and 3 are used in place, ×4, and the ×4 is shifted out of the int16
 // sum, exactly: it is a multiple of 4) and int16 sums across up to 16 blocks before widening.
 // M < kGemmMinM: GEMV, one pass over each 8-row tile per activation row (tile stays in L1).
-// Larger M: each tile's K-chunk is unpacked once into an L1 buffer of codes, then reused by every
-// activation row with a 4×2 (rows of x × rows of W) register-blocked micro-kernel.
+// Larger M: each tile's K-chunk is unpacked once into an L1 buffer of codes (the next chunk's bytes
+// prefetched meanwhile), then reused by every activation row of a 64-row block with a 4×2 (rows of
+// x × rows of W) register-blocked micro-kernel that keeps its sums in int16 for the whole chunk;
+// per-row vector sums are reduced once per tile. At M = 16 and 128 that is ~110–117 G
+// multiply-adds/s on one Zen 3 core, ~0.55–0.6 of its two-vpmaddubsw-a-cycle peak (was ~90–97).
 //
 // Compiled for AVX2 with `#pragma GCC target`, so one build holds every path. Nothing here uses
 // the standard library (no inline templates compiled for AVX2 could leak into other paths).
@@ -30,7 +33,13 @@ namespace bn158 {
 namespace {
 
 constexpr int64_t kGemmMinM = 4;
-constexpr int64_t kChunkK = 1920;  // GEMM: codes per row unpacked at once, 8 rows × 1920 B = 15 KiB (L1)
+// GEMM: codes per row unpacked at once, 8 rows × 1280 B = 10 KiB, beside 16 rows of x (20 KiB) in L1;
+// a multiple of both block sizes (128, 160). 1920 was ~3 % slower at M = 16 and 128.
+constexpr int64_t kChunkK = 1280;
+// GEMM int16 sums: a vpmaddubsw lane is u0 x0 + u1 x1 with u <= 2, |x| <= 128, so |lane| <= 512, and
+// 64 of them stay within [-32768, 32512]; a chunk is 1280 / 32 = 40 steps.
+constexpr int64_t kGemmInt16Steps = 64;
+static_assert(kChunkK / 32 <= kGemmInt16Steps, "a GEMM chunk must fit the int16 sums");
 #ifndef BN158_PF_BLOCKS
 #define BN158_PF_BLOCKS 8
 #endif
@@ -234,117 +243,125 @@ inline void unpack_b3_block(const uint8_t* wb, uint8_t* d0, int64_t L) {
     }
 }
 
-// res[mi * 2 + ri] = sum_k u_ri[k] * x_mi[k] over nsteps × 32 values.
+// res[mi * 2 + ri] = sum_k u_ri[k] * x_mi[k] over nsteps × 32 values, nsteps <= kGemmInt16Steps.
+// The sums stay int16 for the whole chunk (one vpaddw per vpmaddubsw, no widening inside the loop),
+// so the two multiply pipes do nothing but vpmaddubsw, and the 8 sums, the two code vectors and a
+// temporary fit the 16 ymm registers; x comes straight from L1 as the memory operand. Not inlined:
+// inside gemm_chunk the compiler spilled sums to the stack (~25 % slower).
 template <int MR>
-inline void micro(const uint8_t* u0, const uint8_t* u1, const int8_t* x, int64_t ldx, int64_t nsteps,
+__attribute__((noinline)) void micro(const uint8_t* u0, const uint8_t* u1, const int8_t* x, int64_t ldx, int64_t nsteps,
                   __m256i res[8]) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-    int64_t st = 0;
-    for (; st + 4 <= nsteps; st += 4) {
-        const uint8_t* p0 = u0 + 32 * st;
-        const uint8_t* p1 = u1 + 32 * st;
-        const __m256i a0 = ld(p0), a1 = ld(p0 + 32), a2 = ld(p0 + 64), a3 = ld(p0 + 96);
-        const __m256i b0 = ld(p1), b1 = ld(p1 + 32), b2 = ld(p1 + 64), b3 = ld(p1 + 96);
+#pragma GCC unroll 2
+    for (int64_t st = 0; st < nsteps; ++st) {
+        const __m256i a = ld(u0 + 32 * st), b = ld(u1 + 32 * st);
 #pragma GCC unroll 4
         for (int i = 0; i < MR; ++i) {
-            const int8_t* xm = x + i * ldx + 32 * st;
-            const __m256i y0 = ld(xm), y1 = ld(xm + 32), y2 = ld(xm + 64), y3 = ld(xm + 96);
-            __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(a0, y0), _mm256_maddubs_epi16(a1, y1));
-            s = _mm256_add_epi16(s, _mm256_add_epi16(_mm256_maddubs_epi16(a2, y2), _mm256_maddubs_epi16(a3, y3)));
-            acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s, ones));
-            __m256i q = _mm256_add_epi16(_mm256_maddubs_epi16(b0, y0), _mm256_maddubs_epi16(b1, y1));
-            q = _mm256_add_epi16(q, _mm256_add_epi16(_mm256_maddubs_epi16(b2, y2), _mm256_maddubs_epi16(b3, y3)));
-            acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(q, ones));
+            const __m256i y = ld(x + i * ldx + 32 * st);
+            acc[i][0] = _mm256_add_epi16(acc[i][0], _mm256_maddubs_epi16(a, y));
+            acc[i][1] = _mm256_add_epi16(acc[i][1], _mm256_maddubs_epi16(b, y));
         }
     }
-    for (; st < nsteps; ++st) {
-        const __m256i a0 = ld(u0 + 32 * st), b0 = ld(u1 + 32 * st);
-        for (int i = 0; i < MR; ++i) {
-            const __m256i y0 = ld(x + i * ldx + 32 * st);
-            acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, y0), ones));
-            acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(b0, y0), ones));
-        }
-    }
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int i = 0; i < 4; ++i) {
-        res[2 * i] = i < MR ? acc[i < MR ? i : 0][0] : _mm256_setzero_si256();
-        res[2 * i + 1] = i < MR ? acc[i < MR ? i : 0][1] : _mm256_setzero_si256();
+        res[2 * i] = i < MR ? _mm256_madd_epi16(acc[i < MR ? i : 0][0], ones) : _mm256_setzero_si256();
+        res[2 * i + 1] = i < MR ? _mm256_madd_epi16(acc[i < MR ? i : 0][1], ones) : _mm256_setzero_si256();
     }
 }
 
-// C[m, tile rows] (+)= u-buffer · x over one K-chunk, for all m.
-void gemm_chunk(const Act& a, const uint8_t* ub, int64_t L, int64_t k0, bool first, int32_t* out,
-                int64_t ldo, int64_t n0, int rows) {
+// acc[m * 8 + r] += the 8 int32 lane sums of code row r of the chunk · x row m, for m < mb. The
+// sums stay vectors until the tile's last chunk: one horizontal sum per output, not per chunk.
+void gemm_chunk(const int8_t* x, int64_t ldx, int64_t mb, const uint8_t* ub, int64_t L, int rows,
+                __m256i* acc) {
     const int64_t nsteps = L / 32;
-    alignas(32) int32_t sums[8];
-    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-        const int mr = int(a.M - m0 < 4 ? a.M - m0 : 4);
-        const int8_t* x = a.xp + m0 * a.ldxp + k0;
-        for (int rp = 0; rp < 4; ++rp) {
-            if (2 * rp >= rows) break;
+    for (int64_t m0 = 0; m0 < mb; m0 += 4) {
+        const int mr = int(mb - m0 < 4 ? mb - m0 : 4);
+        const int8_t* xm = x + m0 * ldx;
+        for (int rp = 0; rp < 4 && 2 * rp < rows; ++rp) {
             __m256i res[8];
             const uint8_t* u0 = ub + (2 * rp) * L;
-            const uint8_t* u1 = ub + (2 * rp + 1) * L;
+            const uint8_t* u1 = u0 + L;
             switch (mr) {
-                case 4: micro<4>(u0, u1, x, a.ldxp, nsteps, res); break;
-                case 3: micro<3>(u0, u1, x, a.ldxp, nsteps, res); break;
-                case 2: micro<2>(u0, u1, x, a.ldxp, nsteps, res); break;
-                default: micro<1>(u0, u1, x, a.ldxp, nsteps, res); break;
+                case 4: micro<4>(u0, u1, xm, ldx, nsteps, res); break;
+                case 3: micro<3>(u0, u1, xm, ldx, nsteps, res); break;
+                case 2: micro<2>(u0, u1, xm, ldx, nsteps, res); break;
+                default: micro<1>(u0, u1, xm, ldx, nsteps, res); break;
             }
-            _mm256_store_si256(reinterpret_cast<__m256i*>(sums), hsum8(res));
             for (int i = 0; i < mr; ++i) {
-                for (int ri = 0; ri < 2; ++ri) {
-                    const int r = 2 * rp + ri;
-                    if (r >= rows) continue;
-                    int32_t* o = out + (m0 + i) * ldo + n0 + r;
-                    *o = first ? sums[2 * i + ri] - a.xsum[m0 + i] : *o + sums[2 * i + ri];
-                }
+                __m256i* am = acc + (m0 + i) * 8 + 2 * rp;
+                am[0] = _mm256_add_epi32(am[0], res[2 * i]);
+                am[1] = _mm256_add_epi32(am[1], res[2 * i + 1]);
             }
+        }
+    }
+}
+
+// The packed bytes of the chunk unpacked next, fetched while this one is multiplied: unpacking is
+// where the weights come in from memory, and it has no work to hide their latency behind.
+// (A base3 tile's tail is not prefetched: a tile's last row bytes, 8 × up to 31.)
+inline void prefetch_chunk(const uint8_t* first_block, int64_t nb, int64_t block_bytes) {
+    const char* p = reinterpret_cast<const char*>(first_block);
+    for (int64_t off = 0; off < nb * block_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
+// Activation rows per pass over the weights: their vector sums, 64 × 8 × 32 B = 16 KiB, live on the
+// stack, and each tile is unpacked once per pass (a 1/64 share of the work at most).
+constexpr int64_t kGemmBlockM = 64;
+
+// The GEMM over tiles [t0, t1): for each block of rows and each tile, unpack(tile, b0, nb, ub, L)
+// fills the code buffer one K-chunk of `cb` blocks of `bk` codes (`block_bytes` packed) at a time.
+template <class Unpack>
+void gemm_tiles(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
+                int64_t t1, int64_t nblocks, int64_t bk, int64_t block_bytes, Unpack unpack) {
+    alignas(64) uint8_t ub[8 * kChunkK];
+    alignas(32) __m256i acc[kGemmBlockM * 8];
+    const int64_t cb = kChunkK / bk;
+    for (int64_t mb0 = 0; mb0 < a.M; mb0 += kGemmBlockM) {
+        const int64_t mb = a.M - mb0 < kGemmBlockM ? a.M - mb0 : kGemmBlockM;
+        const int8_t* x = a.xp + mb0 * a.ldxp;
+        for (int64_t t = t0; t < t1; ++t) {
+            const uint8_t* tile = w + t * s.tile_bytes;
+            const int rows = int(s.N - t * kTileN < kTileN ? s.N - t * kTileN : kTileN);
+            for (int64_t i = 0; i < mb * 8; ++i) acc[i] = _mm256_setzero_si256();
+            for (int64_t b0 = 0; b0 < nblocks; b0 += cb) {
+                const int64_t nb = nblocks - b0 < cb ? nblocks - b0 : cb;
+                const int64_t L = nb * bk;
+                unpack(tile, b0, nb, ub, L);
+                if (b0 + nb < nblocks)
+                    prefetch_chunk(tile + (b0 + nb) * block_bytes, cb < nblocks - b0 - nb ? cb : nblocks - b0 - nb, block_bytes);
+                else if (t + 1 < t1)
+                    prefetch_chunk(tile + s.tile_bytes, cb < nblocks ? cb : nblocks, block_bytes);
+                gemm_chunk(x + b0 * bk, a.ldxp, mb, ub, L, rows, acc);
+            }
+            for (int64_t m = 0; m < mb; ++m)
+                store_rows(out + (mb0 + m) * ldo + t * kTileN,
+                           _mm256_sub_epi32(hsum8(acc + m * 8), _mm256_set1_epi32(a.xsum[mb0 + m])), rows);
         }
     }
 }
 
 void gemm_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
              int64_t t1) {
-    alignas(64) uint8_t ub[8 * kChunkK];
-    constexpr int64_t cb = kChunkK / kI2BlockK;  // 15 blocks per chunk
-    for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* tile = w + t * s.tile_bytes;
-        const int rows = int(s.N - t * kTileN < kTileN ? s.N - t * kTileN : kTileN);
-        for (int64_t b0 = 0; b0 < s.nfull; b0 += cb) {
-            const int64_t nb = s.nfull - b0 < cb ? s.nfull - b0 : cb;
-            const int64_t L = nb * kI2BlockK;
-            unpack_i2(tile, b0, nb, ub, L);
-            gemm_chunk(a, ub, L, b0 * kI2BlockK, b0 == 0, out, ldo, t * kTileN, rows);
-        }
-    }
+    gemm_tiles(a, w, s, out, ldo, t0, t1, s.nfull, kI2BlockK, kI2TileBlockBytes, unpack_i2);
 }
 
 void gemm_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
              int64_t t1) {
-    alignas(64) uint8_t ub[8 * kChunkK];
-    alignas(32) uint8_t tailbuf[8 * 32];
-    constexpr int64_t cb = kChunkK / kB3BlockK;  // 12 blocks per chunk
     const int64_t nblocks = s.nfull + (s.tail_bytes ? 1 : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* tile = w + t * s.tile_bytes;
-        const int rows = int(s.N - t * kTileN < kTileN ? s.N - t * kTileN : kTileN);
-        for (int64_t b0 = 0; b0 < nblocks; b0 += cb) {
-            const int64_t nb = nblocks - b0 < cb ? nblocks - b0 : cb;
-            const int64_t L = nb * kB3BlockK;
-            for (int64_t b = 0; b < nb; ++b) {
-                const int64_t blk = b0 + b;
-                if (blk < s.nfull) {
-                    unpack_b3_block(tile + blk * kB3TileBlockBytes, ub + b * kB3BlockK, L);
-                } else {
-                    b3_tail_copy(tile, s, tailbuf);
-                    unpack_b3_block(tailbuf, ub + b * kB3BlockK, L);
-                }
-            }
-            gemm_chunk(a, ub, L, b0 * kB3BlockK, b0 == 0, out, ldo, t * kTileN, rows);
-        }
-    }
+    gemm_tiles(a, w, s, out, ldo, t0, t1, nblocks, kB3BlockK, kB3TileBlockBytes,
+               [&s](const uint8_t* tile, int64_t b0, int64_t nb, uint8_t* ub, int64_t L) {
+                   alignas(32) uint8_t tailbuf[8 * 32];
+                   for (int64_t b = 0; b < nb; ++b) {
+                       const int64_t blk = b0 + b;
+                       if (blk < s.nfull) {
+                           unpack_b3_block(tile + blk * kB3TileBlockBytes, ub + b * kB3BlockK, L);
+                       } else {
+                           b3_tail_copy(tile, s, tailbuf);
+                           unpack_b3_block(tailbuf, ub + b * kB3BlockK, L);
+                       }
+                   }
+               });
 }
 
 void range_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
