@@ -56,6 +56,7 @@ void rows_avx2(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N
     int64_t n = n0;
     // The next group's rows (contiguous) are fetched a slice per activation row while this group
     // is worked: the rows come from memory once per call, and nothing else hides their latency.
+    if (M < 1) return;  // no rows (a step where no row wants logits)
     const int64_t group_lines = (kRows * K + 63) / 64, lines_per_m = (group_lines + M - 1) / M;
     for (; n + kRows <= n1; n += kRows) {
         const int8_t* wr = w + n * K;

@@ -162,8 +162,10 @@ def test_int8_head_kernel_is_exact(path):
     try:
         for threads in (1, 3):  # M = 1 splits each thread's rows into 4 far-apart cursors
             kernels.set_num_threads(threads)
+            # M = 0: no rows, an empty product (the native step's head with no row wanting logits
+            # once divided by zero: tests/test_engine.py's chunked prefill beside decoding caught it)
             for m, n, k in [(1, 1, 1), (1, 3, 40), (1, 517, 96), (1, 4 * 37 + 3, 2560 + 17), (3, 33, 257),
-                            (17, 100, 64), (20, 7, 2560)]:
+                            (17, 100, 64), (20, 7, 2560), (0, 9, 64)]:
                 x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
                 w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
                 got = kernels.int8_matmul(torch.from_numpy(x), torch.from_numpy(w), path=path)
