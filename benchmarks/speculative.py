@@ -18,6 +18,7 @@ import torch
 from bitnet158 import checkpoint
 from bitnet158.bench import use_kernel_threads
 from bitnet158.cache import KVCache
+from bitnet158.draft_length import check_draft_tokens
 from bitnet158.errors import BitNetError
 from bitnet158.generate import GenerationRequest, SpeculationStats, stream_request
 from bitnet158.pack import pack_
@@ -68,7 +69,7 @@ def main() -> None:
     ap.add_argument("--draft", help="a smaller checkpoint with the same tokenizer, as a draft model")
     ap.add_argument("--prompt", type=int, default=400, help="prompt tokens")
     ap.add_argument("--tokens", type=int, default=160, help="tokens generated")
-    ap.add_argument("--draft-tokens", default="4,8", help="k values to try")
+    ap.add_argument("--draft-tokens", default="auto,2,4,8", help="k values to try ('auto': chosen as it goes)")
     ap.add_argument("--threads", type=int)
     args = ap.parse_args()
 
@@ -88,13 +89,15 @@ def main() -> None:
     if args.draft:
         draft_model, _ = checkpoint.load(args.draft, with_tokenizer=False)
         drafters.append(("draft model", DraftModel(draft_model, model.config.vocab_size)))
-    for k in [int(v) for v in args.draft_tokens.split(",")]:
+    for k in [check_draft_tokens(v) for v in args.draft_tokens.split(",")]:
         for name, drafter in drafters:
             out, rate, stats = timed_generation(model, tokenizer, prompt, args.tokens, drafter, k)
             per_forward = (stats.accepted + stats.verify_forwards) / max(stats.verify_forwards, 1)
             print(f"{name + f', k = {k}':<22} {rate:7.1f} tok/s = {rate / plain_rate:.2f}× plain; accepted "
                   f"{stats.accepted}/{stats.drafted} ({stats.acceptance:.0%}), {per_forward:.2f} tokens per verifying "
                   f"forward; same tokens: {'yes' if out == plain else 'NO'}")
+        if k == "auto":
+            continue
         cost = verify_cost(model, k)
         print(f"{'':<22} a forward over {k + 1} positions costs {cost:.2f}× one position here: drafts gain "
               f"when more than {cost - 1:.2f} are accepted per forward")

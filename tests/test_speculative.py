@@ -14,7 +14,8 @@ from bitnet158.model import Transformer
 from bitnet158.pack import pack_
 from bitnet158.packed_layers import PackConfig
 from bitnet158.sampling import SamplingConfig, generator, sample_with_draft
-from bitnet158.speculative import DraftModel, PromptLookup, check_draft_tokens
+from bitnet158.draft_length import AdaptiveDraftLength, check_draft_tokens
+from bitnet158.speculative import DraftModel, PromptLookup
 from bitnet158.tokenizer import Tokenizer
 
 TEXT = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
@@ -70,15 +71,49 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
         check_draft_tokens(0)
 
 
-@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("k", [1, 4, 8, "auto"])
 def test_greedy_output_is_unchanged_by_prompt_lookup(model, tok, k):
     prompt = tok.encode(TEXT * 2 + "def add")
     plain, text, last, _, plain_cache = _run(model, tok, prompt)
     spec, spec_text, spec_last, stats, cache = _run(model, tok, prompt, PromptLookup(), k=k)
     assert spec == plain and spec_text == text and spec_last.finish_reason == last.finish_reason
-    assert stats.accepted > 0 and stats.verify_forwards < len(spec) - 1
+    if k != "auto":  # auto drafts only what the timings say pays, so how much is not fixed
+        assert stats.accepted > 0 and stats.verify_forwards < len(spec) - 1
     assert cache.tokens == plain_cache.tokens == list(prompt) + plain[:-1]  # only accepted tokens stay cached
     assert cache.kv.offset == len(cache.tokens)
+
+
+def test_draft_tokens_are_auto_or_a_bounded_integer():
+    assert check_draft_tokens("auto") == "auto" and check_draft_tokens("3") == 3 and check_draft_tokens(64) == 64
+    for bad in (0, 65, "x", 2.0, True, "-1"):
+        with pytest.raises(ConfigError, match="draft tokens must be 'auto' or an integer"):
+            check_draft_tokens(bad)
+
+
+def test_auto_draft_length_picks_the_k_with_most_tokens_per_second():
+    """Hand-computed: a plain iteration 1 s, each drafted token +0.5 s, acceptance 0.8: expected
+    tokens per second are 1, 1.8/1.5 = 1.2, 2.44/2 = 1.22, 2.952/2.5 = 1.18 for k = 0..3: k = 2."""
+    length = AdaptiveDraftLength(8, decay=1.0)  # no decay: the first measurement of each stays
+    assert length.choose() == 0  # a plain step is timed first
+    length.timed(0, 1.0)
+    assert length.choose() == 2  # no draft timed yet: a short one
+    length.timed(2, 2.0)
+    length.judged(5, rejected=True)  # with the prior's 3 accepted / 1 rejection: 8 / (8 + 2)
+    assert length.acceptance == pytest.approx(0.8)
+    assert length.choose() == 2
+
+
+def test_auto_draft_length_stops_drafting_where_drafts_cost_full_steps_and_probes_again():
+    length = AdaptiveDraftLength(8, decay=1.0, probe_every=4)
+    length.timed(0, 1.0)
+    length.timed(3, 4.0)  # compute-bound: every drafted token costs a whole step
+    length.judged(2, rejected=True)  # acceptance 5/7: no k can beat a plain step
+    assert [length.choose() for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
+    cheap = AdaptiveDraftLength(8, decay=1.0)
+    cheap.timed(0, 1.0)
+    cheap.timed(4, 1.04)  # memory-bound: drafted rows are nearly free
+    cheap.judged(30, rejected=True)  # acceptance 33/35
+    assert cheap.choose() == 8
 
 
 def test_greedy_output_is_unchanged_by_a_draft_model(model, tok):

@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .config import ModelConfig
+from .draft_length import DraftLength, DraftTokens, draft_length
 from .errors import ConfigError, GenerationError
 from .logprobs import MAX_LOGPROBS, TokenLogprob, token_logprobs
 from .sampling import SamplingConfig, TokenSampler, as_logits
@@ -345,31 +346,38 @@ class SpeculationStats:
 
 
 def _next_rows(model, cache: PromptCache, decoder: SequenceDecoder, context: int, drafter: Drafter | None,
-               draft_tokens: int, stats: SpeculationStats | None) -> list[tuple[np.ndarray, int | None]]:
+               length: DraftLength, stats: SpeculationStats | None) -> tuple[list[tuple[np.ndarray, int | None]], int]:
     """The logits to decide the next tokens from, each with the draft token proposed for it: one
-    row without a draft; with one, the rows of a single forward over the last token and the draft."""
+    row without a draft; with one, the rows of a single forward over the last token and the draft.
+    Also how many tokens were drafted."""
     token = decoder.next_input
-    k = min(draft_tokens, decoder.max_tokens - len(decoder.tokens) - 1, context - len(cache.tokens) - 1)
+    k = 0
+    if drafter is not None:
+        k = min(length.choose(), decoder.max_tokens - len(decoder.tokens) - 1, context - len(cache.tokens) - 1)
     draft = drafter.propose(cache.tokens + [token], k)[:k] if drafter is not None and k > 0 else []
     if not draft:
-        return [(cache.feed(model, token), None)]
-    if stats is not None:
-        stats.drafted += len(draft)
-        stats.verify_forwards += 1
-    return list(zip(cache.feed_many(model, [token] + draft), draft + [None]))
+        rows = [(cache.feed(model, token), None)]
+    else:
+        if stats is not None:
+            stats.drafted += len(draft)
+            stats.verify_forwards += 1
+        rows = list(zip(cache.feed_many(model, [token] + draft), draft + [None]))
+    return rows, len(draft)
 
 
 def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
-                   cache: PromptCache | None = None, drafter: Drafter | None = None, draft_tokens: int = 8,
+                   cache: PromptCache | None = None, drafter: Drafter | None = None,
+                   draft_tokens: DraftTokens = "auto",
                    stats: SpeculationStats | None = None) -> Iterator[GenerationResponse]:
     """`stream_generate` for a ready GenerationRequest. With a cache, the longest common prefix of
     cache.tokens and the prompt is reused (not with echo, which needs logits at every prompt
     position); afterwards cache.tokens is the prompt plus the generated tokens the model has run.
 
-    With a `drafter`, each forward verifies up to `draft_tokens` proposed tokens at once: the
-    tokens are decided row by row as without it (greedy: the same tokens; sampling: the same
-    distribution) until one differs from the draft; the cache then drops the rows after it.
-    `stats` collects the acceptance."""
+    With a `drafter`, each forward verifies up to `draft_tokens` proposed tokens at once ("auto":
+    as many as pay on this machine and text so far, see `draft_length`): the tokens are decided
+    row by row as without it (greedy: the same tokens; sampling: the same distribution) until one
+    differs from the draft; the cache then drops the rows after it. `stats` collects the
+    acceptance."""
     cache, context = _prepare(model, cache, request.prompt)
     decoder = SequenceDecoder(tokenizer, request, context=context)
     start = time.perf_counter()
@@ -377,10 +385,11 @@ def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
     if request.echo:
         decoder.prompt_logprobs(logits)
     rows: list[tuple[np.ndarray, int | None]] = [(logits[-1], None)]
-    first = None
+    length = draft_length(draft_tokens)
+    drafted, iterations, started, first = 0, 0, 0.0, None
     while True:
         base = len(cache.tokens) - len(rows)  # cached tokens before the rows' inputs
-        used = 0
+        used = accepted = 0
         for row_logits, draft in rows:
             response = decoder.step(row_logits, draft)
             used += 1
@@ -392,19 +401,32 @@ def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
             yield dataclasses.replace(response, tokens_per_second=rate, prefill_seconds=first - start)
             if decoder.finished or (draft is not None and response.token != draft):
                 break
-            if draft is not None and stats is not None:
-                stats.accepted += 1
+            if draft is not None:
+                accepted += 1
+        if stats is not None:
+            stats.accepted += accepted
         if len(rows) > 1:  # rows after the first differing token were computed from a wrong input
             cache.truncate(base + used)
         if decoder.finished:
             return
-        rows = _next_rows(model, cache, decoder, context, drafter, draft_tokens, stats)
+        # An iteration is timed whole, drafting, forward and deciding its tokens, from one start to
+        # the next: the draft length is chosen on what a token really costs. The first two are not
+        # (the prefill's row, then a first step that warms up plans and caches).
+        now = time.perf_counter()
+        iterations += 1
+        if iterations > 2:
+            length.timed(drafted, now - started)
+        if drafted:
+            length.judged(accepted, rejected=accepted < drafted)
+        started = now
+        rows, drafted = _next_rows(model, cache, decoder, context, drafter, length, stats)
 
 
 def stream_generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 100,
                     sampling: SamplingConfig | None = None, seed: int | None = None, *,
                     stop: Sequence[str] = (), logprobs: int | None = None, echo: bool = False,
-                    cache: PromptCache | None = None, drafter: Drafter | None = None, draft_tokens: int = 8,
+                    cache: PromptCache | None = None, drafter: Drafter | None = None,
+                    draft_tokens: DraftTokens = "auto",
                     stats: SpeculationStats | None = None) -> Iterator[GenerationResponse]:
     """Stream the continuation of `prompt` (text, encoded with bos as the tokenizer wants, or
     token ids) as GenerationResponses; the last one has finish_reason set. `drafter`: speculative
@@ -417,8 +439,8 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], ma
 
 def generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 100,
              sampling: SamplingConfig | None = None, seed: int | None = None, *, stop: Sequence[str] = (),
-             cache: PromptCache | None = None, drafter: Drafter | None = None, draft_tokens: int = 8,
-             stats: SpeculationStats | None = None) -> str:
+             cache: PromptCache | None = None, drafter: Drafter | None = None,
+             draft_tokens: DraftTokens = "auto", stats: SpeculationStats | None = None) -> str:
     """The generated continuation of `prompt` as one string."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, sampling, seed,
                                                    stop=stop, cache=cache, drafter=drafter,

@@ -25,15 +25,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .errors import ConfigError
 from .generate import PromptCache, runner_for
 
-MAX_DRAFT_TOKENS = 64  # more is never worth a forward: acceptance decays with every position
-
-
-def check_draft_tokens(k: int) -> int:
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_DRAFT_TOKENS:
-        raise ConfigError(f"draft tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
-    return k
-
-
 class PromptLookup:
     """Prompt-lookup (n-gram) drafting over the sequence so far (prompt and generated tokens)."""
 

@@ -7,7 +7,8 @@ import sys
 
 from ..generate import SpeculationStats, stream_generate
 from ..sampling import SamplingConfig
-from ..speculative import DraftModel, PromptLookup, check_draft_tokens
+from ..draft_length import check_draft_tokens
+from ..speculative import DraftModel, PromptLookup
 from .common import default_of
 from .inference import add_runtime_argument, load_model
 
@@ -29,14 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding with prompt-lookup drafts (exact: same greedy output, same sampling "
                         "distribution; fastest where the output repeats the prompt, e.g. code)")
     p.add_argument("--draft", metavar="CKPT", help="speculative decoding with a smaller draft model (same tokenizer)")
-    p.add_argument("--draft-tokens", type=int, default=default_of(stream_generate, "draft_tokens"),
-                   help="tokens drafted per verifying forward")
+    p.add_argument("--draft-tokens", default=default_of(stream_generate, "draft_tokens"),
+                   help="tokens drafted per verifying forward: 'auto' (as many as pay, measured as it goes) or "
+                        "a fixed K (seeded sampling repeats exactly only with a fixed K)")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout, or a finetune run) applied unmerged")
     p.add_argument("--quiet", action="store_true", help="no statistics line")
     add_runtime_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    draft_tokens = check_draft_tokens(args.draft_tokens)  # before the model loads
     model, tokenizer = load_model(args.checkpoint, runtime=args.runtime, threads=args.threads, adapter=args.adapter)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty)
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     last = None
     sys.stdout.write(args.prompt)
     for last in stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.seed,
-                                drafter=drafter, draft_tokens=check_draft_tokens(args.draft_tokens), stats=stats):
+                                drafter=drafter, draft_tokens=draft_tokens, stats=stats):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
