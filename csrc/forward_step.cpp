@@ -70,9 +70,8 @@ struct Scratch {
     std::vector<int32_t> acc;
 };
 
-// y = (q8 · Wᵀ) · (sx · w_scale) (+ bias): the same two roundings as the fused Python call.
-void product(Isa isa, const PackedLinear& L, const int8_t* q8, const float* sx, int64_t M, int32_t* acc, float* y) {
-    matmul(isa, L.fmt, q8, M, L.K, L.w, L.N, acc);
+// y = acc · (sx · w_scale) (+ bias), acc = q8 · Wᵀ: the same two roundings as the fused Python call.
+void scale_rows(const PackedLinear& L, const int32_t* acc, const float* sx, int64_t M, float* y) {
     for_rows(M, L.N, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
             const float s = sx[r] * *L.scale;
@@ -85,20 +84,48 @@ void product(Isa isa, const PackedLinear& L, const int8_t* q8, const float* sx, 
     });
 }
 
-// Several linears reading the same input x [M, K]: quantized once when none has its own norm.
+// Several linears reading the same input x [M, K]: quantized once when none has its own norm, and
+// then multiplied in one pool job when their products fit the scratch together (decode steps,
+// where a job's dispatch and wait are a visible share of a 2-thread step; a long prefill's rows
+// run one matrix at a time and keep the scratch at one product).
 void project(Isa isa, const StepModel& m, Scratch& s, const float* x, int64_t M,
              std::initializer_list<std::pair<const PackedLinear*, float*>> outs) {
-    const int64_t K = outs.begin()->first->K;
-    bool shared = true;
-    for (const auto& o : outs) shared = shared && !o.first->norm;
-    if (shared) quantize_rows(x, M, K, s.q8.data(), s.sx.data());
+    const PackedLinear& L0 = *outs.begin()->first;
+    const int64_t K = L0.K;
+    bool shared = true, together = outs.size() > 1;
+    int64_t total_n = 0;
+    for (const auto& o : outs) {
+        shared = shared && !o.first->norm;
+        together = together && o.first->fmt == L0.fmt;
+        total_n += o.first->N;
+    }
+    if (shared) {
+        quantize_rows(x, M, K, s.q8.data(), s.sx.data());
+        if (together && M * total_n <= int64_t(s.acc.size())) {
+            MatmulTarget targets[4];
+            int n = 0;
+            int64_t off = 0;
+            for (const auto& o : outs) {
+                targets[n++] = {o.first->w, o.first->N, s.acc.data() + off};
+                off += M * o.first->N;
+            }
+            matmul_many(isa, L0.fmt, s.q8.data(), M, K, targets, n);
+            off = 0;
+            for (const auto& o : outs) {
+                scale_rows(*o.first, s.acc.data() + off, s.sx.data(), M, o.second);
+                off += M * o.first->N;
+            }
+            return;
+        }
+    }
     for (const auto& o : outs) {
         const PackedLinear& L = *o.first;
         if (!shared) {
             norm_rows(m, x, M, K, L.norm, s.t.data());
             quantize_rows(s.t.data(), M, K, s.q8.data(), s.sx.data());
         }
-        product(isa, L, s.q8.data(), s.sx.data(), M, s.acc.data(), o.second);
+        matmul(isa, L.fmt, s.q8.data(), M, L.K, L.w, L.N, s.acc.data());
+        scale_rows(L, s.acc.data(), s.sx.data(), M, o.second);
     }
 }
 

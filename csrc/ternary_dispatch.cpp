@@ -5,6 +5,7 @@
 #include "ternary_dispatch.h"
 
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 #include "kernels.h"
@@ -68,22 +69,30 @@ void prep_x(const KernelRow& k, const WShape& s, Act& a) {
     a.xv = base;
 }
 
-void run_tiles(RangeFn fn, const Act& a, const uint8_t* w, const WShape& s, int32_t* out) {
-    const int64_t chunks = pool_chunks(s.ntiles);
-    if (chunks <= 1) {
-        fn(a, w, s, out, s.N, 0, s.ntiles);
-        return;
-    }
+constexpr int kMaxTargets = 4;
+
+// The tiles of `count` matrices numbered one after another; fn runs on global ranges [g0, g1),
+// which may span matrices.
+void run_tiles(RangeFn fn, const Act& a, const MatmulTarget* ts, const WShape* shapes, int count) {
+    int64_t first[kMaxTargets + 1] = {0};
+    for (int i = 0; i < count; ++i) first[i + 1] = first[i] + shapes[i].ntiles;
+    const int64_t ntiles = first[count];
+    auto range = [&](int64_t g0, int64_t g1) {
+        for (int i = 0; i < count; ++i) {
+            const int64_t t0 = g0 > first[i] ? g0 - first[i] : 0;
+            const int64_t t1 = (g1 < first[i + 1] ? g1 : first[i + 1]) - first[i];
+            if (t1 > t0) fn(a, ts[i].w, shapes[i], ts[i].out, shapes[i].N, t0, t1);
+        }
+    };
+    const int64_t chunks = pool_chunks(ntiles);
+    if (chunks <= 1) return range(0, ntiles);
     // Contiguous tile ranges, claimed in order and shrinking linearly (chunk c gets a share
     // proportional to chunks - c): the last ones are small, so threads finish together instead
     // of one waiting out the other's last equal share (+2.5-3.4 points of the read probe on the
     // 2B4T GEMVs at 2 threads, paired standalone runs).
     const int64_t total = chunks * (chunks + 1) / 2;
-    auto start = [&](int64_t c) { return s.ntiles * (c * chunks - c * (c - 1) / 2) / total; };
-    pool_run(chunks, [&](int64_t c) {
-        const int64_t t0 = start(c), t1 = start(c + 1);
-        if (t1 > t0) fn(a, w, s, out, s.N, t0, t1);
-    });
+    auto start = [&](int64_t c) { return ntiles * (c * chunks - c * (c - 1) / 2) / total; };
+    pool_run(chunks, [&](int64_t c) { range(start(c), start(c + 1)); });
 }
 
 }  // namespace
@@ -95,18 +104,26 @@ Isa current_isa() {
 
 void set_isa(Isa isa) { g_isa = int(isa); }
 
-void matmul(Isa isa, Format fmt, const int8_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
-            int32_t* out) {
+void matmul_many(Isa isa, Format fmt, const int8_t* x, int64_t M, int64_t K, const MatmulTarget* targets,
+                 int count) {
+    if (count < 1 || count > kMaxTargets) throw std::invalid_argument("matmul_many: 1 to 4 matrices");
     const FormatSpec& f = format_spec(fmt);
-    const WShape s = f.shape(N, K);
+    WShape shapes[kMaxTargets];
+    for (int i = 0; i < count; ++i) shapes[i] = f.shape(targets[i].N, K);
     const KernelRow& k = kernel_row(isa, fmt);
     thread_local std::vector<int32_t> xsum;
     xsum.resize(size_t(M));
     row_sums(x, M, K, xsum.data());
     Act a{x, K, x, K, xsum.data(), M};
-    lay_out_x(f, s, a);
-    prep_x(k, s, a);
-    run_tiles(k.range, a, w, s, out);
+    lay_out_x(f, shapes[0], a);  // the layout of x depends on K alone
+    prep_x(k, shapes[0], a);
+    run_tiles(k.range, a, targets, shapes, count);
+}
+
+void matmul(Isa isa, Format fmt, const int8_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+            int32_t* out) {
+    const MatmulTarget t{w, N, out};
+    matmul_many(isa, fmt, x, M, K, &t, 1);
 }
 
 }  // namespace bn158
