@@ -9,7 +9,8 @@
 // weights from L1, barely above a DRAM stream), so it trims work per weight byte: one shift
 // instead of three (fields 1 and 3 are used in place, ×4, and the ×4 is shifted out of the int16
 // sum, exactly: it is a multiple of 4) and int16 sums across up to 16 blocks before widening.
-// M < kGemmMinM: GEMV, one pass over each 8-row tile per activation row (tile stays in L1).
+// M < kGemmMinM (i2; kGemmMinMBase3 for base3): GEMV, one pass over each 8-row tile per
+// activation row (tile stays in L1).
 // Larger M: each tile's K-chunk is unpacked once into an L1 buffer of codes (the next chunk's bytes
 // prefetched meanwhile), then reused by every activation row of a 64-row block with a 4×2 (rows of
 // x × rows of W) register-blocked micro-kernel that keeps its sums in int16 for the whole chunk;
@@ -33,6 +34,10 @@ namespace bn158 {
 namespace {
 
 constexpr int64_t kGemmMinM = 4;
+// base3's GEMV spends most of its time decoding trits (~30 ops per 160 codes), which the GEMM does
+// once for all rows: at M = 2 and 3 it is 1.5x and 1.9x the GEMV on 6912×2560 (at M = 1, 0.91x).
+// i2's GEMV decodes in 6 ops per 128 codes and stays ahead until M = 4.
+constexpr int64_t kGemmMinMBase3 = 2;
 // GEMM: codes per row unpacked at once, 8 rows × 1280 B = 10 KiB, beside 16 rows of x (20 KiB) in L1;
 // a multiple of both block sizes (128, 160). 1920 was ~3 % slower at M = 16 and 128.
 constexpr int64_t kChunkK = 1280;
@@ -371,7 +376,7 @@ void range_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int
 
 void range_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
               int64_t t1) {
-    (a.M >= kGemmMinM ? gemm_b3 : gemv_b3)(a, w, s, out, ldo, t0, t1);
+    (a.M >= kGemmMinMBase3 ? gemm_b3 : gemv_b3)(a, w, s, out, ldo, t0, t1);
 }
 
 }  // namespace
