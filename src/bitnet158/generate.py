@@ -354,7 +354,7 @@ def _next_rows(model, cache: PromptCache, decoder: SequenceDecoder, context: int
     k = 0
     if drafter is not None:
         k = min(length.choose(), decoder.max_tokens - len(decoder.tokens) - 1, context - len(cache.tokens) - 1)
-    draft = drafter.propose(cache.tokens + [token], k)[:k] if drafter is not None and k > 0 else []
+    draft = drafter.propose(cache.tokens + [token], k)[:k] if k > 0 else []  # k > 0 only with a drafter
     if not draft:
         rows = [(cache.feed(model, token), None)]
     else:
@@ -412,13 +412,14 @@ def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
         # An iteration is timed whole, drafting, forward and deciding its tokens, from one start to
         # the next: the draft length is chosen on what a token really costs. The first two are not
         # (the prefill's row, then a first step that warms up plans and caches).
-        now = time.perf_counter()
-        iterations += 1
-        if iterations > 2:
-            length.timed(drafted, now - started)
-        if drafted:
-            length.judged(accepted, rejected=accepted < drafted)
-        started = now
+        if drafter is not None:
+            now = time.perf_counter()
+            iterations += 1
+            if iterations > 2:
+                length.timed(drafted, now - started)
+            if drafted:
+                length.judged(accepted, rejected=accepted < drafted)
+            started = now
         rows, drafted = _next_rows(model, cache, decoder, context, drafter, length, stats)
 
 
