@@ -6,7 +6,8 @@ One random ternary model with the exact BitNet-b1.58-2B-4T shapes, SiLU-gated (t
 `bitnet` graph runs), is built with `pack.random_packed`, exported with our `export_gguf(...,
 type="tq2_0")`, its tied head requantized to Q6_K by `llama-quantize` (llama.cpp's usual output
 type; the f16 one would read 656 MB a token) and run by llama.cpp's `llama-bench`; the same packed model runs through
-`bench.time_model` (native step, i2 codes, int8 head). llama-bench is built from the llama-cpp-python
+`bench.time_model` (native step, i2 codes), once with the int8 head `pack` writes by default and once
+with the 4-bit grouped head (`--head q4`, 56 % of int8's bytes). llama-bench is built from the llama-cpp-python
 0.3.36 sources (which vendor llama.cpp) with llama-quantize, as scripts/check_llamacpp.sh does, in $LLAMACPP_DIR
 (default /tmp/llamacpp); pip fetches the source distribution if it is not there yet, so the first
 run needs the package index and a few minutes of compiling.
@@ -93,10 +94,10 @@ def ours(model, threads: int, prompt: int, tokens: int) -> dict[str, float]:
 
 
 def token_bytes(model) -> int:
-    """Bytes one decode step must read: every packed linear and the int8 head (the KV cache of a
-    short context and the norms are noise beside them)."""
+    """Bytes one decode step must read: every packed linear and the head's table with its scales
+    (the KV cache of a short context and the norms are noise beside them)."""
     linear = sum(m.packed.numel() for m in model.modules() if isinstance(m, PackedBitLinear))
-    head = model.lm_head.table.qweight.numel() + model.lm_head.table.row_scale.numel() * 4
+    head = sum(b.numel() * b.element_size() for b in model.lm_head.table.buffers())
     return linear + head
 
 
@@ -111,20 +112,25 @@ def main() -> None:
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--preset", default="2b4t", help="model shapes (other presets: a quick check of the script)")
     ap.add_argument("--no-llamacpp", action="store_true", help="time only ours against the floor (no llama.cpp build)")
+    ap.add_argument("--heads", default="int8,q4",
+                    help="our output heads to time, comma-separated (int8: the default of `pack`; q4: 4.5 bits)")
     args = ap.parse_args()
 
     exe, quantize = (None, None) if args.no_llamacpp else llama_tools(Path(args.llamacpp_dir), args.jobs)
     cfg = dataclasses.replace(preset(args.preset), activation="swiglu")
+    heads = args.heads.split(",")
     t0 = time.perf_counter()
-    model = random_packed(cfg, PackConfig(format="i2", head="int8"), progress=True).eval()
-    per_token = token_bytes(model)
-    print(f"random {args.preset}-shaped SwiGLU model, i2 + int8 head, built in {time.perf_counter() - t0:.0f}s; "
-          f"{per_token / 1e9:.3f} GB read per token; kernel path {kernels.current_path()}")
+    # the same seed gives every head the same ternary codes and the same float head before quantizing
+    models = {head: random_packed(cfg, PackConfig(format="i2", head=head), progress=True).eval() for head in heads}
+    per_token = {head: token_bytes(model) for head, model in models.items()}
+    print(f"random {args.preset}-shaped SwiGLU model, i2 codes, heads {', '.join(heads)}, built in "
+          f"{time.perf_counter() - t0:.0f}s; GB read per token: "
+          + ", ".join(f"{head} {b / 1e9:.3f}" for head, b in per_token.items()) + f"; kernel path {kernels.current_path()}")
     threads = [int(t) for t in args.threads.split(",")]
     results: dict = {"kernel": kernels.current_path(), "bytes_per_token": per_token, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         gguf = Path(tmp) / "model-tq2_0.gguf"
-        report = export_gguf(model, gguf, type="tq2_0")
+        report = export_gguf(models[heads[0]], gguf, type="tq2_0")
         print(f"exported {gguf.name}: {report.bytes / 1e9:.3f} GB (TQ2_0 weights, f16 embedding)")
         if quantize is not None:
             gguf = q6k_head(quantize, gguf)
@@ -132,28 +138,34 @@ def main() -> None:
                   f"Q6_K, as llama.cpp's own quantizations keep it)")
         for t in threads:
             bandwidth = kernels.memory_read_bandwidth(threads=t)
-            floor = bandwidth / per_token
             samples: dict[str, list[float]] = {}
-            for _ in range(args.runs):  # alternate, so drift hits both alike
-                with torch.no_grad():
-                    for key, value in ours(model, t, args.prompt, args.tokens).items():
-                        samples.setdefault("ours_" + key, []).append(value)
+            for _ in range(args.runs):  # alternate, so drift hits all alike
+                for head, model in models.items():
+                    with torch.no_grad():
+                        for key, value in ours(model, t, args.prompt, args.tokens).items():
+                            samples.setdefault(f"ours_{head}_{key}", []).append(value)
                 if exe is not None:
                     for key, value in run_llama_bench(exe, gguf, t, args.prompt, args.tokens).items():
                         samples.setdefault("llama_" + key, []).append(value)
-            row = {"threads": t, "bandwidth": bandwidth, "floor_tok_s": floor, **samples}
+            floors = {head: bandwidth / b for head, b in per_token.items()}
+            row = {"threads": t, "bandwidth": bandwidth, "floor_tok_s": floors, **samples}
             results["rows"].append(row)
-            print(f"\n{t} thread(s): read bandwidth {bandwidth / 1e9:.1f} GB/s → decode floor {floor:.1f} tok/s")
+            print(f"\n{t} thread(s): read bandwidth {bandwidth / 1e9:.1f} GB/s → decode floor "
+                  + ", ".join(f"{floor:.1f} tok/s ({head} head)" for head, floor in floors.items()))
             for what in ("decode", "prefill"):
-                a, b = samples["ours_" + what], samples.get("llama_" + what)
-                line = f"  {what:<8} ours {min(a):6.1f}–{max(a):6.1f} tok/s"
+                b = samples.get("llama_" + what)
                 if b:
-                    ratios = [x / y for x, y in zip(a, b)]
-                    line += (f"   llama.cpp TQ2_0 {min(b):6.1f}–{max(b):6.1f}   ours ÷ llama.cpp "
-                             f"{min(ratios):.2f}–{max(ratios):.2f}× (median {statistics.median(ratios):.2f})")
-                if what == "decode":
-                    line += f"   ours ÷ floor {min(a) / floor:.0%}–{max(a) / floor:.0%}"
-                print(line, flush=True)
+                    print(f"  {what:<8} llama.cpp TQ2_0 (Q6_K head) {min(b):6.1f}–{max(b):6.1f} tok/s")
+                for head in heads:
+                    a = samples[f"ours_{head}_{what}"]
+                    line = f"  {what:<8} ours, {head + ' head':<9} {min(a):6.1f}–{max(a):6.1f} tok/s"
+                    if b:
+                        ratios = [x / y for x, y in zip(a, b)]
+                        line += (f"   ours ÷ llama.cpp {min(ratios):.2f}–{max(ratios):.2f}× "
+                                 f"(median {statistics.median(ratios):.2f})")
+                    if what == "decode":
+                        line += f"   ours ÷ floor {min(a) / floors[head]:.0%}–{max(a) / floors[head]:.0%}"
+                    print(line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
