@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "attention.h"
 #include "decode_ops.h"
 #include "int8_gemm.h"
 #include "q4_gemm.h"
@@ -134,77 +135,6 @@ const float* maybe_norm(const StepModel& m, const float* x, int64_t M, int64_t n
     if (!w) return x;
     norm_rows(m, x, M, n, w, y);
     return y;
-}
-
-// --- attention -------------------------------------------------------------------------------------
-// Dot products and row updates in 8 independent lanes (so the compiler vectorizes them without
-// reassociating anything); an AVX2 build of the same source where the CPU has it.
-#define BN158_ATTENTION_KERNELS(SUFFIX)                                                         \
-    float dot_##SUFFIX(const float* a, const float* b, int64_t n) {                             \
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                \
-        int64_t i = 0;                                                                          \
-        for (; i + 8 <= n; i += 8)                                                              \
-            for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];                          \
-        float s = 0.0f;                                                                         \
-        for (; i < n; ++i) s += a[i] * b[i];                                                    \
-        for (int l = 0; l < 8; ++l) s += acc[l];                                                \
-        return s;                                                                               \
-    }                                                                                           \
-    void axpy_##SUFFIX(float a, const float* x, float* y, int64_t n) {                          \
-        for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];                                       \
-    }
-
-BN158_ATTENTION_KERNELS(base)
-#if defined(BN158_X86)
-#pragma GCC push_options
-#pragma GCC target("avx2")
-BN158_ATTENTION_KERNELS(avx2)
-#pragma GCC pop_options
-#else
-// Elsewhere isa_supported(Isa::Avx2) is false: a copy of the baseline form keeps attend_one's one shape.
-BN158_ATTENTION_KERNELS(avx2)
-#endif
-
-// One query row of one head over keys/values [0, n) of its KV head: softmax(q·kᵀ/√hd) · v.
-void attend_one(const float* q, const float* keys, const float* values, int64_t n, int64_t hd, float scale,
-                bool avx2, float* out) {
-    thread_local std::vector<float> p;
-    p.resize(size_t(n));
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-        p[size_t(j)] = (avx2 ? dot_avx2 : dot_base)(q, keys + j * hd, hd) * scale;
-        mx = std::max(mx, p[size_t(j)]);
-    }
-    float sum = 0.0f;
-    for (int64_t j = 0; j < n; ++j) sum += (p[size_t(j)] = std::exp(p[size_t(j)] - mx));
-    std::fill(out, out + hd, 0.0f);
-    for (int64_t j = 0; j < n; ++j) (avx2 ? axpy_avx2 : axpy_base)(p[size_t(j)], values + j * hd, out, hd);
-    const float inv = 1.0f / sum;
-    for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
-}
-
-// q [M, heads·hd] (roped), keys/values already stored; out [M, heads·hd]. Head h reads KV head
-// h / (heads / kv_heads), as torch's enable_gqa does.
-void attention(const StepModel& m, const KVSlots& kv, int64_t layer, const StepRows& rows, const float* q,
-               float* out) {
-    const int64_t H = m.heads, hd = m.head_dim, group = m.heads / m.kv_heads;
-    const float scale = 1.0f / std::sqrt(float(hd));
-    const bool avx2 = isa_supported(Isa::Avx2);
-    const int64_t tasks = rows.M * H;
-    const int64_t chunks = pool_chunks(tasks);
-    auto run = [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-            const int64_t r = t / H, h = t % H, g = h / group;
-            const int64_t base = ((int64_t(rows.slot[r]) * m.kv_heads + g) * kv.max_len) * hd;
-            attend_one(q + r * H * hd + h * hd, kv.keys[size_t(layer)] + base, kv.values[size_t(layer)] + base,
-                       int64_t(rows.pos[r]) + 1, hd, scale, avx2, out + r * H * hd + h * hd);
-        }
-    };
-    if (chunks <= 1) {
-        run(0, tasks);
-    } else {
-        pool_run(chunks, [&](int64_t c) { run(tasks * c / chunks, tasks * (c + 1) / chunks); });
-    }
 }
 
 // RoPE on every head of each row at the row's own position, into out.

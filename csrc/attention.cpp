@@ -1,0 +1,192 @@
+// Causal attention of a native step's rows (attention.h).
+//
+// The arithmetic of one query against its keys is fixed, whatever runs it: each score is 8 lanes
+// of products summed along the head dimension in order, then the lanes in order, times 1/√hd; the
+// softmax is the plain max / exp / sum in key order; each output element sums p·v in key order
+// from zero, then is multiplied by 1 / sum. Both the portable loop (one query at a time) and the
+// AVX2 tiles (the query heads that share a KV head, together) do exactly that, so every row gives
+// the same bits alone, batched, in a prefill, at any thread count, on either path.
+//
+// Why tiles: one query at a time, each score is a chain of hd / 8 dependent adds and each output
+// update re-reads and re-writes the head's whole output row; at a 1,024-token context attention
+// was a third of the 2B4T prefill and two fifths of a 2-thread decode step. The GQA heads of one KV
+// head (4 at 2B4T) read each key and value row once for all of them, with 8 independent sums in
+// registers.
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu_features.h"
+#include "threadpool.h"
+
+#if defined(BN158_X86)
+#include <immintrin.h>
+#endif
+
+#pragma GCC optimize("fp-contract=off")
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+namespace bn158 {
+namespace {
+
+constexpr int kHeadsTogether = 4;  // the most query heads one tile holds (attend_heads_avx2 has a case each)
+
+// --- portable: one query row of one head --------------------------------------------------------
+float dot_lanes(const float* a, const float* b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 independent lanes: vectorized, never reassociated
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+    float s = 0.0f;
+    for (; i < n; ++i) s += a[i] * b[i];
+    for (int l = 0; l < 8; ++l) s += acc[l];
+    return s;
+}
+
+// softmax in place over p[0, n): max, exp(p − max) summed in order; returns 1 / sum.
+float softmax_in_place(float* p, int64_t n) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, p[j]);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+    return 1.0f / sum;
+}
+
+// One query row of one head over keys/values [0, n) of its KV head: softmax(q·kᵀ/√hd) · v.
+void attend_one(const float* q, const float* keys, const float* values, int64_t n, int64_t hd, float scale,
+                float* out) {
+    thread_local std::vector<float> p;
+    p.resize(size_t(n));
+    for (int64_t j = 0; j < n; ++j) p[size_t(j)] = dot_lanes(q, keys + j * hd, hd) * scale;
+    const float inv = softmax_in_place(p.data(), n);
+    std::fill(out, out + hd, 0.0f);
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t e = 0; e < hd; ++e) out[e] += p[size_t(j)] * values[j * hd + e];
+    for (int64_t e = 0; e < hd; ++e) out[e] *= inv;
+}
+
+#if defined(BN158_X86)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+
+// Scores of NQ queries (rows of q, stride hd) against keys j0 .. j0 + KT − 1: p[qi · n + j].
+// hd a multiple of 8. Registers: NQ·KT sums, NQ query vectors, one key vector.
+template <int NQ, int KT>
+inline void score_tile(const float* q, const float* keys, int64_t hd, float scale, int64_t j0, float* p, int64_t n) {
+    __m256 acc[NQ][KT];
+    for (int a = 0; a < NQ; ++a)
+        for (int b = 0; b < KT; ++b) acc[a][b] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < hd; i += 8) {
+        __m256 qv[NQ];
+        for (int a = 0; a < NQ; ++a) qv[a] = _mm256_loadu_ps(q + a * hd + i);
+        for (int b = 0; b < KT; ++b) {
+            const __m256 kv = _mm256_loadu_ps(keys + (j0 + b) * hd + i);
+            for (int a = 0; a < NQ; ++a) acc[a][b] = _mm256_add_ps(acc[a][b], _mm256_mul_ps(qv[a], kv));
+        }
+    }
+    for (int a = 0; a < NQ; ++a)
+        for (int b = 0; b < KT; ++b) {
+            alignas(32) float lanes[8];
+            _mm256_store_ps(lanes, acc[a][b]);
+            float s = 0.0f;
+            for (int l = 0; l < 8; ++l) s += lanes[l];
+            p[a * n + j0 + b] = s * scale;
+        }
+}
+
+// out[a, i0 .. i0 + 8·VS) = Σ_j p[a · n + j] · v[j, same] in key order, for NQ queries.
+template <int NQ, int VS>
+inline void weigh_tile(const float* p, int64_t n, const float* values, int64_t hd, int64_t i0, float* out) {
+    __m256 acc[NQ][VS];
+    for (int a = 0; a < NQ; ++a)
+        for (int s = 0; s < VS; ++s) acc[a][s] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+        __m256 vv[VS];
+        for (int s = 0; s < VS; ++s) vv[s] = _mm256_loadu_ps(values + j * hd + i0 + 8 * s);
+        for (int a = 0; a < NQ; ++a) {
+            const __m256 pb = _mm256_broadcast_ss(p + a * n + j);
+            for (int s = 0; s < VS; ++s) acc[a][s] = _mm256_add_ps(acc[a][s], _mm256_mul_ps(pb, vv[s]));
+        }
+    }
+    for (int a = 0; a < NQ; ++a)
+        for (int s = 0; s < VS; ++s) _mm256_storeu_ps(out + a * hd + i0 + 8 * s, acc[a][s]);
+}
+
+// NQ query rows of consecutive heads sharing one KV head (q and out: stride hd), over keys/values
+// [0, n). Tile shapes keep at most ~13 of the 16 ymm registers live.
+template <int NQ>
+void attend_heads_avx2(const float* q, const float* keys, const float* values, int64_t n, int64_t hd, float scale,
+                       float* out) {
+    constexpr int KT = NQ == 1 ? 8 : NQ == 2 ? 4 : NQ == 3 ? 3 : 2, VS = NQ <= 2 ? 4 : 2;
+    thread_local std::vector<float> pbuf;
+    pbuf.resize(size_t(NQ * n));
+    float* p = pbuf.data();
+    int64_t j = 0;
+    for (; j + KT <= n; j += KT) score_tile<NQ, KT>(q, keys, hd, scale, j, p, n);
+    for (; j < n; ++j) score_tile<NQ, 1>(q, keys, hd, scale, j, p, n);
+    float inv[NQ];
+    for (int a = 0; a < NQ; ++a) inv[a] = softmax_in_place(p + a * n, n);
+    int64_t i = 0;
+    for (; i + 8 * VS <= hd; i += 8 * VS) weigh_tile<NQ, VS>(p, n, values, hd, i, out);
+    for (; i < hd; i += 8) weigh_tile<NQ, 1>(p, n, values, hd, i, out);
+    for (int a = 0; a < NQ; ++a)
+        for (int64_t e = 0; e < hd; ++e) out[a * hd + e] *= inv[a];
+}
+
+#pragma GCC pop_options
+#endif  // BN158_X86
+
+// nq (1 .. kHeadsTogether) query rows of consecutive heads sharing one KV head.
+void attend_heads(int64_t nq, bool tiles, const float* q, const float* keys, const float* values, int64_t n,
+                  int64_t hd, float scale, float* out) {
+#if defined(BN158_X86)
+    if (tiles) {
+        switch (nq) {
+            case 4: return attend_heads_avx2<4>(q, keys, values, n, hd, scale, out);
+            case 3: return attend_heads_avx2<3>(q, keys, values, n, hd, scale, out);
+            case 2: return attend_heads_avx2<2>(q, keys, values, n, hd, scale, out);
+            default: return attend_heads_avx2<1>(q, keys, values, n, hd, scale, out);
+        }
+    }
+#else
+    (void)tiles;
+#endif
+    for (int64_t a = 0; a < nq; ++a) attend_one(q + a * hd, keys, values, n, hd, scale, out + a * hd);
+}
+
+}  // namespace
+
+void attention(const StepModel& m, const KVSlots& kv, int64_t layer, const StepRows& rows, const float* q,
+               float* out) {
+    const int64_t H = m.heads, hd = m.head_dim, group = m.heads / m.kv_heads;
+    const float scale = 1.0f / std::sqrt(float(hd));
+    const bool tiles = hd % 8 == 0 && isa_supported(Isa::Avx2);
+    // A task: one row's query heads of one KV head, up to `together` of them. Fewer per task while
+    // the tasks would not keep every thread busy (one decoding row of a 5-KV-head model: 5 tasks).
+    int64_t together = std::min<int64_t>(kHeadsTogether, group);
+    const auto tasks_for = [&](int64_t t) { return rows.M * m.kv_heads * ((group + t - 1) / t); };
+    while (together > 1 && tasks_for(together) < 4 * int64_t(pool_threads())) together = (together + 1) / 2;
+    const int64_t per_kv = (group + together - 1) / together, per_row = m.kv_heads * per_kv;
+    const int64_t tasks = rows.M * per_row;
+    auto run = [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+            const int64_t r = t / per_row, g = t % per_row / per_kv, h = g * group + t % per_kv * together;
+            const int64_t nq = std::min(together, (g + 1) * group - h);
+            const int64_t base = ((int64_t(rows.slot[r]) * m.kv_heads + g) * kv.max_len) * hd;
+            attend_heads(nq, tiles, q + (r * H + h) * hd, kv.keys[size_t(layer)] + base,
+                         kv.values[size_t(layer)] + base, int64_t(rows.pos[r]) + 1, hd, scale, out + (r * H + h) * hd);
+        }
+    };
+    const int64_t chunks = pool_chunks(tasks);
+    if (chunks <= 1) {
+        run(0, tasks);
+    } else {
+        pool_run(chunks, [&](int64_t c) { run(tasks * c / chunks, tasks * (c + 1) / chunks); });
+    }
+}
+
+}  // namespace bn158

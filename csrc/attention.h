@@ -1,0 +1,16 @@
+// Causal attention of a native step's rows over their KV-cache slots (attention.cpp).
+#pragma once
+#include <cstdint>
+
+#include "forward_step.h"
+
+namespace bn158 {
+
+// q [M, heads·hd] (roped), every row's keys/values [0, pos] already stored in its slot; out
+// [M, heads·hd] = softmax(q·kᵀ/√hd)·v per row and head. Head h reads KV head h / (heads /
+// kv_heads), as torch's enable_gqa does. A row's result never depends on the other rows or on
+// the thread count. Blocks until done; threads from the shared pool.
+void attention(const StepModel& m, const KVSlots& kv, int64_t layer, const StepRows& rows, const float* q,
+               float* out);
+
+}  // namespace bn158
