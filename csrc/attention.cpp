@@ -160,11 +160,11 @@ void attend_heads(int64_t nq, bool tiles, const float* q, const float* keys, con
 
 }  // namespace
 
-void attention(const StepModel& m, const KVSlots& kv, int64_t layer, const StepRows& rows, const float* q,
+void attention(Isa isa, const StepModel& m, const KVSlots& kv, int64_t layer, const StepRows& rows, const float* q,
                float* out) {
     const int64_t H = m.heads, hd = m.head_dim, group = m.heads / m.kv_heads;
     const float scale = 1.0f / std::sqrt(float(hd));
-    const bool tiles = hd % 8 == 0 && isa_supported(Isa::Avx2);
+    const bool tiles = hd % 8 == 0 && (isa == Isa::Avx2 || isa == Isa::Avx512Vnni);
     // A task: one row's query heads of one KV head, up to `together` of them. Fewer per task while
     // the tasks would not keep every thread busy (one decoding row of a 5-KV-head model: 5 tasks).
     int64_t together = std::min<int64_t>(kHeadsTogether, group);

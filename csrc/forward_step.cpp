@@ -170,7 +170,7 @@ void block(Isa isa, const StepModel& m, const KVSlots& kv, int64_t layer, const 
     rope_heads(m, rows, s.attn.data(), m.heads, s.q.data());
     rope_heads(m, rows, s.g.data(), m.kv_heads, s.k.data());
     store_kv(m, kv, layer, rows, s.k.data(), s.v.data());
-    attention(m, kv, layer, rows, s.q.data(), s.attn.data());
+    attention(isa, m, kv, layer, rows, s.q.data(), s.attn.data());
     const float* a = maybe_norm(m, s.attn.data(), M, A, b.attn_sub_norm, s.q.data());
     project(isa, m, s, a, M, {{&b.o, s.h.data()}});
     add_into(s.x.data(), s.h.data(), M * D);

@@ -214,6 +214,26 @@ def test_threads_split_rows_without_changing_a_bit():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.skipif(kernels.available_paths()[0] == "scalar", reason="no SIMD path on this CPU")
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 16), (8, 1, 32), (6, 2, 12), (12, 3, 24), (5, 5, 24)])
+def test_simd_paths_give_the_portable_loops_bits(heads, kv_heads, head_dim):
+    """Attention in register tiles (the query heads of one KV head together, on x86) keeps the
+    one-query loop's arithmetic; with an int8 head every other op is exact or the same bits too, so
+    the logits of a prefill and a decode step are identical on the scalar path and the best one."""
+    model = packed_model(vocab_size=300, hidden_size=heads * head_dim, num_heads=heads, num_kv_heads=kv_heads)
+    tokens = torch.arange(80).reshape(2, 40) * 7 % 300
+    outs = []
+    try:
+        for path in ("scalar", kernels.available_paths()[0]):
+            kernels.set_path(path)
+            with torch.no_grad():
+                cache = KVCache(model.config, 2)
+                outs.append(torch.cat([model(tokens, cache), model(tokens[:, :1] + 1, cache)], 1))
+    finally:
+        kernels.set_path(None)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_bad_rows_are_clear_errors_not_crashes():
     model = packed_model()
     with torch.no_grad():
