@@ -73,6 +73,11 @@ void attend_one(const float* q, const float* keys, const float* values, int64_t 
 #pragma GCC push_options
 #pragma GCC target("avx2")
 
+// The cache rows of one KV head are read once a step, from memory, in 4 KiB pages the hardware
+// prefetcher starts over on: software prefetch asks for keys and values this many rows ahead
+// (2B4T, 1,024-token context, one thread: 66.8 → 56-57 ms a decode step).
+constexpr int64_t kRowsAhead = 16;
+
 // Scores of NQ queries (rows of q, stride hd) against keys j0 .. j0 + KT − 1: p[qi · n + j].
 // hd a multiple of 8. Registers: NQ·KT sums, NQ query vectors, one key vector.
 template <int NQ, int KT>
@@ -84,6 +89,8 @@ inline void score_tile(const float* q, const float* keys, int64_t hd, float scal
         __m256 qv[NQ];
         for (int a = 0; a < NQ; ++a) qv[a] = _mm256_loadu_ps(q + a * hd + i);
         for (int b = 0; b < KT; ++b) {
+            if ((i & 15) == 0)  // one line per two vectors
+                _mm_prefetch(reinterpret_cast<const char*>(keys + (j0 + b + kRowsAhead) * hd + i), _MM_HINT_T0);
             const __m256 kv = _mm256_loadu_ps(keys + (j0 + b) * hd + i);
             for (int a = 0; a < NQ; ++a) acc[a][b] = _mm256_add_ps(acc[a][b], _mm256_mul_ps(qv[a], kv));
         }
@@ -106,7 +113,11 @@ inline void weigh_tile(const float* p, int64_t n, const float* values, int64_t h
         for (int s = 0; s < VS; ++s) acc[a][s] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
         __m256 vv[VS];
-        for (int s = 0; s < VS; ++s) vv[s] = _mm256_loadu_ps(values + j * hd + i0 + 8 * s);
+        for (int s = 0; s < VS; ++s) {
+            if ((s & 1) == 0)  // to L2: this slice of a later row, one line per two vectors
+                _mm_prefetch(reinterpret_cast<const char*>(values + (j + kRowsAhead) * hd + i0 + 8 * s), _MM_HINT_T1);
+            vv[s] = _mm256_loadu_ps(values + j * hd + i0 + 8 * s);
+        }
         for (int a = 0; a < NQ; ++a) {
             const __m256 pb = _mm256_broadcast_ss(p + a * n + j);
             for (int s = 0; s < VS; ++s) acc[a][s] = _mm256_add_ps(acc[a][s], _mm256_mul_ps(pb, vv[s]));
