@@ -56,9 +56,11 @@ def test_serve_benchmark_runs_on_a_tiny_model(tmp_path):
 def test_vs_llamacpp_benchmark_runs_without_llamacpp(tmp_path):
     out = run("vs_llamacpp.py", "--preset", "tiny", "--no-llamacpp", "--threads", "1", "--runs", "1",
               "--prompt", "8", "--tokens", "2", "--json", str(tmp_path / "v.json"))
-    assert "decode floor" in out and "ours ÷ floor" in out
+    assert "decode floor" in out and "ours ÷ floor" in out and "q4 head" in out
     row = json.loads((tmp_path / "v.json").read_text())["rows"][0]
-    assert row["ours_decode"][0] > 0 and row["floor_tok_s"] > 0
+    for head in ("int8", "q4"):  # both heads timed, each against its own floor
+        assert row[f"ours_{head}_decode"][0] > 0 and row["floor_tok_s"][head] > 0
+    assert row["floor_tok_s"]["q4"] > row["floor_tok_s"]["int8"]  # fewer bytes a token
 
 
 def test_finetune_benchmark_runs_on_a_tiny_model(tmp_path):
