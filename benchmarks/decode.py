@@ -115,6 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="2b4t")
     ap.add_argument("--format", default="i2")
+    ap.add_argument("--head", default="int8", help="output head: int8 (pack's default), q4 (4.5 bits), fp16 or fp32")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--prompt", type=int, default=128, help="prefill length in tokens (128 by default, as the packed-inference acceptance asks)")
     ap.add_argument("--tokens", type=int, default=32, help="decode steps timed (32: one step is noisy on a shared machine)")
@@ -127,13 +128,13 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = preset(args.preset)
-    results: dict = {"preset": args.preset, "format": args.format, "kernel": kernels.current_path(),
+    results: dict = {"preset": args.preset, "format": args.format, "head": args.head, "kernel": kernels.current_path(),
                      "cpu_features": kernels.cpu_features(), "prompt": args.prompt, "tokens": args.tokens}
     print(f"preset {args.preset}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, "
-          f"vocab {cfg.vocab_size}; packed {args.format} with int8 head; kernel path {kernels.current_path()}")
+          f"vocab {cfg.vocab_size}; packed {args.format} with {args.head} head; kernel path {kernels.current_path()}")
 
     t0 = time.perf_counter()
-    packed = random_packed(cfg, PackConfig(format=args.format), progress=True)
+    packed = random_packed(cfg, PackConfig(format=args.format, head=args.head), progress=True)
     print(f"built the random packed model in {time.perf_counter() - t0:.0f}s")
     sizes = {fmt: linear_bytes(cfg, fmt) for fmt in ("i2", "base3")}
     n_linear = sum(m.in_features * m.out_features for m in packed.modules() if isinstance(m, PackedBitLinear))
