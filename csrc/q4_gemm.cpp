@@ -97,18 +97,25 @@ inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// The 64 codes of a block's 32 bytes: low nibbles (values 0..31), high nibbles (32..63).
+inline void split_nibbles(__m256i w, __m256i& lo, __m256i& hi) {
+    const __m256i low = _mm256_set1_epi8(15);
+    lo = _mm256_and_si256(w, low);
+    hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+}
+
 // One row against one activation row. Per block of 64 values: the nibbles split (the low ones meet
 // x's first 32 activations, the high ones the next 32), two vpmaddubsw give int16 pair sums (each
 // ≤ 2·15·128 in size; two added stay far inside int16), unpacking 32-bit pairs then one vpaddw and
 // one vpmaddwd leave both groups' integer sums in 8 int32 lanes — group 2b in the even lanes, 2b + 1
-// in the odd — so one conversion and one fma with the scale pair [d0, d1, d0, d1, ...] take both. The −8 offset of the codes
-// starts the sums: Σ_g d_g · (−8 · Σ_{k in g} x_k), eight groups a vector (xs8: those −8 · group sums).
+// in the odd — so one conversion and one fma with the scale pair [d0, d1, d0, d1, ...] take both.
+// The −8 offset of the codes starts the sums: Σ_g d_g · (−8 · Σ_{k in g} x_k), eight groups a vector (xs8: those −8 · group sums).
 // The loop is bound by vector instructions (11 a block), not by loads: a second row sharing the x
 // loads measured no faster. Split: c holds the row's nibbles already split by rows_avx2 (64 bytes a
 // block, low then high), for rows met by several activation rows: 3 instructions a block fewer.
 template <bool Split>
 inline float q4_row_avx2(const int8_t* xm, const float* xs8, const uint8_t* c, const float* d, int64_t G) {
-    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;  // even blocks, odd blocks
     int64_t g = 0;
     for (; g + 16 <= G; g += 16) {
@@ -126,8 +133,7 @@ inline float q4_row_avx2(const int8_t* xm, const float* xs8, const uint8_t* c, c
         } else {
             const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * b));
             _mm_prefetch(reinterpret_cast<const char*>(c + 32 * b + kPrefetchBytes), _MM_HINT_T0);
-            cl = _mm256_and_si256(w, low);
-            ch = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+            split_nibbles(w, cl, ch);
         }
         const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + kQ4Block * b));
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + kQ4Block * b + 32));
@@ -153,7 +159,6 @@ void rows_avx2(const int8_t* x, int64_t M, int64_t K, const uint8_t* codes, cons
     std::vector<float> dbuf(static_cast<size_t>(G + 8)), xs8(static_cast<size_t>(M * G));
     for (int64_t i = 0; i < M * G; ++i) xs8[size_t(i)] = float(-8 * xs[i]);  // exact: |8 · Σ x| < 2^24
     float* d = dbuf.data();
-    const __m256i low = _mm256_set1_epi8(15);
     std::vector<uint8_t> split_buf(static_cast<size_t>(M > 1 ? K + 64 : 0));  // one row's nibbles, split
     uint8_t* split = split_buf.data() + (-reinterpret_cast<uintptr_t>(split_buf.data()) & 63);
     for (int64_t n = n0; n < n1; ++n) {
@@ -168,10 +173,10 @@ void rows_avx2(const int8_t* x, int64_t M, int64_t K, const uint8_t* codes, cons
             continue;
         }
         for (int64_t b = 0; b < K / kQ4Block; ++b) {
-            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * b));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(split + 64 * b), _mm256_and_si256(w, low));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(split + 64 * b + 32),
-                               _mm256_and_si256(_mm256_srli_epi16(w, 4), low));
+            __m256i lo, hi;
+            split_nibbles(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * b)), lo, hi);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(split + 64 * b), lo);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(split + 64 * b + 32), hi);
         }
         for (int64_t m = 0; m < M; ++m) out[m * N + n] = q4_row_avx2<true>(x + m * K, xs8.data() + m * G, split, d, G);
     }
