@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "half.h"
 #include "threadpool.h"
 
 #if defined(BN158_X86)
@@ -56,94 +57,129 @@ float softmax_in_place(float* p, int64_t n) {
     return 1.0f / sum;
 }
 
+// A cache row as fp32: the row itself, or (fp16 cache) its exact conversion into buf.
+inline const float* row_f32(const float* row, int64_t, float*) { return row; }
+inline const float* row_f32(const uint16_t* row, int64_t hd, float* buf) {
+    half_to_float_row(row, buf, hd);
+    return buf;
+}
+
 // One query row of one head over keys/values [0, n) of its KV head: softmax(q·kᵀ/√hd) · v.
-void attend_one(const float* q, const float* keys, const float* values, int64_t n, int64_t hd, float scale,
-                float* out) {
-    thread_local std::vector<float> p;
+template <class T>
+void attend_one(const float* q, const T* keys, const T* values, int64_t n, int64_t hd, float scale, float* out) {
+    thread_local std::vector<float> p, buf;
     p.resize(size_t(n));
-    for (int64_t j = 0; j < n; ++j) p[size_t(j)] = dot_lanes(q, keys + j * hd, hd) * scale;
+    buf.resize(size_t(hd));
+    for (int64_t j = 0; j < n; ++j) p[size_t(j)] = dot_lanes(q, row_f32(keys + j * hd, hd, buf.data()), hd) * scale;
     const float inv = softmax_in_place(p.data(), n);
     std::fill(out, out + hd, 0.0f);
-    for (int64_t j = 0; j < n; ++j)
-        for (int64_t e = 0; e < hd; ++e) out[e] += p[size_t(j)] * values[j * hd + e];
+    for (int64_t j = 0; j < n; ++j) {
+        const float* v = row_f32(values + j * hd, hd, buf.data());
+        for (int64_t e = 0; e < hd; ++e) out[e] += p[size_t(j)] * v[e];
+    }
     for (int64_t e = 0; e < hd; ++e) out[e] *= inv;
 }
 
 #if defined(BN158_X86)
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,f16c")
 
 // The cache rows of one KV head are read once a step, from memory, in 4 KiB pages the hardware
 // prefetcher starts over on: software prefetch asks for keys and values this many rows ahead
 // (2B4T, 1,024-token context, one thread: 66.8 → 56-57 ms a decode step).
 constexpr int64_t kRowsAhead = 16;
 
+// 8 cache values as fp32 (an fp16 cache converts exactly, as the portable loop does).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// The tiles unroll every loop over their register arrays (#pragma GCC unroll): left rolled, GCC
+// kept a copy of p·v's sums on the stack, eight dead stores an iteration.
+
+// Whether 8 values from element i start a cache line (prefetch once a line).
+template <class T>
+inline bool line_start(int64_t i) { return (i * int64_t(sizeof(T))) % 64 == 0; }
+
 // Scores of NQ queries (rows of q, stride hd) against keys j0 .. j0 + KT − 1: p[qi · n + j].
 // hd a multiple of 8. Registers: NQ·KT sums, NQ query vectors, one key vector.
-template <int NQ, int KT>
-inline void score_tile(const float* q, const float* keys, int64_t hd, float scale, int64_t j0, float* p, int64_t n) {
+template <int NQ, int KT, class T>
+inline void score_tile(const float* q, const T* keys, int64_t hd, float scale, int64_t j0, float* p, int64_t n) {
     __m256 acc[NQ][KT];
+#pragma GCC unroll 8
     for (int a = 0; a < NQ; ++a)
+#pragma GCC unroll 8
         for (int b = 0; b < KT; ++b) acc[a][b] = _mm256_setzero_ps();
     for (int64_t i = 0; i < hd; i += 8) {
         __m256 qv[NQ];
+#pragma GCC unroll 8
         for (int a = 0; a < NQ; ++a) qv[a] = _mm256_loadu_ps(q + a * hd + i);
+#pragma GCC unroll 8
         for (int b = 0; b < KT; ++b) {
-            if ((i & 15) == 0)  // one line per two vectors
+            if (line_start<T>(i))
                 _mm_prefetch(reinterpret_cast<const char*>(keys + (j0 + b + kRowsAhead) * hd + i), _MM_HINT_T0);
-            const __m256 kv = _mm256_loadu_ps(keys + (j0 + b) * hd + i);
+            const __m256 kv = load8(keys + (j0 + b) * hd + i);
+#pragma GCC unroll 8
             for (int a = 0; a < NQ; ++a) acc[a][b] = _mm256_add_ps(acc[a][b], _mm256_mul_ps(qv[a], kv));
         }
     }
+#pragma GCC unroll 8
     for (int a = 0; a < NQ; ++a)
+#pragma GCC unroll 8
         for (int b = 0; b < KT; ++b) {
             alignas(32) float lanes[8];
             _mm256_store_ps(lanes, acc[a][b]);
             float s = 0.0f;
+#pragma GCC unroll 8
             for (int l = 0; l < 8; ++l) s += lanes[l];
             p[a * n + j0 + b] = s * scale;
         }
 }
 
 // out[a, i0 .. i0 + 8·VS) = Σ_j p[a · n + j] · v[j, same] in key order, for NQ queries.
-template <int NQ, int VS>
-inline void weigh_tile(const float* p, int64_t n, const float* values, int64_t hd, int64_t i0, float* out) {
+template <int NQ, int VS, class T>
+inline void weigh_tile(const float* p, int64_t n, const T* values, int64_t hd, int64_t i0, float* out) {
     __m256 acc[NQ][VS];
+#pragma GCC unroll 8
     for (int a = 0; a < NQ; ++a)
+#pragma GCC unroll 8
         for (int s = 0; s < VS; ++s) acc[a][s] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
         __m256 vv[VS];
+#pragma GCC unroll 8
         for (int s = 0; s < VS; ++s) {
-            if ((s & 1) == 0)  // to L2: this slice of a later row, one line per two vectors
+            if (line_start<T>(8 * s))  // to L2: this slice of a later row
                 _mm_prefetch(reinterpret_cast<const char*>(values + (j + kRowsAhead) * hd + i0 + 8 * s), _MM_HINT_T1);
-            vv[s] = _mm256_loadu_ps(values + j * hd + i0 + 8 * s);
+            vv[s] = load8(values + j * hd + i0 + 8 * s);
         }
+#pragma GCC unroll 8
         for (int a = 0; a < NQ; ++a) {
             const __m256 pb = _mm256_broadcast_ss(p + a * n + j);
+#pragma GCC unroll 8
             for (int s = 0; s < VS; ++s) acc[a][s] = _mm256_add_ps(acc[a][s], _mm256_mul_ps(pb, vv[s]));
         }
     }
+#pragma GCC unroll 8
     for (int a = 0; a < NQ; ++a)
+#pragma GCC unroll 8
         for (int s = 0; s < VS; ++s) _mm256_storeu_ps(out + a * hd + i0 + 8 * s, acc[a][s]);
 }
 
 // NQ query rows of consecutive heads sharing one KV head (q and out: stride hd), over keys/values
 // [0, n). Tile shapes keep at most ~13 of the 16 ymm registers live.
-template <int NQ>
-void attend_heads_avx2(const float* q, const float* keys, const float* values, int64_t n, int64_t hd, float scale,
+template <int NQ, class T>
+void attend_heads_avx2(const float* q, const T* keys, const T* values, int64_t n, int64_t hd, float scale,
                        float* out) {
     constexpr int KT = NQ == 1 ? 8 : NQ == 2 ? 4 : NQ == 3 ? 3 : 2, VS = NQ <= 2 ? 4 : 2;
     thread_local std::vector<float> pbuf;
     pbuf.resize(size_t(NQ * n));
     float* p = pbuf.data();
     int64_t j = 0;
-    for (; j + KT <= n; j += KT) score_tile<NQ, KT>(q, keys, hd, scale, j, p, n);
-    for (; j < n; ++j) score_tile<NQ, 1>(q, keys, hd, scale, j, p, n);
+    for (; j + KT <= n; j += KT) score_tile<NQ, KT, T>(q, keys, hd, scale, j, p, n);
+    for (; j < n; ++j) score_tile<NQ, 1, T>(q, keys, hd, scale, j, p, n);
     float inv[NQ];
     for (int a = 0; a < NQ; ++a) inv[a] = softmax_in_place(p + a * n, n);
     int64_t i = 0;
-    for (; i + 8 * VS <= hd; i += 8 * VS) weigh_tile<NQ, VS>(p, n, values, hd, i, out);
-    for (; i < hd; i += 8) weigh_tile<NQ, 1>(p, n, values, hd, i, out);
+    for (; i + 8 * VS <= hd; i += 8 * VS) weigh_tile<NQ, VS, T>(p, n, values, hd, i, out);
+    for (; i < hd; i += 8) weigh_tile<NQ, 1, T>(p, n, values, hd, i, out);
     for (int a = 0; a < NQ; ++a)
         for (int64_t e = 0; e < hd; ++e) out[a * hd + e] *= inv[a];
 }
@@ -152,15 +188,16 @@ void attend_heads_avx2(const float* q, const float* keys, const float* values, i
 #endif  // BN158_X86
 
 // nq (1 .. kHeadsTogether) query rows of consecutive heads sharing one KV head.
-void attend_heads(int64_t nq, bool tiles, const float* q, const float* keys, const float* values, int64_t n,
-                  int64_t hd, float scale, float* out) {
+template <class T>
+void attend_heads(int64_t nq, bool tiles, const float* q, const T* keys, const T* values, int64_t n, int64_t hd,
+                  float scale, float* out) {
 #if defined(BN158_X86)
     if (tiles) {
         switch (nq) {
-            case 4: return attend_heads_avx2<4>(q, keys, values, n, hd, scale, out);
-            case 3: return attend_heads_avx2<3>(q, keys, values, n, hd, scale, out);
-            case 2: return attend_heads_avx2<2>(q, keys, values, n, hd, scale, out);
-            default: return attend_heads_avx2<1>(q, keys, values, n, hd, scale, out);
+            case 4: return attend_heads_avx2<4, T>(q, keys, values, n, hd, scale, out);
+            case 3: return attend_heads_avx2<3, T>(q, keys, values, n, hd, scale, out);
+            case 2: return attend_heads_avx2<2, T>(q, keys, values, n, hd, scale, out);
+            default: return attend_heads_avx2<1, T>(q, keys, values, n, hd, scale, out);
         }
     }
 #else
@@ -188,8 +225,15 @@ void attention(Isa isa, const StepModel& m, const KVSlots& kv, int64_t layer, co
             const int64_t r = t / per_row, g = t % per_row / per_kv, h = g * group + t % per_kv * together;
             const int64_t nq = std::min(together, (g + 1) * group - h);
             const int64_t base = ((int64_t(rows.slot[r]) * m.kv_heads + g) * kv.max_len) * hd;
-            attend_heads(nq, tiles, q + (r * H + h) * hd, kv.keys[size_t(layer)] + base,
-                         kv.values[size_t(layer)] + base, int64_t(rows.pos[r]) + 1, hd, scale, out + (r * H + h) * hd);
+            const float* qr = q + (r * H + h) * hd;
+            float* o = out + (r * H + h) * hd;
+            const int64_t n = int64_t(rows.pos[r]) + 1;
+            if (kv.half)
+                attend_heads(nq, tiles, qr, static_cast<const uint16_t*>(kv.keys[size_t(layer)]) + base,
+                             static_cast<const uint16_t*>(kv.values[size_t(layer)]) + base, n, hd, scale, o);
+            else
+                attend_heads(nq, tiles, qr, static_cast<const float*>(kv.keys[size_t(layer)]) + base,
+                             static_cast<const float*>(kv.values[size_t(layer)]) + base, n, hd, scale, o);
         }
     };
     const int64_t chunks = pool_chunks(tasks);

@@ -19,6 +19,7 @@
 
 #include "attention.h"
 #include "decode_ops.h"
+#include "half.h"
 #include "int8_gemm.h"
 #include "q4_gemm.h"
 #include "quant.h"
@@ -152,8 +153,14 @@ void store_kv(const StepModel& m, const KVSlots& kv, int64_t layer, const StepRo
     for (int64_t r = 0; r < rows.M; ++r)
         for (int64_t g = 0; g < G; ++g) {
             const int64_t at = ((int64_t(rows.slot[r]) * G + g) * kv.max_len + rows.pos[r]) * hd;
-            std::memcpy(kv.keys[size_t(layer)] + at, k + (r * G + g) * hd, size_t(hd) * sizeof(float));
-            std::memcpy(kv.values[size_t(layer)] + at, v + (r * G + g) * hd, size_t(hd) * sizeof(float));
+            const float *kr = k + (r * G + g) * hd, *vr = v + (r * G + g) * hd;
+            if (kv.half) {
+                float_to_half_row(kr, static_cast<uint16_t*>(kv.keys[size_t(layer)]) + at, hd);
+                float_to_half_row(vr, static_cast<uint16_t*>(kv.values[size_t(layer)]) + at, hd);
+            } else {
+                std::memcpy(static_cast<float*>(kv.keys[size_t(layer)]) + at, kr, size_t(hd) * sizeof(float));
+                std::memcpy(static_cast<float*>(kv.values[size_t(layer)]) + at, vr, size_t(hd) * sizeof(float));
+            }
         }
 }
 

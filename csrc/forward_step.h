@@ -53,9 +53,12 @@ struct StepModel {
     std::vector<BlockWeights> blocks;
 };
 
-// A KV cache: per layer, keys and values [slots, kv_heads, max_len, head_dim] fp32.
+// A KV cache: per layer, keys and values [slots, kv_heads, max_len, head_dim], fp32 or (half) fp16
+// bit patterns: half the memory and half the bytes attention reads a step at long contexts; each
+// row is rounded to nearest even when stored, and attention computes in fp32 either way.
 struct KVSlots {
-    std::vector<float*> keys, values;
+    std::vector<void*> keys, values;
+    bool half = false;
     int64_t slots = 0, max_len = 0;
 };
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "forward_step.h"
+#include "half.h"
 #include "py_args.h"
 #include "q4_gemm.h"
 
@@ -130,15 +131,18 @@ class PyStepCache {
         if (keys.size() != values.size() || keys.empty())
             throw py::value_error("step cache: keys and values need one array per layer");
         std::vector<py::ssize_t> shape;
-        auto take = [&](const py::handle h, std::vector<float*>& into) {
+        const py::dtype f32 = py::dtype::of<float>(), f16("float16");
+        kv_.half = keys[0].cast<py::array>().dtype().is(f16);
+        auto take = [&](const py::handle h, std::vector<void*>& into) {
             py::array a = h.cast<py::array>();
-            if (!a.dtype().is(py::dtype::of<float>()) || !(a.flags() & py::array::c_style) || !a.writeable() || a.ndim() != 4)
-                throw py::value_error("step cache: each layer must be a writable C-contiguous float32 [slots, kv_heads, len, head_dim]");
+            if (!a.dtype().is(kv_.half ? f16 : f32) || !(a.flags() & py::array::c_style) || !a.writeable() || a.ndim() != 4)
+                throw py::value_error("step cache: each layer must be a writable C-contiguous float32 or float16 (all "
+                                      "alike) [slots, kv_heads, len, head_dim]");
             std::vector<py::ssize_t> s(a.shape(), a.shape() + 4);
             if (shape.empty()) shape = s;
             if (s != shape) throw py::value_error("step cache: layers differ in shape");
             keep_.push_back(a);
-            into.push_back(static_cast<float*>(a.mutable_data()));
+            into.push_back(a.mutable_data());
         };
         for (size_t i = 0; i < keys.size(); ++i) {
             take(keys[i], kv_.keys);
@@ -204,7 +208,17 @@ void bind_forward_step(py::module_& m) {
              "Run the whole model on M rows (token, slot, position); store their keys and values in the "
              "cache; return logits (int8 head) or final-normed hidden rows for out_rows.");
     py::class_<PyStepCache>(m, "StepCache", "A KV cache's per-layer key and value arrays.")
-        .def(py::init<const py::list&, const py::list&>(), py::arg("keys"), py::arg("values"));
+        .def(py::init<const py::list&, const py::list&>(), py::arg("keys"), py::arg("values"))
+        .def_property_readonly("half", [](const PyStepCache& c) { return c.kv().half; },
+                               "Whether the cache holds fp16 (else fp32).");
+    m.def(
+        "float_to_half",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+            py::array_t<uint16_t> out(x.size());
+            float_to_half_row(x.data(), out.mutable_data(), x.size());
+            return out;
+        },
+        "fp16 bit patterns of x (flattened), rounded as the fp16 KV cache stores them.");
 }
 
 }  // namespace bn158

@@ -22,29 +22,6 @@
 
 namespace bn158 {
 
-float half_to_float(uint16_t h) {
-    const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-    uint32_t bits;
-    if (exp == 0x1F) {
-        bits = sign | 0x7F800000u | (man << 13);  // inf / nan
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-        bits = sign;
-    } else {  // subnormal: renormalize
-        int e = -1;
-        uint32_t m = man;
-        do {
-            ++e;
-            m <<= 1;
-        } while (!(m & 0x400));
-        bits = sign | (uint32_t(112 - e) << 23) | ((m & 0x3FF) << 13);
-    }
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 namespace {
 
 // Group sums of x: xs[m * G + g] = sum of the 32 activations of group g.

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cpu_features.h"
+#include "half.h"
 
 namespace bn158 {
 
@@ -15,7 +16,5 @@ constexpr int64_t kQ4Group = 32, kQ4Block = 64;
 // scales: fp16 bit patterns [N, K / 32]. Blocks until done; threads from the shared pool.
 void q4_matmul(Isa isa, const int8_t* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
                int64_t N, float* out);
-
-float half_to_float(uint16_t h);  // IEEE binary16 → binary32, exactly
 
 }  // namespace bn158

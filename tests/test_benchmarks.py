@@ -91,6 +91,13 @@ def test_speculative_benchmark_runs_on_a_tiny_checkpoint(tmp_path):
     assert "same tokens: yes" in out and "NO" not in out and "positions costs" in out
 
 
+def test_kv_cache_benchmark_runs_on_a_tiny_model(tmp_path):
+    out = run("kv_cache.py", "--preset", "tiny", "--contexts", "8,40", "--threads", "1", "--tokens", "2",
+              "--repeats", "1", "--checkpoint", str(tmp_path / "none"))
+    assert "quality: skipped" in out
+    assert out.count("fp16 ÷ fp32") == 2 and " 40   fp16" in out
+
+
 def test_convert_memory_benchmark_runs_every_step_on_a_tiny_model():
     out = run("convert_memory.py", "--preset", "tiny")
     for label in ("import 1bitllm → i2", "import bf16 → i2", "import bf16 → fp32 latent", "pack fp32 → i2",

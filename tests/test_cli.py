@@ -68,6 +68,16 @@ def test_generate_streams_text(trained, capsys):
     assert "prompt tokens" in captured.err
 
 
+def test_generate_with_an_fp16_kv_cache(trained, capsys):
+    capsys.readouterr()
+    assert main(["generate", str(trained), "--prompt", "def ", "--max-tokens", "8", "--temperature", "0",
+                 "--kv-cache", "fp16"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", str(trained), "--kv-cache", "bf16"])
+    assert exit_.value.code == 2 and "invalid choice: 'bf16'" in capsys.readouterr().err
+
+
 def test_generate_speculates_without_changing_greedy_output(trained, capsys):
     base = ["generate", str(trained), "--prompt", "def f(x):", "--max-tokens", "12", "--temperature", "0"]
     capsys.readouterr()

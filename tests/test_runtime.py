@@ -26,7 +26,7 @@ from packaging.requirements import Requirement
 import bitnet158 as bn
 from bitnet158 import native, runtime
 from bitnet158.errors import CheckpointError, ConfigError
-from bitnet158.generate import GenerationRequest, PromptCache, generate, generate_step
+from bitnet158.generate import GenerationRequest, PromptCache, generate, generate_step, set_kv_dtype
 from bitnet158.pack import pack_
 from bitnet158.packed_layers import PackConfig
 from bitnet158.sampling import SamplingConfig
@@ -98,6 +98,19 @@ def test_logits_and_greedy_tokens_equal_the_torch_path(packed_dirs, tokenizer, v
     want = list(generate_step(torch_model, prompt, GREEDY, 40))
     assert list(generate_step(native_model, prompt, GREEDY, 40)) == want
     assert native_tok.encode(TEXT) == tokenizer.encode(TEXT)
+
+
+def test_an_fp16_kv_cache_runs_the_same_on_both_paths(packed_dirs, tokenizer):
+    native_model, _ = runtime.load(packed_dirs["i2-int8-tied"])
+    torch_model, _ = bn.load(packed_dirs["i2-int8-tied"])
+    for model in (native_model, torch_model):
+        set_kv_dtype(model, "fp16")
+    prompt = tokenizer.encode("def f(x):")
+    caches = [PromptCache(m) for m in (native_model, torch_model)]
+    assert caches[0].kv.keys[0].dtype == np.float16 and caches[1].kv.keys[0].dtype == torch.float16
+    ours, theirs = (c.prefill(m, prompt, all_logits=True) for c, m in zip(caches, (native_model, torch_model)))
+    assert np.array_equal(ours, theirs)  # the same native step over the same fp16 bytes
+    assert list(generate_step(native_model, prompt, GREEDY, 40)) == list(generate_step(torch_model, prompt, GREEDY, 40))
 
 
 def test_the_runtime_never_imports_torch(packed_dirs):

@@ -21,12 +21,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import ModelConfig, check_kv_dtype
 from .errors import ConfigError
+
+TORCH_KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def kv_torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a KV cache dtype name (config.KV_DTYPES)."""
+    return TORCH_KV_DTYPES[check_kv_dtype(name)]
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
     """q [B, H, T, hd] at positions [past, past + T) over k, v [B, Hkv, past + T, hd]."""
+    if k.dtype != q.dtype:  # an fp16 cache: attention computes in the query's precision
+        k, v = k.to(q.dtype), v.to(q.dtype)
     gqa = k.shape[1] != q.shape[1]
     T = q.shape[2]
     if past == 0 or T == 1:

@@ -80,6 +80,18 @@ def _check_real(what: str, name: str, value: Any, lo: float, hi: float, hi_open:
                           f"got {short_repr(value)}")
 
 
+# How a KV cache stores keys and values. fp16 halves its memory and the bytes attention reads a
+# step at long contexts; attention still computes in fp32, over the rounded values.
+KV_DTYPES = ("fp32", "fp16")
+
+
+def check_kv_dtype(name: Any) -> str:
+    """A KV cache dtype name ("fp32" or "fp16"), or a one-line ConfigError."""
+    if name not in KV_DTYPES:
+        raise ConfigError(f"unknown KV cache dtype {short_repr(name)}; expected one of {', '.join(KV_DTYPES)}")
+    return name
+
+
 ROPE_SCALINGS = ("none", "llama3")
 
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ModelConfig, check_kv_dtype
 from .draft_length import DraftLength, DraftTokens, draft_length
 from .errors import ConfigError, GenerationError
 from .logprobs import MAX_LOGPROBS, TokenLogprob, token_logprobs
@@ -196,9 +196,11 @@ class Runner(Protocol):
     """What generation needs from a model. A cache holds one sequence (`new_cache`: `max_len`,
     `offset`, `reset()`) or many (`new_slot_cache`: slots for the batching engine, `free(slot)`,
     `bind_rows(segments, out_rows)` as `cache.SlotKVCache` has them). Logits come back as float32
-    numpy arrays; each forward advances the cache it ran over."""
+    numpy arrays; each forward advances the cache it ran over. New caches store keys and values
+    as `kv_dtype` says ("fp32" or "fp16", see `set_kv_dtype`)."""
 
     config: ModelConfig
+    kv_dtype: str
 
     def new_cache(self, max_len: int | None = None) -> Any: ...
 
@@ -226,6 +228,13 @@ def runner_for(model: Any) -> Runner:
         from .torch_runner import TorchRunner  # here, not at the top: the torch-free runtime never gets here
         runner = model.__dict__["_runner"] = TorchRunner(model)
     return runner
+
+
+def set_kv_dtype(model: Any, kv_dtype: str) -> None:
+    """Make the KV caches made for `model` from now on store fp16 or fp32 ("fp16" halves their
+    memory and the bytes attention reads at long contexts; attention still computes in fp32).
+    Caches already made keep their dtype."""
+    runner_for(model).kv_dtype = check_kv_dtype(kv_dtype)
 
 
 class PromptCache:

@@ -10,7 +10,7 @@ step cannot serve the call, and the Python path runs as before. It serves a call
 - the model is packed (every linear a PackedBitLinear with per-token activations), its tensors
   are fp32 on the CPU with an int8 or fp32 embedding, and the native RMSNorm rounds as torch does
   here (the bit-for-bit check in `kernels`);
-- the cache is fp32 on the CPU.
+- the cache is fp32 or fp16 on the CPU.
 
 Rows are tokens at their own positions in their own cache slots, so one call serves a KVCache
 (B sequences advancing together, any T), one sequence's prefill chunk in a SlotKVCache, one new
@@ -197,7 +197,8 @@ def unsupported_reason(model: Any) -> str | None:
 def _cache_view(cache: Any) -> Any:
     view = cache.__dict__.get("_step_view")
     if view is None:
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in cache.keys[:1] + cache.values[:1]):
+        if any(t.dtype not in (torch.float32, torch.float16) or t.device.type != "cpu"
+               for t in cache.keys[:1] + cache.values[:1]):
             return None
         view = native.extension().StepCache([t.numpy() for t in cache.keys], [t.numpy() for t in cache.values])
         cache.__dict__["_step_view"] = view

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import KVCache, SlotKVCache
+from .cache import KVCache, SlotKVCache, kv_torch_dtype
 from .config import ModelConfig
 
 
@@ -27,15 +27,17 @@ class TorchRunner:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.config: ModelConfig = model.config
+        self.kv_dtype = "fp32"  # what new caches store (config.KV_DTYPES); generate.set_kv_dtype sets it
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
-        return KVCache(self.config, batch_size=1, max_len=max_len, device=self._device())
+        return KVCache(self.config, batch_size=1, max_len=max_len, dtype=kv_torch_dtype(self.kv_dtype),
+                       device=self._device())
 
     def new_slot_cache(self, slots: int, max_len: int) -> SlotKVCache:
-        return SlotKVCache(self.config, slots, max_len, device=self._device())
+        return SlotKVCache(self.config, slots, max_len, dtype=kv_torch_dtype(self.kv_dtype), device=self._device())
 
     @torch.no_grad()
     def logits(self, tokens: Sequence[int], cache: Any, *, all_logits: bool = True) -> np.ndarray:

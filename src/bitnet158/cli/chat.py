@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty).validate()
     override = read_template_file(args.chat_template) if args.chat_template else None
-    model, tokenizer = load_model(args.checkpoint, runtime=args.runtime, threads=args.threads, adapter=args.adapter)
+    model, tokenizer = load_model(args.checkpoint, runtime=args.runtime, threads=args.threads, adapter=args.adapter,
+                                  kv_dtype=args.kv_cache)
     session = ChatSession(model, tokenizer, chat_template_for(tokenizer, override), sampling, args.max_tokens,
                           system=args.system, seed=args.seed)
     interactive = sys.stdin.isatty()

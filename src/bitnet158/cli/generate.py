@@ -40,12 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     draft_tokens = check_draft_tokens(args.draft_tokens)  # before the model loads
-    model, tokenizer = load_model(args.checkpoint, runtime=args.runtime, threads=args.threads, adapter=args.adapter)
+    model, tokenizer = load_model(args.checkpoint, runtime=args.runtime, threads=args.threads, adapter=args.adapter,
+                                  kv_dtype=args.kv_cache)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty)
     drafter = None
     if args.draft is not None:
-        draft_model, _ = load_model(args.draft, runtime=args.runtime, threads=args.threads, need_tokenizer=False)
+        draft_model, _ = load_model(args.draft, runtime=args.runtime, threads=args.threads, need_tokenizer=False,
+                                    kv_dtype=args.kv_cache)
         drafter = DraftModel(draft_model, model.config.vocab_size)
     elif args.speculate == "ngram":
         drafter = PromptLookup()

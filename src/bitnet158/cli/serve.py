@@ -59,12 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def engine_loader(path: str | Path, *, max_concurrency: int, max_queue: int, threads: int | None = None,
-                  prefill_chunk: int | None = None, adapter: str | Path | None = None, runtime: str | None = None
-                  ) -> Callable[[], tuple[Engine, Tokenizer]]:
+                  prefill_chunk: int | None = None, adapter: str | Path | None = None, runtime: str | None = None,
+                  kv_dtype: str = "fp32") -> Callable[[], tuple[Engine, Tokenizer]]:
     """What the app runs in its loading thread: the checkpoint (and a LoRA adapter, unmerged) → a
     started Engine and its tokenizer."""
     def load() -> tuple[Engine, Tokenizer]:
-        model, tokenizer = load_model(path, runtime=runtime, threads=threads, adapter=adapter)
+        model, tokenizer = load_model(path, runtime=runtime, threads=threads, adapter=adapter, kv_dtype=kv_dtype)
         chunk = {"prefill_chunk": prefill_chunk} if prefill_chunk is not None else {}
         return Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, **chunk).start(), tokenizer
     return load
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}
     app = create_app(engine_loader(args.checkpoint, max_concurrency=args.max_concurrency,
                                    max_queue=args.max_queue, threads=args.threads, prefill_chunk=args.prefill_chunk,
-                                   adapter=args.adapter, runtime=args.runtime),
+                                   adapter=args.adapter, runtime=args.runtime, kv_dtype=args.kv_cache),
                      model_name=args.model_name or model_name_for(args.checkpoint), api_key=args.api_key,
                      chat_template=template, drain_timeout=args.drain_timeout,
                      on_load_error=stop_on_load_error, **options)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import native
-from ..config import ModelConfig
+from ..config import ModelConfig, check_kv_dtype
 from ..errors import ConfigError
 from ..pack_config import TABLE_HEADS, PackConfig
 from ..rope import rope_arrays
@@ -97,14 +97,18 @@ def _spec(d: PackedDir) -> tuple[dict[str, Any], np.ndarray | None]:
     return spec, head_weight
 
 
-class NativeCache:
-    """One sequence's keys and values (numpy, float32) and how many positions it holds."""
+NUMPY_KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
-    def __init__(self, config: ModelConfig, max_len: int | None, slots: int = 1):
+
+class NativeCache:
+    """One sequence's keys and values (numpy, float32 or float16) and how many positions it holds."""
+
+    def __init__(self, config: ModelConfig, max_len: int | None, slots: int = 1, kv_dtype: str = "fp32"):
         self.max_len = max_len or config.max_seq_len
         shape = (slots, config.num_kv_heads, self.max_len, config.head_dim)
-        self.keys = [np.zeros(shape, np.float32) for _ in range(config.num_layers)]
-        self.values = [np.zeros(shape, np.float32) for _ in range(config.num_layers)]
+        dtype = NUMPY_KV_DTYPES[check_kv_dtype(kv_dtype)]
+        self.keys = [np.zeros(shape, dtype) for _ in range(config.num_layers)]
+        self.values = [np.zeros(shape, dtype) for _ in range(config.num_layers)]
         self.view = native.extension().StepCache(self.keys, self.values)
         self.offset = 0
 
@@ -119,10 +123,10 @@ class NativeCache:
 class NativeSlotCache:
     """`slots` independent sequences (continuous batching), as `cache.SlotKVCache` keeps them."""
 
-    def __init__(self, config: ModelConfig, slots: int, max_len: int):
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, kv_dtype: str = "fp32"):
         if slots < 1:
             raise ConfigError(f"a slot cache needs at least one slot, got {slots}")
-        self.store = NativeCache(config, max_len, slots)
+        self.store = NativeCache(config, max_len, slots, kv_dtype)
         self.max_len = self.store.max_len
         self.lengths = [0] * slots
 
@@ -165,16 +169,17 @@ class NativeModel:
         self.path = packed.path
         spec, self._head = _spec(packed)
         self._step = native.extension().StepModel(spec)
+        self.kv_dtype = "fp32"  # what new caches store (config.KV_DTYPES); generate.set_kv_dtype sets it
 
     def __repr__(self) -> str:
         return f"NativeModel({str(self.path)!r}, {self.packing.describe()}, head {self.packing.head})"
 
     # --- generate.Runner ----------------------------------------------------------------------
     def new_cache(self, max_len: int | None = None) -> NativeCache:
-        return NativeCache(self.config, max_len)
+        return NativeCache(self.config, max_len, kv_dtype=self.kv_dtype)
 
     def new_slot_cache(self, slots: int, max_len: int) -> NativeSlotCache:
-        return NativeSlotCache(self.config, slots, max_len)
+        return NativeSlotCache(self.config, slots, max_len, self.kv_dtype)
 
     def logits(self, tokens: Sequence[int], cache: NativeCache, *, all_logits: bool = True) -> np.ndarray:
         T = len(tokens)
