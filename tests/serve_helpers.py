@@ -99,6 +99,9 @@ class FakeEngine:
     def running(self) -> int:
         return sum(s.state == "running" for s in self.streams)
 
+    def cache_summary(self) -> str:
+        return "KV cache: none (scripted logits)"
+
     @property
     def waiting(self) -> int:
         return sum(s.state == "waiting" for s in self.streams)

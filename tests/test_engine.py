@@ -14,7 +14,7 @@ from bitnet158 import native_step
 from bitnet158.cache import KVCache, SlotKVCache
 from bitnet158.config import ModelConfig
 from bitnet158.errors import ConfigError
-from bitnet158.generate import GenerationRequest, generate_step
+from bitnet158.generate import GenerationRequest, generate_step, set_kv_dtype
 from bitnet158.sampling import SamplingConfig
 from bitnet158.serve.engine import Engine, QueueFull
 from bitnet158.tokenizer import Tokenizer
@@ -132,6 +132,27 @@ def test_32_concurrent_streams_equal_their_single_request_output(model, tok):
             cut = next((j for j, t in enumerate(expected) if t in tok.end_ids), len(expected))
             assert results[i] == expected[:cut], i
         assert max(engine.batch_sizes) > 1  # one forward really served several sequences
+    finally:
+        engine.shutdown(drain=False, timeout=10)
+
+
+def test_an_fp16_cache_serves_the_same_tokens_as_generate_over_fp16(tok):
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, max_seq_len=128)
+    model = bn.pack_(bn.Transformer(cfg)).eval()
+    fp32_summary = Engine(model, tok, max_concurrency=4).cache_summary()
+    set_kv_dtype(model, "fp16")
+    engine = Engine(model, tok, max_concurrency=4).start()
+    try:
+        assert engine.cache.keys[0].dtype == torch.float16
+        assert "4 slots × 128 positions" in engine.cache_summary() and "(fp16)" in engine.cache_summary()
+        assert "(fp32)" in fp32_summary and engine.cache.nbytes * 2 == SlotKVCache(cfg, 4, 128).nbytes
+        prompts = _prompts(tok, 4)
+        streams = [engine.submit(GenerationRequest(prompt=tuple(p), max_tokens=10, sampling=GREEDY)) for p in prompts]
+        for p, stream in zip(prompts, streams):
+            got = [r.token for r in stream]
+            assert got == _alone(model, p, 10)[:len(got)]  # _alone's cache is fp16 too
     finally:
         engine.shutdown(drain=False, timeout=10)
 

@@ -180,9 +180,10 @@ def test_errors_are_the_clients_typed_exceptions_and_the_server_stays_healthy(cl
 
 
 def test_a_client_that_disconnects_frees_its_slot(model_dir):
-    app = create_app(engine_loader(model_dir, max_concurrency=1, max_queue=0), model_name=NAME)
+    app = create_app(engine_loader(model_dir, max_concurrency=1, max_queue=0, kv_dtype="fp16"), model_name=NAME)
     with running_server(app) as url:
         engine = app.state.server.engine
+        assert "(fp16)" in engine.cache_summary()  # --kv-cache reaches the engine's slots
         forwards = sum(engine.batch_sizes.values())
         with httpx.Client(base_url=url, timeout=60) as leaving:
             request = {"model": NAME, "prompt": "a", "max_tokens": 240, "temperature": 0, "stream": True}

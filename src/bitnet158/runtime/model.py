@@ -140,6 +140,10 @@ class NativeSlotCache:
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
 
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes
+
 
 class NativeRows:
     """One mixed step over a NativeSlotCache: segments (slot, n) side by side."""

@@ -141,6 +141,11 @@ class Engine:
         self.mixed_forwards = 0  # forwards that also carried prompt tokens
 
     # --- the caller's side ----------------------------------------------------------------------
+    def cache_summary(self) -> str:
+        """What the preallocated KV cache holds, for the server's log."""
+        return (f"KV cache: {self.cache.slots} slots × {self.max_len} positions, {self.cache.nbytes / 1e6:.0f} MB "
+                f"({self.runner.kv_dtype})")
+
     @property
     def running(self) -> int:
         return len(self._active)

@@ -67,7 +67,8 @@ class ServerState:
                 engine.shutdown(drain=False)
                 return
             self.loaded = loaded
-        log.info("model %r loaded in %.1f s", self.model_name, time.perf_counter() - started)
+        log.info("model %r loaded in %.1f s; %s", self.model_name, time.perf_counter() - started,
+                 engine.cache_summary())
 
     def ready(self) -> Loaded:
         """The loaded model, or 503 while it loads (or after it failed to)."""
