@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig, check_kv_dtype
 from .errors import ConfigError
+from .slots import check_room, check_segments
 
 TORCH_KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -169,11 +170,7 @@ class SlotRows:
     cached prefix), so each sequence computes what it would alone."""
 
     def __init__(self, cache: SlotKVCache, segments: list[tuple[int, int]], out_rows: Sequence[int] | None):
-        slots = [s for s, _ in segments]
-        if not segments or len(set(slots)) != len(slots) or any(n < 1 for _, n in segments):
-            raise ConfigError(f"a mixed step needs distinct slots with at least one token each, got {segments}")
-        if any(not 0 <= s < cache.slots for s in slots):
-            raise ConfigError(f"slots must lie in [0, {cache.slots}), got {slots}")
+        check_segments(segments, cache.slots)
         self.cache, self.segments = cache, segments
         self.rows = sum(n for _, n in segments)
         self.out_rows = None if out_rows is None else list(out_rows)
@@ -188,8 +185,7 @@ class SlotRows:
         """[1, R] positions, each row at its own sequence's next position."""
         if T != self.rows:
             raise ConfigError(f"the step binds {self.rows} tokens, the forward has {T}")
-        if any(self.cache.lengths[s] + n > self.cache.max_len for s, n in self.segments):
-            raise ConfigError(f"a sequence would exceed the KV cache length {self.cache.max_len}")
+        check_room(self.segments, self.cache.lengths, self.cache.max_len)
         return torch.tensor([self.row_positions()], dtype=torch.long)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ..config import ModelConfig, check_kv_dtype
 from ..errors import ConfigError
 from ..pack_config import TABLE_HEADS, PackConfig
 from ..rope import rope_arrays
+from ..slots import check_room, check_segments
 from .weights import PackedDir, TensorFile
 
 # The native RMSNorm sums a row in lanes of this many floats. With torch present the step uses the
@@ -149,13 +150,8 @@ class NativeRows:
     """One mixed step over a NativeSlotCache: segments (slot, n) side by side."""
 
     def __init__(self, cache: NativeSlotCache, segments: list[tuple[int, int]], out_rows: Sequence[int] | None):
-        slots = [s for s, _ in segments]
-        if not segments or len(set(slots)) != len(slots) or any(n < 1 for _, n in segments):
-            raise ConfigError(f"a mixed step needs distinct slots with at least one token each, got {segments}")
-        if any(not 0 <= s < cache.slots for s in slots):
-            raise ConfigError(f"slots must lie in [0, {cache.slots}), got {slots}")
-        if any(cache.lengths[s] + n > cache.max_len for s, n in segments):
-            raise ConfigError(f"a sequence would exceed the KV cache length {cache.max_len}")
+        check_segments(segments, cache.slots)
+        check_room(segments, cache.lengths, cache.max_len)
         self.cache, self.segments = cache, segments
         self.rows = sum(n for _, n in segments)
         self.out_rows = list(range(self.rows)) if out_rows is None else list(out_rows)

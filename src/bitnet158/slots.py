@@ -1,0 +1,26 @@
+"""The segments of a mixed step (continuous batching): which slots advance by how many tokens.
+
+`cache.SlotKVCache` (torch) and `runtime.NativeSlotCache` (numpy) bind the same kind of step, so
+they check it here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import ConfigError
+
+
+def check_segments(segments: Sequence[tuple[int, int]], slots: int) -> None:
+    """(slot, n) pairs: distinct slots in [0, slots), at least one token each."""
+    chosen = [s for s, _ in segments]
+    if not segments or len(set(chosen)) != len(chosen) or any(n < 1 for _, n in segments):
+        raise ConfigError(f"a mixed step needs distinct slots with at least one token each, got {list(segments)}")
+    if any(not 0 <= s < slots for s in chosen):
+        raise ConfigError(f"slots must lie in [0, {slots}), got {chosen}")
+
+
+def check_room(segments: Sequence[tuple[int, int]], lengths: Sequence[int], max_len: int) -> None:
+    """Every slot has room for its next n tokens."""
+    if any(lengths[s] + n > max_len for s, n in segments):
+        raise ConfigError(f"a sequence would exceed the KV cache length {max_len}")
