@@ -8,8 +8,9 @@
 // plain triple loop over the unpacked codes (which also checks this file's packers); every tenth
 // shape also runs on random bytes (invalid codes included) against the oracle. Then extreme
 // values on long rows (activations pinned at 127 / -128, all +1 / all -1 weights, K up to 6912),
-// the int8 head (int8_matmul), the q4 head (q4_matmul, fp32 out, bit for bit) and the activation
-// quantizer (absmax, quantize_row) against plain loops; on arm64 the read-bandwidth probe.
+// the int8 head (int8_matmul), the q4 head (q4_matmul, fp32 out, bit for bit), the activation
+// quantizer (absmax, quantize_row) against plain loops, the fp16 row conversions (the KV cache's)
+// against the one-value functions; on arm64 the read-bandwidth probe.
 //
 //   arm_check [--shapes N] [--seed S] [--expect-best PATH] [--vectors FILE]
 // --vectors: cases packed and multiplied on another machine (see foreign_vectors) must come out the same.
@@ -25,6 +26,7 @@
 
 #include "cpu_features.h"
 #include "formats.h"
+#include "half.h"
 #include "int8_gemm.h"
 #include "q4_gemm.h"
 #include "quant.h"
@@ -351,6 +353,36 @@ void quantizer(int64_t count) {
     }
 }
 
+// The fp16 row conversions (NEON on arm64, the KV cache's) against the portable one-value functions:
+// every half, and random float bit patterns (NaN: any NaN).
+void half_rows(int64_t count) {
+    std::vector<uint16_t> h(65536), back(65536);
+    std::vector<float> f(65536);
+    for (size_t i = 0; i < h.size(); ++i) h[i] = uint16_t(i);
+    half_to_float_row(h.data(), f.data(), int64_t(h.size()));
+    for (size_t i = 0; i < h.size(); ++i) {
+        const float want = half_to_float(h[i]);
+        if (!(std::isnan(want) && std::isnan(f[i])) && std::memcmp(&want, &f[i], sizeof(float)) != 0)
+            throw Failure{"half_to_float_row differs at half " + std::to_string(i)};
+    }
+    std::vector<float> x(size_t(count) + 3);
+    for (auto& v : x) {
+        const uint32_t bits = uint32_t(uniform(0, 0xFFFFFFFFll));
+        std::memcpy(&v, &bits, sizeof v);
+        if (uniform(0, 1)) v = std::ldexp(float(uniform(-(1 << 20), 1 << 20)), int(uniform(-45, 0)));  // near halves' range
+    }
+    back.resize(x.size());
+    float_to_half_row(x.data(), back.data(), int64_t(x.size()));
+    for (size_t i = 0; i < x.size(); ++i) {
+        const uint16_t want = float_to_half(x[i]);
+        const bool nan = (want & 0x7C00) == 0x7C00 && (want & 0x3FF) && (back[i] & 0x7C00) == 0x7C00 && (back[i] & 0x3FF);
+        if (back[i] != want && !nan)
+            throw Failure{"float_to_half_row differs at element " + std::to_string(i) + ": " + std::to_string(back[i]) +
+                          ", portable " + std::to_string(want)};
+    }
+    g_cases += 2;
+}
+
 // Cases packed elsewhere (scripts/check_arm.sh writes them with the Python package on the build
 // machine): the same bytes must give the same products here. File: "BN158VEC" then per case
 // int64 format, M, N, K, packed bytes; x [M, K] int8; the packed bytes; the expected int32 [M, N]
@@ -489,6 +521,8 @@ int main(int argc, char** argv) {
         std::printf("q4 head: %lld shapes x %zu paths: equal\n", (long long)(shapes / 4 + 1), g_paths.size());
         quantizer(shapes / 4 + 1);
         std::printf("quantizer: %lld rows: equal\n", (long long)(shapes / 4 + 1));
+        half_rows(shapes * 20);
+        std::printf("fp16 rows: every half, %lld floats: equal\n", (long long)(shapes * 20));
 #if defined(__aarch64__)
         read_probe();
         std::printf("read probe: equal\n");
