@@ -1,11 +1,13 @@
 // Causal attention of a native step's rows (attention.h).
 //
 // The arithmetic of one query against its keys is fixed, whatever runs it: each score is 8 lanes
-// of products summed along the head dimension in order, then the lanes in order, times 1/√hd; the
-// softmax is the plain max / exp / sum in key order; each output element sums p·v in key order
-// from zero, then is multiplied by 1 / sum. Both the portable loop (one query at a time) and the
-// AVX2 tiles (the query heads that share a KV head, together) do exactly that, so every row gives
-// the same bits alone, batched, in a prefill, at any thread count, on either path.
+// of products summed along the head dimension in order, then the lanes by a fixed tree (tree8),
+// times 1/√hd; the softmax takes the max, e^(s − max) by one polynomial (exp_poly), and sums those
+// in 8 lanes (key j in lane j mod 8) reduced by the same tree; each output element sums p·v in key
+// order from zero, then is multiplied by 1 / sum. Both the portable loop (one query at a time) and
+// the AVX2 tiles (the query heads that share a KV head, together) do exactly that, so every row
+// gives the same bits alone, batched, in a prefill, at any thread count, on either path. The tree
+// and the lane sums are what horizontal adds and 8-wide vectors compute without a serial chain.
 //
 // Why tiles: one query at a time, each score is a chain of hd / 8 dependent adds and each output
 // update re-reads and re-writes the head's whole output row; at a 1,024-token context attention
@@ -16,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "cpu_features.h"
@@ -36,25 +39,60 @@ namespace {
 
 constexpr int kHeadsTogether = 4;  // the most query heads one tile holds (attend_heads_avx2 has a case each)
 
+// --- the arithmetic every path shares ----------------------------------------------------------
+// 8 partial sums reduced in a fixed tree, ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)): the
+// order the AVX2 tiles' horizontal adds take, so they reduce 8 scores at once and still give these bits.
+inline float tree8(const float l[8]) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
+
+// e^x for the softmax, the same float operations on every path: Cephes' single-precision
+// polynomial (~1 ulp) after x = n·ln2 + r, scaled by 2^n through the exponent bits. libm's expf
+// was one call per score (register spills around each), ~1/5 of attention at long contexts.
+constexpr float kExpLo = -87.3365478515625f;  // ln(2^-126): below, 0 (a softmax term under 1e-38)
+constexpr float kExpHi = 88.0f;                // above, clamped (a softmax never gets there: x <= 0)
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f, kP3 = 4.1665795894e-2f,
+                kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
+inline float exp_poly(float x) {
+    if (x != x) return x;
+    if (x < kExpLo) return 0.0f;
+    if (x > kExpHi) x = kExpHi;
+    const float fx = std::nearbyint(x * kLog2e);
+    float r = x - fx * kLn2Hi;
+    r = r - fx * kLn2Lo;
+    float y = kP0;
+    y = y * r + kP1;
+    y = y * r + kP2;
+    y = y * r + kP3;
+    y = y * r + kP4;
+    y = y * r + kP5;
+    y = y * (r * r) + r;
+    y = y + 1.0f;
+    const uint32_t bits = uint32_t(int32_t(fx) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
 // --- portable: one query row of one head --------------------------------------------------------
 float dot_lanes(const float* a, const float* b, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 independent lanes: vectorized, never reassociated
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
-    float s = 0.0f;
+    float s = tree8(acc);
     for (; i < n; ++i) s += a[i] * b[i];
-    for (int l = 0; l < 8; ++l) s += acc[l];
     return s;
 }
 
-// softmax in place over p[0, n): max, exp(p − max) summed in order; returns 1 / sum.
+// softmax in place over p[0, n): max, e^(p − max) summed in 8 lanes (key j in lane j mod 8, in key
+// order) and the lanes by tree8; returns 1 / sum.
 float softmax_in_place(float* p, int64_t n) {
     float mx = -INFINITY;
     for (int64_t j = 0; j < n; ++j) mx = std::max(mx, p[j]);
-    float sum = 0.0f;
-    for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
-    return 1.0f / sum;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = 0; j < n; ++j) acc[j & 7] += (p[j] = exp_poly(p[j] - mx));
+    return 1.0f / tree8(acc);
 }
 
 // A cache row as fp32: the row itself, or (fp16 cache) its exact conversion into buf.
@@ -95,6 +133,64 @@ inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(
 // The tiles unroll every loop over their register arrays (#pragma GCC unroll): left rolled, GCC
 // kept a copy of p·v's sums on the stack, eight dead stores an iteration.
 
+// tree8 of each vector's lanes: 8 vectors → their 8 sums, 4 → 4, 1 → 1 (hadd pairs neighbours,
+// the second hadd the pairs, the halves come last: tree8's order).
+inline __m256 tree8_x8(const __m256* v) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+inline __m128 tree8_x4(const __m256* v) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+}
+inline float tree8_x1(__m256 v) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v, v), v);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)));
+}
+
+// exp_poly on 8 lanes, operation for operation.
+inline __m256 exp_poly8(__m256 x) {
+    const __m256 below = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_set1_ps(kExpHi), x);  // a NaN x stays NaN (min returns its second operand)
+    const __m256 fx =
+        _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(kLn2Hi)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(fx, _mm256_set1_ps(kLn2Lo)));
+    __m256 y = _mm256_set1_ps(kP0);
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(kP1));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(kP2));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(kP3));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(kP4));
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(kP5));
+    y = _mm256_add_ps(_mm256_mul_ps(y, _mm256_mul_ps(r, r)), r);
+    y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(below, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+// softmax_in_place, 8 keys at a time: the same max, the same exps, the same lane sums.
+float softmax_avx2(float* p, int64_t n) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(p + j));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m8);
+    float mx = -INFINITY;
+    for (float v : lanes) mx = std::max(mx, v);
+    for (; j < n; ++j) mx = std::max(mx, p[j]);
+    const __m256 mxv = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        const __m256 e = exp_poly8(_mm256_sub_ps(_mm256_loadu_ps(p + j), mxv));
+        _mm256_storeu_ps(p + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    _mm256_store_ps(lanes, acc);
+    for (; j < n; ++j) lanes[j & 7] += (p[j] = exp_poly(p[j] - mx));
+    return 1.0f / tree8(lanes);
+}
+
 // Whether 8 values from element i start a cache line (prefetch once a line).
 template <class T>
 inline bool line_start(int64_t i) { return (i * int64_t(sizeof(T))) % 64 == 0; }
@@ -121,17 +217,17 @@ inline void score_tile(const float* q, const T* keys, int64_t hd, float scale, i
             for (int a = 0; a < NQ; ++a) acc[a][b] = _mm256_add_ps(acc[a][b], _mm256_mul_ps(qv[a], kv));
         }
     }
+    constexpr int S = NQ * KT;
+    const __m256* v = &acc[0][0];
+    alignas(32) float sums[S + 8];
+    int t = 0;
+    for (; t + 8 <= S; t += 8) _mm256_store_ps(sums + t, tree8_x8(v + t));
+    for (; t + 4 <= S; t += 4) _mm_storeu_ps(sums + t, tree8_x4(v + t));
+    for (; t < S; ++t) sums[t] = tree8_x1(v[t]);
 #pragma GCC unroll 8
     for (int a = 0; a < NQ; ++a)
 #pragma GCC unroll 8
-        for (int b = 0; b < KT; ++b) {
-            alignas(32) float lanes[8];
-            _mm256_store_ps(lanes, acc[a][b]);
-            float s = 0.0f;
-#pragma GCC unroll 8
-            for (int l = 0; l < 8; ++l) s += lanes[l];
-            p[a * n + j0 + b] = s * scale;
-        }
+        for (int b = 0; b < KT; ++b) p[a * n + j0 + b] = sums[a * KT + b] * scale;
 }
 
 // out[a, i0 .. i0 + 8·VS) = Σ_j p[a · n + j] · v[j, same] in key order, for NQ queries.
@@ -176,7 +272,7 @@ void attend_heads_avx2(const float* q, const T* keys, const T* values, int64_t n
     for (; j + KT <= n; j += KT) score_tile<NQ, KT, T>(q, keys, hd, scale, j, p, n);
     for (; j < n; ++j) score_tile<NQ, 1, T>(q, keys, hd, scale, j, p, n);
     float inv[NQ];
-    for (int a = 0; a < NQ; ++a) inv[a] = softmax_in_place(p + a * n, n);
+    for (int a = 0; a < NQ; ++a) inv[a] = softmax_avx2(p + a * n, n);
     int64_t i = 0;
     for (; i + 8 * VS <= hd; i += 8 * VS) weigh_tile<NQ, VS, T>(p, n, values, hd, i, out);
     for (; i < hd; i += 8) weigh_tile<NQ, 1, T>(p, n, values, hd, i, out);
