@@ -27,8 +27,8 @@ import time
 
 from bitnet158 import kernels
 from bitnet158.bench import use_kernel_threads
-from bitnet158.config import preset
-from bitnet158.generate import GenerationRequest
+from bitnet158.config import KV_DTYPES, preset
+from bitnet158.generate import GenerationRequest, set_kv_dtype
 from bitnet158.pack import random_packed
 from bitnet158.packed_layers import PackConfig
 from bitnet158.sampling import SamplingConfig
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
     ap.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
     ap.add_argument("--threads", type=int, help="kernel threads (default: torch's count)")
+    ap.add_argument("--kv-cache", choices=KV_DTYPES, default="fp32", help="the slots' KV cache dtype (default fp32)")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
     counts = sorted({int(s) for s in args.streams.split(",")} | {1})
@@ -91,8 +92,9 @@ def main() -> None:
     threads = use_kernel_threads(args.threads)
     print(f"preset {args.preset}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; packed "
           f"{args.format}, int8 head; kernel path {kernels.current_path()}, {threads} thread(s); prompt {args.prompt}, "
-          f"{args.tokens} tokens per stream")
+          f"{args.tokens} tokens per stream; {args.kv_cache} KV cache")
     model = random_packed(cfg, PackConfig(format=args.format), progress=True)
+    set_kv_dtype(model, args.kv_cache)
     tokenizer = Tokenizer.train(["def f(x):\n    return x\n", "The with statement.\n"] * 20, vocab_size=300)
     engine = Engine(model, tokenizer, max_concurrency=max(counts), max_queue=0,
                     max_len=args.prompt + args.tokens + 1).start()
@@ -119,7 +121,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "format": args.format, "kernel": kernels.current_path(),
-                       "threads": threads, "prompt": args.prompt, "tokens": args.tokens, "rows": rows}, f, indent=1)
+                       "threads": threads, "kv_cache": args.kv_cache, "prompt": args.prompt, "tokens": args.tokens, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

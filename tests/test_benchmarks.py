@@ -46,9 +46,11 @@ def test_decode_benchmark_runs_on_a_tiny_model(tmp_path):
 
 def test_serve_benchmark_runs_on_a_tiny_model(tmp_path):
     out = run("serve.py", "--preset", "tiny", "--streams", "1,3", "--prompt", "4", "--tokens", "3",
-              "--json", str(tmp_path / "s.json"))
-    assert "decode step tok/s" in out
-    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+              "--kv-cache", "fp16", "--json", str(tmp_path / "s.json"))
+    assert "decode step tok/s" in out and "fp16 KV cache" in out
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["kv_cache"] == "fp16"
+    rows = report["rows"]
     assert [r["streams"] for r in rows] == [1, 3] and all(r["aggregate_tok_s"] > 0 for r in rows)
 
 
