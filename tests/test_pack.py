@@ -398,6 +398,11 @@ def test_cli_pack_info_generate(tmp_path, tokenizer, capsys):
     assert main(["info", str(tmp_path / "out")]) == 0
     assert "format base3" in capsys.readouterr().out
     assert main(["generate", str(tmp_path / "out"), "--prompt", "def", "--max-tokens", "5"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(tmp_path / "out"), "--prompt-tokens", "8", "--decode-tokens", "2", "--kv-cache",
+                 "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "base3" in out and "fp16 KV cache" in out and "prefill 8 tokens" in out and "tokens/s)" in out
     assert main(["pack", str(src), str(tmp_path / "out")]) == 2  # exists, no --force
     assert "already exists" in capsys.readouterr().err
     assert main(["pack", str(src), str(tmp_path / "o2"), "--head", "fp8"]) == 2

@@ -9,20 +9,23 @@ import time
 import torch
 
 from . import checkpoint, kernels
-from .cache import KVCache
+from .cache import KVCache, kv_torch_dtype
 from .errors import ConfigError
 
 
 @torch.no_grad()
-def time_model(model, prompt_tokens: int, decode_tokens: int, repeats: int = 3, seed: int = 0) -> dict[str, float]:
-    """Median seconds of a `prompt_tokens` prefill (last position's logits) and per decode step."""
+def time_model(model, prompt_tokens: int, decode_tokens: int, repeats: int = 3, seed: int = 0,
+               kv_dtype: str | None = None) -> dict[str, float]:
+    """Median seconds of a `prompt_tokens` prefill (last position's logits) and per decode step.
+    The KV cache is `kv_dtype` ("fp32" or "fp16"), or by default the model's own dtype."""
     cfg = model.config
     if prompt_tokens < 1 or decode_tokens < 1:
         raise ConfigError("--prompt-tokens and --decode-tokens must be at least 1")
     if prompt_tokens + decode_tokens > cfg.max_seq_len:
         raise ConfigError(f"{prompt_tokens} + {decode_tokens} tokens exceed the model's context {cfg.max_seq_len}")
     model.eval()
-    dtype = next(model.parameters()).dtype  # the KV cache follows the model (fp32, or bf16 for a bf16 twin)
+    # the KV cache follows the model (fp32, or bf16 for a bf16 twin) unless asked otherwise
+    dtype = kv_torch_dtype(kv_dtype) if kv_dtype else next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_tokens), generator=gen)
     prefill, decode = [], []
@@ -50,17 +53,17 @@ def use_kernel_threads(threads: int | None = None) -> int:
 
 
 def run_bench(path: str, prompt_tokens: int = 128, decode_tokens: int = 64, threads: int | None = None,
-              log=print) -> dict[str, float]:
+              log=print, kv_dtype: str = "fp32") -> dict[str, float]:
     model, _ = checkpoint.load(path, with_tokenizer=False)
     packing = model.packing
     if packing is not None:
         use_kernel_threads(threads)
     what = f"packed {packing.describe()}, head {packing.head}, kernel {kernels.current_path()}" if packing \
         else f"training form ({model.config.mode}, torch fp32)"
-    t = time_model(model, prompt_tokens, decode_tokens)
+    t = time_model(model, prompt_tokens, decode_tokens, kv_dtype=kv_dtype)
     threads_used = (f"{kernels.get_num_threads()} kernel threads (torch ops on {torch.get_num_threads()})" if packing
                     else f"{torch.get_num_threads()} torch threads")
-    log(f"{path}: {what}, {threads_used}")
+    log(f"{path}: {what}, {threads_used}, {kv_dtype} KV cache")
     log(f"prefill {prompt_tokens} tokens: {t['prefill_s'] * 1e3:.1f} ms ({prompt_tokens / t['prefill_s']:,.0f} tokens/s)")
     log(f"decode: {t['decode_s'] * 1e3:.2f} ms per token ({1 / t['decode_s']:,.1f} tokens/s)")
     return t
