@@ -179,6 +179,14 @@ def test_errors_are_the_clients_typed_exceptions_and_the_server_stays_healthy(cl
     assert client.completions.create(model=NAME, prompt="a", max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_context_sets_the_positions_of_each_slot(model_dir):
+    engine, _ = engine_loader(model_dir, max_concurrency=2, max_queue=0, context=48)()
+    try:
+        assert engine.max_len == 48 and "2 slots × 48 positions" in engine.cache_summary()
+    finally:
+        engine.shutdown(drain=False, timeout=10)
+
+
 def test_a_client_that_disconnects_frees_its_slot(model_dir):
     app = create_app(engine_loader(model_dir, max_concurrency=1, max_queue=0, kv_dtype="fp16"), model_name=NAME)
     with running_server(app) as url:
@@ -239,6 +247,15 @@ def test_serve_verb_stops_with_one_line_when_the_model_does_not_load(tmp_path, c
     assert main(["serve", str(tmp_path), "--port", str(_free_port())]) == 2
     assert "bitnet158: error:" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing")]) == 2
+    capsys.readouterr()
+
+
+def test_serve_verb_refuses_a_cache_that_cannot_fit(model_dir, capsys):
+    assert main(["serve", str(model_dir), "--port", str(_free_port()), "--max-concurrency", "100000000"]) == 2
+    err = capsys.readouterr().err
+    assert "bitnet158: error:" in err and "--kv-cache fp16" in err and "GB available" in err
+    assert main(["serve", str(model_dir), "--context", "1"]) == 2
+    assert "--context must be at least 2" in capsys.readouterr().err
 
 
 def test_32_concurrent_streams_with_stops_each_equal_their_single_request_output(model_dir, reference):

@@ -92,6 +92,12 @@ def check_kv_dtype(name: Any) -> str:
     return name
 
 
+def kv_cache_bytes(config: "ModelConfig", sequences: int, positions: int, kv_dtype: str) -> int:
+    """Bytes of a KV cache holding `positions` keys and values for each of `sequences`."""
+    width = 2 if check_kv_dtype(kv_dtype) == "fp16" else 4
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * width * sequences * positions
+
+
 ROPE_SCALINGS = ("none", "llama3")
 
 

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--max-concurrency", type=int, default=default_of(Engine.__init__, "max_concurrency"),
                    help="requests generating at once (slots); default %(default)s")
+    p.add_argument("--context", type=int, metavar="N", help="positions each slot holds, prompt and answer (default: "
+                   "the model's context; the KV cache takes max-concurrency × context positions up front)")
     p.add_argument("--max-queue", type=int, default=default_of(Engine.__init__, "max_queue"),
                    help="requests waiting for a slot before new ones get 429; default %(default)s")
     p.add_argument("--prefill-chunk", type=int, default=default_of(Engine.__init__, "prefill_chunk"),
@@ -60,13 +62,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def engine_loader(path: str | Path, *, max_concurrency: int, max_queue: int, threads: int | None = None,
                   prefill_chunk: int | None = None, adapter: str | Path | None = None, runtime: str | None = None,
-                  kv_dtype: str = "fp32") -> Callable[[], tuple[Engine, Tokenizer]]:
+                  kv_dtype: str = "fp32", context: int | None = None) -> Callable[[], tuple[Engine, Tokenizer]]:
     """What the app runs in its loading thread: the checkpoint (and a LoRA adapter, unmerged) → a
     started Engine and its tokenizer."""
     def load() -> tuple[Engine, Tokenizer]:
         model, tokenizer = load_model(path, runtime=runtime, threads=threads, adapter=adapter, kv_dtype=kv_dtype)
         chunk = {"prefill_chunk": prefill_chunk} if prefill_chunk is not None else {}
-        return Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, **chunk).start(), tokenizer
+        return Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, max_len=context,
+                      **chunk).start(), tokenizer
     return load
 
 
@@ -96,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         resolve_adapter(args.adapter)  # a missing adapter is a one-line error now, not a failed load later
     if args.max_concurrency < 1 or args.max_queue < 0 or args.prefill_chunk < 1:
         raise ConfigError("--max-concurrency and --prefill-chunk must be at least 1 and --max-queue at least 0")
+    if args.context is not None and args.context < 2:
+        raise ConfigError(f"--context must be at least 2 (a prompt token and an answer), got {args.context}")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     if args.max_body_bytes is not None and args.max_body_bytes < 1:
@@ -116,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}
     app = create_app(engine_loader(args.checkpoint, max_concurrency=args.max_concurrency,
                                    max_queue=args.max_queue, threads=args.threads, prefill_chunk=args.prefill_chunk,
-                                   adapter=args.adapter, runtime=args.runtime, kv_dtype=args.kv_cache),
+                                   adapter=args.adapter, runtime=args.runtime, kv_dtype=args.kv_cache,
+                                   context=args.context),
                      model_name=args.model_name or model_name_for(args.checkpoint), api_key=args.api_key,
                      chat_template=template, drain_timeout=args.drain_timeout,
                      on_load_error=stop_on_load_error, **options)

@@ -31,8 +31,10 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from ..config import kv_cache_bytes
 from ..errors import BitNetError, ConfigError
 from ..generate import GenerationRequest, GenerationResponse, SequenceDecoder, runner_for
+from ..memory import available_memory
 from ..tokenizer import Tokenizer
 
 
@@ -109,6 +111,18 @@ class _Sequence:
         return bool(self.pending)
 
 
+def _check_cache_fits(runner: Any, slots: int, positions: int) -> None:
+    """The slots' KV cache is allocated up front for the whole context; one that cannot fit in the
+    memory left is a clear error now, not an out-of-memory kill once the slots fill up."""
+    need = kv_cache_bytes(runner.config, slots, positions, runner.kv_dtype)
+    free = available_memory()
+    if free is not None and need > free:
+        half = ", or use --kv-cache fp16" if runner.kv_dtype != "fp16" else ""
+        raise ConfigError(f"the KV cache for {slots} slots × {positions} positions would take {need / 1e9:.1f} GB "
+                          f"({runner.kv_dtype}), more than the {free / 1e9:.1f} GB available; lower "
+                          f"--max-concurrency or --context{half}")
+
+
 class Engine:
     """The batching loop over one model (see the module docstring)."""
 
@@ -128,6 +142,9 @@ class Engine:
         self.max_queue = max_queue
         context = self.runner.config.max_seq_len
         self.max_len = min(max_len or context, context)
+        if self.max_len < 2:
+            raise ConfigError(f"a slot needs room for at least 2 positions (a prompt token and an answer), got {max_len}")
+        _check_cache_fits(self.runner, max_concurrency, self.max_len)
         self.cache = self.runner.new_slot_cache(max_concurrency, self.max_len)
         self._free = list(range(max_concurrency))[::-1]
         self._waiting: collections.deque[tuple[RequestStream, float]] = collections.deque()
