@@ -58,6 +58,7 @@ def test_train_writes_a_checkpoint_that_info_describes(trained, capsys):
     assert main(["info", str(trained)]) == 0
     out = capsys.readouterr().out
     assert "b158" in out and "1.58 bits" in out and "300 tokens" in out
+    assert "KV cache" in out and "KB a position in fp32" in out
 
 
 def test_generate_streams_text(trained, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoint import ModelDir
+from ..config import kv_cache_bytes
 from ..pack import packed_linear_bytes
 from .common import directory_megabytes
 
@@ -36,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"parameters      {stats['parameters']:,} total; {stats['linear_parameters']:,} in BitLinear "
           f"layers ({stats['linear_weight_megabytes']:.2f} MB at {stats['linear_weight_bits']:.2f} bits); "
           f"{stats['embedding_parameters']:,} embedding")
+    position, context = kv_cache_bytes(cfg, 1, 1, "fp32"), kv_cache_bytes(cfg, 1, cfg.max_seq_len, "fp32")
+    print(f"KV cache        {position / 1e3:.1f} KB a position in fp32 ({context / 1e6:,.0f} MB for the full context "
+          f"of one sequence), half that with --kv-cache fp16")
     if tokenizer is None:
         print("tokenizer       none")
     else:
