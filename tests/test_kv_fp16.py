@@ -1,6 +1,6 @@
 """The fp16 KV cache: its rounding (numpy's, round to nearest even), the native step against the
-Python path over fp16 caches, the SIMD tiles against the portable loop, and choosing it from the
-API and the CLI."""
+Python path over fp16 caches, slots batched against each sequence alone, and choosing it from the
+API (the SIMD tiles against the portable loop over fp16: tests/test_native_step.py)."""
 
 from __future__ import annotations
 
@@ -75,24 +75,6 @@ def test_native_step_over_an_fp16_cache_matches_the_python_path():
     assert fp32_cache.nbytes == 2 * got_cache.nbytes
     assert not torch.equal(got, fp32_logits)  # the rounding is real...
     torch.testing.assert_close(got, fp32_logits, atol=5e-2, rtol=0)  # ...and small
-
-
-@needs_step
-@pytest.mark.skipif(kernels.available_paths()[0] == "scalar", reason="no SIMD path on this CPU")
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 16), (6, 2, 24), (5, 5, 32)])
-def test_fp16_tiles_give_the_portable_loops_bits(heads, kv_heads, head_dim):
-    model = packed_model(hidden_size=heads * head_dim, num_heads=heads, num_kv_heads=kv_heads)
-    tokens = torch.arange(80).reshape(2, 40) * 7 % 300
-    outs = []
-    try:
-        for path in ("scalar", kernels.available_paths()[0]):
-            kernels.set_path(path)
-            with torch.no_grad():
-                cache = KVCache(model.config, 2, dtype=torch.float16)
-                outs.append(torch.cat([model(tokens, cache), model(tokens[:, :1] + 1, cache)], 1))
-    finally:
-        kernels.set_path(None)
-    assert torch.equal(outs[0], outs[1])
 
 
 @needs_step

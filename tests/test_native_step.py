@@ -215,19 +215,24 @@ def test_threads_split_rows_without_changing_a_bit():
 
 
 @pytest.mark.skipif(kernels.available_paths()[0] == "scalar", reason="no SIMD path on this CPU")
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 16), (8, 1, 32), (6, 2, 12), (12, 3, 24), (5, 5, 24)])
-def test_simd_paths_give_the_portable_loops_bits(heads, kv_heads, head_dim):
-    """Attention in register tiles (the query heads of one KV head together, on x86) keeps the
-    one-query loop's arithmetic; with an int8 head every other op is exact or the same bits too, so
-    the logits of a prefill and a decode step are identical on the scalar path and the best one."""
-    model = packed_model(vocab_size=300, hidden_size=heads * head_dim, num_heads=heads, num_kv_heads=kv_heads)
-    tokens = torch.arange(80).reshape(2, 40) * 7 % 300
+def test_simd_paths_give_the_portable_loops_bits(heads, kv_heads, head_dim, kv_dtype):
+    """Attention in register tiles (the query heads of one KV head together, on x86; lanes and
+    softmax sums in vectors; p·v in blocks of value rows) keeps the one-query loop's arithmetic;
+    with an int8 head every other op is exact or the same bits too, so the logits of a prefill and
+    a decode step are identical on the scalar path and the best one, over fp32 and fp16 caches.
+    150 positions: more than one p·v block (8 KiB of value rows) at hd 16-32 in fp32 and hd 32 in
+    fp16; restarting the sums at a block fails 5 of these cases."""
+    model = packed_model(vocab_size=300, hidden_size=heads * head_dim, num_heads=heads, num_kv_heads=kv_heads,
+                         max_seq_len=160)
+    tokens = torch.arange(300).reshape(2, 150) * 7 % 300
     outs = []
     try:
         for path in ("scalar", kernels.available_paths()[0]):
             kernels.set_path(path)
             with torch.no_grad():
-                cache = KVCache(model.config, 2)
+                cache = KVCache(model.config, 2, dtype=kv_dtype)
                 outs.append(torch.cat([model(tokens, cache), model(tokens[:, :1] + 1, cache)], 1))
     finally:
         kernels.set_path(None)
