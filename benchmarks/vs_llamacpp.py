@@ -120,7 +120,8 @@ def main() -> None:
     cfg = dataclasses.replace(preset(args.preset), activation="swiglu")
     heads = args.heads.split(",")
     t0 = time.perf_counter()
-    # the same seed gives every head the same ternary codes and the same float head before quantizing
+    # the same seed gives every head the same ternary codes; each head's table is random (values change no
+    # speed here), and llama.cpp's Q6_K head is requantized from the first listed head's table
     models = {head: random_packed(cfg, PackConfig(format="i2", head=head), progress=True).eval() for head in heads}
     per_token = {head: token_bytes(model) for head, model in models.items()}
     print(f"random {args.preset}-shaped SwiGLU model, i2 codes, heads {', '.join(heads)}, built in "
