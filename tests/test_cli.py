@@ -61,6 +61,24 @@ def test_train_writes_a_checkpoint_that_info_describes(trained, capsys):
     assert "KV cache" in out and "KB a position in fp32" in out
 
 
+def test_info_reads_the_same_facts_without_torch(trained, tmp_path):
+    """The header-only path a torch-free install takes gives what the torch path gives, and a
+    damaged weights file is a one-line error there too."""
+    import shutil
+
+    from bitnet158.cli import info
+    from bitnet158.errors import CheckpointError
+
+    headers, full = info._from_headers(str(trained)), info._with_torch(str(trained))
+    assert (headers.path, headers.config, headers.packing, headers.packed_bytes, repr(headers.tokenizer)) == \
+        (full.path, full.config, full.packing, full.packed_bytes, repr(full.tokenizer))
+    broken = tmp_path / "broken"
+    shutil.copytree(info._with_torch(str(trained)).path, broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(CheckpointError, match="truncated or corrupt safetensors file"):
+        info._from_headers(str(broken))
+
+
 def test_generate_streams_text(trained, capsys):
     capsys.readouterr()
     assert main(["generate", str(trained), "--prompt", "def ", "--max-tokens", "8", "--temperature", "0"]) == 0

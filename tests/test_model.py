@@ -161,6 +161,19 @@ def test_fp_twin_has_same_shapes_and_stats():
     assert b.stats()["linear_weight_bits"] == 16
 
 
+@pytest.mark.parametrize("overrides", [{}, {"norm_placement": "inner"}, {"sub_norm": False}, {"qkv_bias": True},
+                                       {"tie_embeddings": False}, {"mode": "b1", "activation": "relu2"}])
+def test_stats_from_the_config_count_the_modules_parameters(overrides):
+    """stats() comes from the config alone (so a torch-free `info` can print it): it must count
+    what the model really holds."""
+    model = Transformer(small(**overrides))
+    stats = model.stats()
+    assert stats["parameters"] == sum(p.numel() for p in model.parameters())  # a tied table counted once
+    assert stats["linear_parameters"] == sum(m.weight.numel() for m in model.modules() if isinstance(m, BitLinear))
+    assert stats["embedding_parameters"] == sum(p.numel() for n, p in model.named_parameters()
+                                                if n.startswith(("embed_tokens", "lm_head")))
+
+
 def test_2b4t_preset_shapes():
     cfg = preset("2b4t")
     with torch.device("meta"):

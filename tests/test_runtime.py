@@ -279,6 +279,11 @@ def test_generate_and_chat_without_torch_match_the_torch_path(torch_free_python,
                 stdin="hello\n/reset\nagain\n/exit\n", cwd=tmp_path)
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stderr.count("tok/s") == 2 and "[conversation cleared]" in chat.stderr
+    info = _run(torch_free_python, "info", str(ckpt), cwd=tmp_path)  # headers only, no torch
+    assert info.returncode == 0, info.stderr[-2000:]
+    with_torch = subprocess.run([sys.executable, "-m", "bitnet158", "info", str(ckpt)], capture_output=True,
+                                text=True, timeout=120)
+    assert info.stdout == with_torch.stdout and "format i2, head int8" in info.stdout
     needs = _run(torch_free_python, "pack", str(ckpt), str(tmp_path / "x"), cwd=tmp_path)
     assert needs.returncode == 2 and "needs torch" in needs.stderr and "Traceback" not in needs.stderr
     adapter = _run(torch_free_python, "generate", str(ckpt), "--adapter", str(tmp_path), cwd=tmp_path)

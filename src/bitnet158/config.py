@@ -92,6 +92,32 @@ def check_kv_dtype(name: Any) -> str:
     return name
 
 
+# Effective storage bits of one linear weight, per mode: log2(3) for ternary, 1 for binary, and
+# 16 for the FP twin as it would be deployed (bf16).
+WEIGHT_BITS = {"b158": math.log2(3), "b1": 1.0, "fp": 16.0}
+
+
+def parameter_counts(config: "ModelConfig") -> dict[str, float]:
+    """What `Transformer.stats()` counts, from the config's shapes alone (no torch, no weights):
+    parameters, linear_parameters (the BitLinear weights), embedding_parameters, linear_weight_bits,
+    linear_weight_megabytes."""
+    c = config
+    d, f, heads, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    ins = [d, d, d, heads, d, d, f]  # q, k, v, o, gate, up, down: their input widths
+    outs = [heads, kv, kv, d, f, f, d]
+    linear = c.num_layers * sum(i * o for i, o in zip(ins, outs))
+    embed = c.vocab_size * d * (1 if c.tie_embeddings else 2)
+    if c.norm_placement == "inner":  # every BitLinear normalizes its own input
+        block_norms = sum(ins)
+    else:  # the block norms, and the sub-norms unless plain LLaMA
+        block_norms = 2 * d + ((heads + f) if c.sub_norm else 0)
+    biases = heads + 2 * kv if c.qkv_bias else 0
+    bits = WEIGHT_BITS[c.mode]
+    return {"parameters": linear + embed + c.num_layers * (block_norms + biases) + d,  # + the final norm
+            "linear_parameters": linear, "embedding_parameters": embed, "linear_weight_bits": bits,
+            "linear_weight_megabytes": linear * bits / 8 / 1e6}
+
+
 def kv_cache_bytes(config: "ModelConfig", sequences: int, positions: int, kv_dtype: str) -> int:
     """Bytes of a KV cache holding `positions` keys and values for each of `sequences`."""
     width = 2 if check_kv_dtype(kv_dtype) == "fp16" else 4

@@ -12,7 +12,6 @@ applied after) reproduces it up to float summation order.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -22,10 +21,6 @@ from torch import nn
 from . import kernels, quant
 from .config import ACT_QUANT, MODES
 from .errors import ConfigError
-
-# Effective storage bits of one linear weight, per mode: log2(3) for ternary, 1 for binary, and
-# 16 for the FP twin as it would be deployed (bf16).
-WEIGHT_BITS = {"b158": math.log2(3), "b1": 1.0, "fp": 16.0}
 
 
 class MetaSafeLinear(nn.Linear):

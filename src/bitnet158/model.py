@@ -21,9 +21,9 @@ from torch import nn
 
 from . import kernels, native_step
 from .cache import KVCache, SlotBatch, SlotRows
-from .config import ModelConfig
+from .config import ModelConfig, parameter_counts
 from .errors import ConfigError
-from .layers import WEIGHT_BITS, BitLinear, MetaSafeEmbedding, MetaSafeLinear, RMSNorm
+from .layers import BitLinear, MetaSafeEmbedding, MetaSafeLinear, RMSNorm
 from .packed_layers import TABLE_HEADS, Int8Embedding, Int8Head, PackConfig, PackedBitLinear, head_table
 from .rope import rope_arrays
 
@@ -223,20 +223,5 @@ class Transformer(nn.Module):
 
     def stats(self) -> dict[str, float]:
         """Parameter counts and weight storage bits, for tables and `bitnet158 info` (training-form
-        and packed models alike: counts come from the layer shapes, not the stored tensors)."""
-        cfg = self.config
-        quantized = sum(m.in_features * m.out_features for m in self.modules()
-                        if isinstance(m, (BitLinear, PackedBitLinear)))
-        embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
-        norms = sum(m.weight.numel() for m in self.modules() if isinstance(m, RMSNorm))
-        biases = sum(m.bias.numel() for m in self.modules()
-                     if isinstance(m, (BitLinear, PackedBitLinear)) and m.bias is not None)
-        total = quantized + embed + norms + biases
-        bits = WEIGHT_BITS[self.config.mode]
-        return {
-            "parameters": total,
-            "linear_parameters": quantized,
-            "embedding_parameters": embed,
-            "linear_weight_bits": bits,
-            "linear_weight_megabytes": quantized * bits / 8 / 1e6,
-        }
+        and packed models alike: counts come from the config's shapes, not the stored tensors)."""
+        return parameter_counts(self.config)

@@ -1,15 +1,22 @@
 """`bitnet158 info CKPT`: what a checkpoint holds — config, parameter counts, bits, tokenizer.
 
-It reads the headers only (config.json, the tokenizer, the skeleton's shapes): instant and a few
-MB of memory at any model size. `load` and the conversions validate the tensors themselves."""
+It reads the headers only (config.json, the tokenizer, the safetensors header): instant and a few
+MB of memory at any model size. With torch installed every tensor's name, shape and dtype is
+checked against the model the config describes (`ModelDir.check_headers`); without torch the
+header is parsed and bounds-checked, and the runtime checks the tensors themselves when it loads
+them. Counts come from the config's shapes (`config.parameter_counts`) either way."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from pathlib import Path
 
-from ..checkpoint import ModelDir
-from ..config import kv_cache_bytes
-from ..pack import packed_linear_bytes
+from ..config import ModelConfig, kv_cache_bytes, parameter_counts
+from ..errors import CheckpointError, first_line
+from ..pack_config import PackConfig
+from ..runtime import torch_installed
+from ..tokenizer import Tokenizer
 from .common import directory_megabytes
 
 NAME = "info"
@@ -20,16 +27,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
 
 
-def run(args: argparse.Namespace) -> int:
-    md = ModelDir(args.checkpoint)
+@dataclass
+class Facts:
+    path: Path
+    config: ModelConfig
+    packing: PackConfig | None
+    packed_bytes: int  # bytes of the packed linear weights (0 for the training form)
+    tokenizer: Tokenizer | None
+
+
+def _with_torch(path: str) -> Facts:
+    from ..checkpoint import ModelDir
+    from ..pack import packed_linear_bytes
+
+    md = ModelDir(path)
     md.check_headers()
-    model, tokenizer = md.skeleton(), md.tokenizer()  # meta device: shapes, no weights
-    cfg, stats = model.config, model.stats()
-    print(f"checkpoint      {md.path}  ({directory_megabytes(md.path):.1f} MB on disk)")
-    if model.packing is not None:
-        packed = packed_linear_bytes(model)
-        print(f"packed          format {model.packing.describe()}, head {model.packing.head}; linear weights "
-              f"{packed / 1e6:.2f} MB ({8 * packed / stats['linear_parameters']:.2f} bits each)")
+    model = md.skeleton()  # meta device: shapes, no weights
+    packed = packed_linear_bytes(model) if model.packing is not None else 0
+    return Facts(md.path, model.config, model.packing, packed, md.tokenizer())
+
+
+def _from_headers(path: str) -> Facts:
+    from ..checkpoint.layout import WEIGHTS, model_config, packing_config, read_config_document, read_tokenizer, resolve
+    from ..safetensors_header import read_header
+
+    directory = resolve(path)
+    doc = read_config_document(directory)
+    config, packing = model_config(directory, doc), packing_config(directory, doc)
+    file = directory / WEIGHTS
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        header = read_header(file)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({first_line(e)})") from None
+    packed = sum(e.end - e.begin for name, e in header.entries.items() if name.endswith(".packed"))
+    return Facts(directory, config, packing, packed, read_tokenizer(directory, doc, config.vocab_size))
+
+
+def run(args: argparse.Namespace) -> int:
+    facts = _with_torch(args.checkpoint) if torch_installed() else _from_headers(args.checkpoint)
+    cfg, stats, tokenizer = facts.config, parameter_counts(facts.config), facts.tokenizer
+    print(f"checkpoint      {facts.path}  ({directory_megabytes(facts.path):.1f} MB on disk)")
+    if facts.packing is not None:
+        print(f"packed          format {facts.packing.describe()}, head {facts.packing.head}; linear weights "
+              f"{facts.packed_bytes / 1e6:.2f} MB ({8 * facts.packed_bytes / stats['linear_parameters']:.2f} bits each)")
     print(f"mode            {cfg.mode}  (linear weights: {stats['linear_weight_bits']:.2f} bits each)")
     print(f"architecture    {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/"
           f"{cfg.num_kv_heads} kv, ffn {cfg.intermediate_size} {cfg.activation}, norms {cfg.norm_placement}, "
