@@ -94,7 +94,8 @@ bool isa_supported(Isa isa) {
     switch (isa) {
         case Isa::Scalar: return true;
         case Isa::Avx2: return f.avx2 && f.f16c;  // every AVX2 CPU has F16C; the q4 head's scales need it
-        case Isa::Avx512Vnni: return f.avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni;
+        case Isa::Avx512Vnni:  // F16C too: this path runs the AVX2 attention tiles (fp16 caches) and q4 head
+            return f.avx2 && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni;
         case Isa::Neon: return f.asimd;
 #if defined(BN158_BUILD_DOTPROD)
         case Isa::NeonDot: return f.asimd && f.dotprod;
