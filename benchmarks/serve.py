@@ -28,7 +28,8 @@ import time
 from bitnet158 import kernels
 from bitnet158.bench import use_kernel_threads
 from bitnet158.config import KV_DTYPES, preset
-from bitnet158.generate import GenerationRequest, set_kv_dtype
+from bitnet158.generate import GenerationRequest
+from bitnet158.runner import set_kv_dtype
 from bitnet158.pack import random_packed
 from bitnet158.packed_layers import PackConfig
 from bitnet158.sampling import SamplingConfig

@@ -208,9 +208,7 @@ void bind_forward_step(py::module_& m) {
              "Run the whole model on M rows (token, slot, position); store their keys and values in the "
              "cache; return logits (int8 head) or final-normed hidden rows for out_rows.");
     py::class_<PyStepCache>(m, "StepCache", "A KV cache's per-layer key and value arrays.")
-        .def(py::init<const py::list&, const py::list&>(), py::arg("keys"), py::arg("values"))
-        .def_property_readonly("half", [](const PyStepCache& c) { return c.kv().half; },
-                               "Whether the cache holds fp16 (else fp32).");
+        .def(py::init<const py::list&, const py::list&>(), py::arg("keys"), py::arg("values"));
     m.def(
         "float_to_half",
         [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {

@@ -14,7 +14,8 @@ from bitnet158 import native_step
 from bitnet158.cache import KVCache, SlotKVCache
 from bitnet158.config import ModelConfig
 from bitnet158.errors import ConfigError
-from bitnet158.generate import GenerationRequest, generate_step, set_kv_dtype
+from bitnet158.generate import GenerationRequest, generate_step
+from bitnet158.runner import set_kv_dtype
 from bitnet158.sampling import SamplingConfig
 from bitnet158.serve.engine import Engine, QueueFull
 from bitnet158.tokenizer import Tokenizer

@@ -12,7 +12,8 @@ from bitnet158 import kernels, native, native_step
 from bitnet158.cache import KVCache, SlotKVCache
 from bitnet158.config import ModelConfig
 from bitnet158.errors import ConfigError
-from bitnet158.generate import PromptCache, generate_step, runner_for, set_kv_dtype
+from bitnet158.generate import PromptCache, generate_step
+from bitnet158.runner import runner_for, set_kv_dtype
 from bitnet158.model import Transformer
 from bitnet158.pack import pack_
 from bitnet158.packed_layers import PackConfig

@@ -26,7 +26,8 @@ from packaging.requirements import Requirement
 import bitnet158 as bn
 from bitnet158 import native, runtime
 from bitnet158.errors import CheckpointError, ConfigError
-from bitnet158.generate import GenerationRequest, PromptCache, generate, generate_step, set_kv_dtype
+from bitnet158.generate import GenerationRequest, PromptCache, generate, generate_step
+from bitnet158.runner import set_kv_dtype
 from bitnet158.pack import pack_
 from bitnet158.packed_layers import PackConfig
 from bitnet158.sampling import SamplingConfig

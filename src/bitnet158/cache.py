@@ -12,7 +12,7 @@ known up front.
 The caches own attention (`attend`) because only they know where each row's keys live; every path
 calls `scaled_dot_product_attention` with the same shapes for the same sequence, so a sequence
 decoded alone or beside others computes the same floats. A cache may store fp16 (`kv_torch_dtype`,
-`generate.set_kv_dtype`): keys and values are rounded as they are stored, and attention widens
+`runner.set_kv_dtype`): keys and values are rounded as they are stored, and attention widens
 them back to the query's dtype, as the native step does.
 """
 

@@ -8,9 +8,9 @@ object, `SequenceDecoder`, which takes next-token logits and answers a `Generati
 `stream_generate` drives it with a model over a `PromptCache`; the batching engine drives one per
 request from a batched forward. So a request gives the same tokens through either.
 
-This module never imports torch. A model reaches it as a `Runner` (forward over a KV cache,
+This module never imports torch. A model reaches it as a `runner.Runner` (forward over a KV cache,
 numpy logits out): the torch-free runtime's `NativeModel` is one; a torch `Transformer` is wrapped
-by `torch_runner.TorchRunner` the first time it is used (`runner_for`).
+by `torch_runner.TorchRunner` the first time it is used (`runner.runner_for`).
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import numpy as np
 
-from .config import ModelConfig, check_kv_dtype
+from .config import ModelConfig
 from .draft_length import DraftLength, DraftTokens, draft_length
 from .errors import ConfigError, GenerationError
 from .logprobs import MAX_LOGPROBS, TokenLogprob, token_logprobs
+from .runner import runner_for
 from .sampling import SamplingConfig, TokenSampler, as_logits
 from .stops import StopMatcher
 from .tokenizer import Tokenizer
@@ -189,52 +189,6 @@ class SequenceDecoder:
             text += self._stops.flush()
             self.finish_reason = reason
         return text
-
-
-@runtime_checkable
-class Runner(Protocol):
-    """What generation needs from a model. A cache holds one sequence (`new_cache`: `max_len`,
-    `offset`, `reset()`) or many (`new_slot_cache`: slots for the batching engine, `free(slot)`,
-    `bind_rows(segments, out_rows)` as `cache.SlotKVCache` has them). Logits come back as float32
-    numpy arrays; each forward advances the cache it ran over. New caches store keys and values
-    as `kv_dtype` says ("fp32" or "fp16", see `set_kv_dtype`)."""
-
-    config: ModelConfig
-    kv_dtype: str
-
-    def new_cache(self, max_len: int | None = None) -> Any: ...
-
-    def logits(self, tokens: Sequence[int], cache: Any, *, all_logits: bool = True) -> np.ndarray:
-        """[len(tokens), vocab], or [1, vocab] for the last token when not all_logits."""
-
-    def new_slot_cache(self, slots: int, max_len: int) -> Any: ...
-
-    def rows_logits(self, tokens: Sequence[int], binding: Any) -> np.ndarray:
-        """A mixed step: the tokens of `binding`'s segments side by side → [len(out_rows), vocab]."""
-
-    def worker(self) -> AbstractContextManager:
-        """Made in the thread that starts a worker, entered in the worker thread (the engine's):
-        what the model needs there (torch: the starter's thread count, autograd off)."""
-
-
-def runner_for(model: Any) -> Runner:
-    """`model` as a Runner: itself, or (a torch module) its TorchRunner, made once per model."""
-    runner = getattr(model, "__dict__", {}).get("_runner")
-    if runner is not None:
-        return runner
-    if isinstance(model, Runner):
-        return model
-    if runner is None:
-        from .torch_runner import TorchRunner  # here, not at the top: the torch-free runtime never gets here
-        runner = model.__dict__["_runner"] = TorchRunner(model)
-    return runner
-
-
-def set_kv_dtype(model: Any, kv_dtype: str) -> None:
-    """Make the KV caches made for `model` from now on store fp16 or fp32 ("fp16" halves their
-    memory and the bytes attention reads at long contexts; attention still computes in fp32).
-    Caches already made keep their dtype."""
-    runner_for(model).kv_dtype = check_kv_dtype(kv_dtype)
 
 
 class PromptCache:

@@ -23,7 +23,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import ConfigError
-from .generate import PromptCache, runner_for
+from .generate import PromptCache
+from .runner import runner_for
 
 class PromptLookup:
     """Prompt-lookup (n-gram) drafting over the sequence so far (prompt and generated tokens)."""
@@ -51,7 +52,7 @@ class DraftModel:
     keeps the common prefix between calls, so each proposal costs k small forwards)."""
 
     def __init__(self, model: Any, target_vocab: int | None = None):
-        """`model`: a torch Transformer or a torch-free runtime model (any `generate.Runner`)."""
+        """`model`: a torch Transformer or a torch-free runtime model (any `runner.Runner`)."""
         self.model = model
         vocab = runner_for(model).config.vocab_size
         if target_vocab is not None and vocab != target_vocab:

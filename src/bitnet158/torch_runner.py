@@ -1,6 +1,6 @@
 """A torch `Transformer` as generation's `Runner`: token lists in, float32 numpy logits out.
 
-Generation, chat and the batching engine speak only `generate.Runner`, so they run the same on a
+Generation, chat and the batching engine speak only `runner.Runner`, so they run the same on a
 torch model and on the torch-free runtime (`bitnet158.runtime`). This adapter is where torch
 meets them: it makes the torch caches, runs the forward with autograd off, and hands back the
 logits as numpy (a view, no copy, for fp32 on the CPU).
@@ -27,7 +27,7 @@ class TorchRunner:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.config: ModelConfig = model.config
-        self.kv_dtype = "fp32"  # what new caches store (config.KV_DTYPES); generate.set_kv_dtype sets it
+        self.kv_dtype = "fp32"  # what new caches store (config.KV_DTYPES); runner.set_kv_dtype sets it
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -3,7 +3,7 @@
 `--runtime torch` loads any checkpoint into a torch Transformer (LoRA adapters included);
 `--runtime native` runs a packed directory on the compiled step alone, without importing torch;
 `auto` (the default, or BITNET158_RUNTIME) takes torch when it is installed. Both answer a model
-that generation, chat and the server drive the same way (`generate.Runner`).
+that generation, chat and the server drive the same way (`runner.Runner`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from .. import native
 from ..config import KV_DTYPES, check_kv_dtype
 from ..errors import CheckpointError, ConfigError
-from ..generate import set_kv_dtype
+from ..runner import set_kv_dtype
 from ..runtime import RUNTIMES, choose
 from ..tokenizer import Tokenizer
 

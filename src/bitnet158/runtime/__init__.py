@@ -6,7 +6,7 @@
     >>> generate(model, tokenizer, "Once upon a time", 40)
 
 `load` reads a packed directory into a `NativeModel`, which generation, chat and the batching
-server drive like a torch model (`generate.Runner`). Nothing here imports torch, so a minimal
+server drive like a torch model (`runner.Runner`). Nothing here imports torch, so a minimal
 install (`pip install bitnet158` without torch) runs `generate`, `chat` and `serve`; the full
 install uses the torch path unless `--runtime native` (or `BITNET158_RUNTIME=native`) asks for
 this one. Training, conversion, packing and LoRA adapters need torch.

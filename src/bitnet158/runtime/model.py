@@ -1,6 +1,6 @@
 """A packed model run by the compiled forward step alone: no torch, numpy arrays in and out.
 
-`NativeModel` is a `generate.Runner`, so `stream_generate`, `chat` and the batching engine run it
+`NativeModel` is a `runner.Runner`, so `stream_generate`, `chat` and the batching engine run it
 exactly as they run a torch `Transformer`: the step is the same C++ (`csrc/forward_step.cpp`) the
 torch path calls for packed models, over the same bytes, with the same RoPE tables and RMSNorm
 lane width, so greedy output matches the torch path token for token. A float head (fp16/fp32)
@@ -169,12 +169,12 @@ class NativeModel:
         self.path = packed.path
         spec, self._head = _spec(packed)
         self._step = native.extension().StepModel(spec)
-        self.kv_dtype = "fp32"  # what new caches store (config.KV_DTYPES); generate.set_kv_dtype sets it
+        self.kv_dtype = "fp32"  # what new caches store (config.KV_DTYPES); runner.set_kv_dtype sets it
 
     def __repr__(self) -> str:
         return f"NativeModel({str(self.path)!r}, {self.packing.describe()}, head {self.packing.head})"
 
-    # --- generate.Runner ----------------------------------------------------------------------
+    # --- runner.Runner ----------------------------------------------------------------------
     def new_cache(self, max_len: int | None = None) -> NativeCache:
         return NativeCache(self.config, max_len, kv_dtype=self.kv_dtype)
 

@@ -33,7 +33,8 @@ from typing import Any
 
 from ..config import kv_cache_bytes
 from ..errors import BitNetError, ConfigError
-from ..generate import GenerationRequest, GenerationResponse, SequenceDecoder, runner_for
+from ..generate import GenerationRequest, GenerationResponse, SequenceDecoder
+from ..runner import runner_for
 from ..memory import available_memory
 from ..tokenizer import Tokenizer
 
@@ -128,7 +129,7 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int = 64,
                  max_len: int | None = None, prefill_chunk: int = 512):
-        """`model`: a torch Transformer or a torch-free runtime model (any `generate.Runner`).
+        """`model`: a torch Transformer or a torch-free runtime model (any `runner.Runner`).
         `max_len`: positions per slot (prompt + answer), the model's context by default; the
         KV cache takes max_concurrency × max_len positions up front. `prefill_chunk`: prompt
         tokens a step takes at most (a longer prompt is prefilled over several steps, so the
