@@ -20,6 +20,7 @@ forward alone (rows ÷ seconds of the forwards that carried every stream).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import threading
@@ -44,8 +45,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+_runs = itertools.count()
+
+
 def run_streams(engine: Engine, streams: int, prompt: int, tokens: int, vocab: int) -> dict:
-    """Submit `streams` requests at once; time every response as it arrives."""
+    """Submit `streams` requests at once; time every response as it arrives. Each run's prompts
+    differ from every earlier run's, so the engine's prompt cache has nothing to reuse: TTFT
+    includes each whole prefill."""
+    salt = next(_runs)
     records: list[dict] = [{} for _ in range(streams)]
     engine.batch_sizes.clear()
     engine.decode_seconds.clear()
@@ -56,7 +63,7 @@ def run_streams(engine: Engine, streams: int, prompt: int, tokens: int, vocab: i
 
     threads = []
     for i in range(streams):
-        ids = tuple((7919 * (i + 1) * (j + 3)) % vocab for j in range(prompt))  # distinct prompts
+        ids = tuple((7919 * (i + 1) * (j + 3) + 104729 * salt) % vocab for j in range(prompt))  # distinct prompts
         request = GenerationRequest(prompt=ids, max_tokens=tokens, sampling=GREEDY)
         t = threading.Thread(target=consume, args=(i, engine.submit(request), time.perf_counter()))
         t.start()

@@ -54,6 +54,16 @@ def test_serve_benchmark_runs_on_a_tiny_model(tmp_path):
     assert [r["streams"] for r in rows] == [1, 3] and all(r["aggregate_tok_s"] > 0 for r in rows)
 
 
+def test_prompt_cache_benchmark_runs_on_a_tiny_model(tmp_path):
+    out = run("prompt_cache.py", "--preset", "tiny", "--turns", "3", "--message", "6", "--answer", "3",
+              "--json", str(tmp_path / "p.json"))
+    assert "whole chat" in out and "answers identical" in out
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [r["turn"] for r in rows] == [1, 2, 3] and rows[0]["cached_tokens"] == 0
+    # turn k holds the earlier turns: all of them but the last answer token were cached
+    assert all(r["cached_tokens"] == prev["prompt_tokens"] + 3 - 1 for prev, r in zip(rows, rows[1:]))
+
+
 @needs_ext
 def test_vs_llamacpp_benchmark_runs_without_llamacpp(tmp_path):
     out = run("vs_llamacpp.py", "--preset", "tiny", "--no-llamacpp", "--threads", "1", "--runs", "1",

@@ -57,7 +57,8 @@ def test_completion_text_usage_and_ids(server, tok):
     assert choice["text"] == tok.decode(tok.encode(SCRIPT_TEXT)[:5])
     assert choice["finish_reason"] == "length" and choice["logprobs"] is None
     assert body["usage"] == {"prompt_tokens": len(tok.encode("hello")), "completion_tokens": 5,
-                             "total_tokens": len(tok.encode("hello")) + 5}
+                             "total_tokens": len(tok.encode("hello")) + 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_chat_uses_the_template_and_counts_its_prompt(server, tok):

@@ -96,6 +96,25 @@ def test_greedy_chat_equals_generate_on_the_rendered_prompt(client, reference):
     assert answer.usage.prompt_tokens == len(ids)
 
 
+def test_a_chats_next_turn_is_served_from_the_cached_prefix(client, served, reference):
+    """The client resends the conversation; the server prefills only what its slots did not hold,
+    says so in usage.prompt_tokens_details.cached_tokens and /metrics, and answers as generate()."""
+    model, tok = reference
+    messages = [{"role": "user", "content": "The with statement"}]
+    first = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "for i in range(10):"}]
+    ids = encode_chat(tok, messages)
+    expected = generate(model, tok, ids, 12, GREEDY, stop=stop_texts_for(DEFAULT_CHAT_TEMPLATE))
+    second = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+    assert second.choices[0].message.content == expected
+    assert first.usage.prompt_tokens <= second.usage.prompt_tokens_details.cached_tokens < len(ids)
+    metrics = httpx.get(served[0] + "/metrics", timeout=10).text
+    counted = float(next(line.split()[-1] for line in metrics.splitlines()
+                         if line.startswith("bitnet158_prompt_tokens_cached_total")))
+    assert counted >= second.usage.prompt_tokens_details.cached_tokens
+
+
 def test_concurrent_requests_each_equal_generate(served, reference):
     url, _ = served
     model, tok = reference

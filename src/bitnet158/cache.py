@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig, check_kv_dtype
 from .errors import ConfigError
-from .slots import check_room, check_segments
+from .slots import SlotLengths, check_room, check_segments
 
 TORCH_KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -93,21 +93,15 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-class SlotKVCache:
+class SlotKVCache(SlotLengths):
     """`slots` independent sequences of up to `max_len` positions each (continuous batching)."""
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        if slots < 1:
-            raise ConfigError(f"a slot cache needs at least one slot, got {slots}")
+        super().__init__(slots)
         self.max_len = max_len or config.max_seq_len
         self.keys = _tables(config, slots, self.max_len, dtype, device)
         self.values = _tables(config, slots, self.max_len, dtype, device)
-        self.lengths = [0] * slots
-
-    @property
-    def slots(self) -> int:
-        return len(self.lengths)
 
     def bind(self, slots: Sequence[int]) -> "SlotBatch":
         """The cache as the next forward sees it: row b belongs to slot `slots[b]`."""
@@ -119,9 +113,6 @@ class SlotKVCache:
         sequences beside prompt chunks). `out_rows`: the positions in that row whose logits the
         forward returns (all when None)."""
         return SlotRows(self, [(int(s), int(n)) for s, n in segments], out_rows)
-
-    def free(self, slot: int) -> None:
-        self.lengths[slot] = 0
 
     @property
     def nbytes(self) -> int:

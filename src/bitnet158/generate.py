@@ -93,6 +93,7 @@ class GenerationResponse:
     finish_reason: str | None   # "stop" (an end token or a stop string), "length", or None while running
     logprob: TokenLogprob | None = None        # when the request asks for logprobs
     prompt_logprobs: list[TokenLogprob | None] | None = None  # echo, first response only; [0] is None
+    cached_tokens: int = 0      # prompt tokens whose keys were already cached (the serving engine's prompt cache)
 
 
 class SequenceDecoder:

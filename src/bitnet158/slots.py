@@ -1,4 +1,5 @@
-"""The segments of a mixed step (continuous batching): which slots advance by how many tokens.
+"""Slots for continuous batching: the segments of a mixed step (which slots advance by how many
+tokens) and how many positions each slot holds.
 
 `cache.SlotKVCache` (torch) and `runtime.NativeSlotCache` (numpy) bind the same kind of step, so
 they check it here, once.
@@ -24,3 +25,26 @@ def check_room(segments: Sequence[tuple[int, int]], lengths: Sequence[int], max_
     """Every slot has room for its next n tokens."""
     if any(lengths[s] + n > max_len for s, n in segments):
         raise ConfigError(f"a sequence would exceed the KV cache length {max_len}")
+
+
+class SlotLengths:
+    """How many positions each slot's sequence holds; the slot caches' shared bookkeeping."""
+
+    def __init__(self, slots: int):
+        if slots < 1:
+            raise ConfigError(f"a slot cache needs at least one slot, got {slots}")
+        self.lengths = [0] * slots
+
+    @property
+    def slots(self) -> int:
+        return len(self.lengths)
+
+    def free(self, slot: int) -> None:
+        self.truncate(slot, 0)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the slot's first `length` positions: a prefix its next sequence shares (the keys and
+        values past it are overwritten as that sequence goes on)."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ConfigError(f"slot {slot} holds {self.lengths[slot]} positions; cannot keep {length}")
+        self.lengths[slot] = length

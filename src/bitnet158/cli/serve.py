@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=default_of(Engine.__init__, "prefill_chunk"),
                    help="prompt tokens one step takes at most, beside the decoding requests (a longer prompt "
                         "is prefilled over several steps); default %(default)s")
+    p.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
+                   help="prefill every prompt whole (by default a freed slot keeps its keys, and a request that "
+                        "starts with the same tokens, such as a chat's next turn, prefills only the rest)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (default: the tokenizer's "
                    "own, else a plain System/User/Assistant transcript)")
@@ -62,14 +65,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def engine_loader(path: str | Path, *, max_concurrency: int, max_queue: int, threads: int | None = None,
                   prefill_chunk: int | None = None, adapter: str | Path | None = None, runtime: str | None = None,
-                  kv_dtype: str = "fp32", context: int | None = None) -> Callable[[], tuple[Engine, Tokenizer]]:
+                  kv_dtype: str = "fp32", context: int | None = None,
+                  prompt_cache: bool = True) -> Callable[[], tuple[Engine, Tokenizer]]:
     """What the app runs in its loading thread: the checkpoint (and a LoRA adapter, unmerged) → a
     started Engine and its tokenizer."""
     def load() -> tuple[Engine, Tokenizer]:
         model, tokenizer = load_model(path, runtime=runtime, threads=threads, adapter=adapter, kv_dtype=kv_dtype)
         chunk = {"prefill_chunk": prefill_chunk} if prefill_chunk is not None else {}
         return Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, max_len=context,
-                      **chunk).start(), tokenizer
+                      prompt_cache=prompt_cache, **chunk).start(), tokenizer
     return load
 
 
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine_loader(args.checkpoint, max_concurrency=args.max_concurrency,
                                    max_queue=args.max_queue, threads=args.threads, prefill_chunk=args.prefill_chunk,
                                    adapter=args.adapter, runtime=args.runtime, kv_dtype=args.kv_cache,
-                                   context=args.context),
+                                   context=args.context, prompt_cache=args.prompt_cache),
                      model_name=args.model_name or model_name_for(args.checkpoint), api_key=args.api_key,
                      chat_template=template, drain_timeout=args.drain_timeout,
                      on_load_error=stop_on_load_error, **options)

@@ -20,7 +20,7 @@ from ..config import ModelConfig, check_kv_dtype
 from ..errors import ConfigError
 from ..pack_config import TABLE_HEADS, PackConfig
 from ..rope import rope_arrays
-from ..slots import check_room, check_segments
+from ..slots import SlotLengths, check_room, check_segments
 from .weights import PackedDir, TensorFile
 
 # The native RMSNorm sums a row in lanes of this many floats. With torch present the step uses the
@@ -121,25 +121,16 @@ class NativeCache:
         return sum(a.nbytes for a in self.keys + self.values)
 
 
-class NativeSlotCache:
+class NativeSlotCache(SlotLengths):
     """`slots` independent sequences (continuous batching), as `cache.SlotKVCache` keeps them."""
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, kv_dtype: str = "fp32"):
-        if slots < 1:
-            raise ConfigError(f"a slot cache needs at least one slot, got {slots}")
+        super().__init__(slots)
         self.store = NativeCache(config, max_len, slots, kv_dtype)
         self.max_len = self.store.max_len
-        self.lengths = [0] * slots
-
-    @property
-    def slots(self) -> int:
-        return len(self.lengths)
 
     def bind_rows(self, segments: Sequence[tuple[int, int]], out_rows: Sequence[int] | None = None) -> "NativeRows":
         return NativeRows(self, [(int(s), int(n)) for s, n in segments], out_rows)
-
-    def free(self, slot: int) -> None:
-        self.lengths[slot] = 0
 
     @property
     def nbytes(self) -> int:

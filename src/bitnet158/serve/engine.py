@@ -13,7 +13,8 @@ free slots, then runs one forward over the newest token of every decoding sequen
 through the packed GEMM, each at its own position with its own keys, so the weights are read once
 per step for all of them, and a long prompt is prefilled a chunk per step instead of stalling the
 others for its whole length. Requests beyond the slots wait in a bounded queue; beyond that `submit`
-raises QueueFull. A finished or cancelled request frees its slot at once.
+raises QueueFull. A finished or cancelled request frees its slot at once, and the slot keeps its
+keys for the next request that starts with the same tokens (`prompt_cache`).
 
 Every sequence is decoded by its own `SequenceDecoder` (sampling with its own seeded generator,
 stop strings, end tokens, logprobs), the same object `stream_generate` uses, and attention reads
@@ -37,6 +38,7 @@ from ..generate import GenerationRequest, GenerationResponse, SequenceDecoder
 from ..runner import runner_for
 from ..memory import available_memory
 from ..tokenizer import Tokenizer
+from .prompt_cache import SlotPrefixes
 
 
 class QueueFull(BitNetError):
@@ -106,6 +108,8 @@ class _Sequence:
     submitted: float
     first_token: float | None = None
     pending: list[int] = dataclasses.field(default_factory=list)  # prompt tokens not yet in the cache
+    fed: list[int] = dataclasses.field(default_factory=list)      # the tokens whose keys the slot holds
+    cached: int = 0                                               # prompt tokens the slot already held
 
     @property
     def prefilling(self) -> bool:
@@ -128,12 +132,14 @@ class Engine:
     """The batching loop over one model (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int = 64,
-                 max_len: int | None = None, prefill_chunk: int = 512):
+                 max_len: int | None = None, prefill_chunk: int = 512, prompt_cache: bool = True):
         """`model`: a torch Transformer or a torch-free runtime model (any `runner.Runner`).
         `max_len`: positions per slot (prompt + answer), the model's context by default; the
         KV cache takes max_concurrency × max_len positions up front. `prefill_chunk`: prompt
         tokens a step takes at most (a longer prompt is prefilled over several steps, so the
-        sequences already decoding wait at most one chunk for their next token)."""
+        sequences already decoding wait at most one chunk for their next token). `prompt_cache`:
+        a request whose prompt starts with the tokens a free slot holds prefills only the rest
+        (see `prompt_cache.py`)."""
         if max_concurrency < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ConfigError(f"max_concurrency and prefill_chunk must be ≥ 1 and max_queue ≥ 0, got "
                               f"{max_concurrency}, {prefill_chunk}, {max_queue}")
@@ -147,7 +153,7 @@ class Engine:
             raise ConfigError(f"a slot needs room for at least 2 positions (a prompt token and an answer), got {max_len}")
         _check_cache_fits(self.runner, max_concurrency, self.max_len)
         self.cache = self.runner.new_slot_cache(max_concurrency, self.max_len)
-        self._free = list(range(max_concurrency))[::-1]
+        self._slots = SlotPrefixes(max_concurrency, enabled=prompt_cache)
         self._waiting: collections.deque[tuple[RequestStream, float]] = collections.deque()
         self._active: list[_Sequence] = []
         self._wake = threading.Condition()
@@ -162,7 +168,7 @@ class Engine:
     def cache_summary(self) -> str:
         """What the preallocated KV cache holds, for the server's log."""
         return (f"KV cache: {self.cache.slots} slots × {self.max_len} positions, {self.cache.nbytes / 1e6:.0f} MB "
-                f"({self.runner.kv_dtype})")
+                f"({self.runner.kv_dtype}); prompt cache {'on' if self._slots.enabled else 'off'}")
 
     @property
     def running(self) -> int:
@@ -199,7 +205,7 @@ class Engine:
         with self._wake:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
-            if len(self._waiting) - len(self._free) >= self.max_queue:  # free slots take waiters first
+            if len(self._waiting) - self._slots.free >= self.max_queue:  # free slots take waiters first
                 raise QueueFull(f"all {self.max_concurrency} slots are busy and {len(self._waiting)} requests wait")
             self._waiting.append((stream, time.perf_counter()))
             self._wake.notify()
@@ -230,7 +236,7 @@ class Engine:
         """Admit waiting requests into free slots, then run one forward over the next token of
         every decoding sequence and up to `prefill_chunk` prompt tokens of the admitted ones."""
         self._drop_cancelled()
-        while self._free:
+        while self._slots.free:
             with self._wake:
                 if not self._waiting:
                     break
@@ -251,8 +257,12 @@ class Engine:
             self._forward(rows, segments)
 
     def _admit(self, stream: RequestStream, submitted: float) -> None:
-        seq = _Sequence(stream, SequenceDecoder(self.tokenizer, stream.request), self._free.pop(), submitted,
-                        pending=list(stream.request.prompt))
+        prompt = stream.request.prompt
+        # an echo needs every prompt position's logits: it cannot start from cached keys
+        slot, keep = self._slots.take(prompt, reuse=not stream.request.echo)
+        self.cache.truncate(slot, keep)
+        seq = _Sequence(stream, SequenceDecoder(self.tokenizer, stream.request), slot, submitted,
+                        pending=list(prompt[keep:]), fed=list(prompt[:keep]), cached=keep)
         self._active.append(seq)
 
     def _forward(self, rows: list[_Sequence], segments: list[tuple[int, list[int]]]) -> None:
@@ -272,6 +282,7 @@ class Engine:
             logits = self.runner.rows_logits(ids, binding)  # [len(out_rows), vocab]
         except Exception as e:  # a bug must not take the engine (and every other request) down
             for seq in rows:
+                seq.fed.clear()  # what the slot holds is unknown now
                 self._release(seq)
                 seq.stream._deliver(e)
             return
@@ -282,6 +293,7 @@ class Engine:
             self.mixed_forwards += 1
         got = 0
         for seq, (_, tokens) in zip(rows, segments):
+            seq.fed.extend(tokens)
             if seq.prefilling:
                 del seq.pending[:len(tokens)]
                 if seq.pending:
@@ -311,7 +323,7 @@ class Engine:
         now = time.perf_counter()
         n = response.generated_tokens
         rate = (n - 1) / (now - seq.first_token) if n > 1 and now > seq.first_token else 0.0
-        seq.stream._deliver(dataclasses.replace(response, tokens_per_second=rate,
+        seq.stream._deliver(dataclasses.replace(response, tokens_per_second=rate, cached_tokens=seq.cached,
                                                 prefill_seconds=seq.first_token - seq.submitted))
         if response.finish_reason is not None:
             self._release(seq)
@@ -319,8 +331,7 @@ class Engine:
     def _release(self, seq: _Sequence) -> None:
         if seq in self._active:
             self._active.remove(seq)
-        self.cache.free(seq.slot)
-        self._free.append(seq.slot)
+            self._slots.release(seq.slot, seq.fed)
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._active if s.stream.cancelled]:

@@ -47,7 +47,9 @@ class ServerMetrics:
               registry=r).set_function(reading("waiting"))
         # Counter names get "_total" appended in the exposition: bitnet158_tokens_generated_total
         self.tokens = Counter(PREFIX + "tokens_generated", "Tokens generated (all requests)", registry=r)
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens (cached or prefilled)", registry=r)
+        self.cached_tokens = Counter(PREFIX + "prompt_tokens_cached",
+                                     "Prompt tokens whose keys a slot already held (not prefilled again)", registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
                               "From accepting a request to its first token (queueing and prefill)",
                               buckets=TTFT_BUCKETS, registry=r)
@@ -82,6 +84,7 @@ class RequestTracker:
             self.first = time.perf_counter()
             m.ttft.observe(self.first - self.started)
             m.prompt_tokens.inc(response.prompt_tokens)
+            m.cached_tokens.inc(response.cached_tokens)
         m.tokens.inc()
         if response.finish_reason is not None:
             if response.generated_tokens > 1 and response.tokens_per_second > 0:

@@ -25,10 +25,11 @@ def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else FLOOR_LOGPROB
 
 
-def usage(last: GenerationResponse | None) -> dict[str, int]:
+def usage(last: GenerationResponse | None) -> dict[str, Any]:
     prompt = last.prompt_tokens if last else 0
     completion = last.generated_tokens if last else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": last.cached_tokens if last else 0}}
 
 
 class Shape:

@@ -145,10 +145,15 @@ def _one_prompt_inner(prompt: str | list[int]) -> str | list[int]:
 
 
 # ----- responses (for the OpenAPI schema) ----------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose keys were already cached (not prefilled again)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):

@@ -1,0 +1,102 @@
+"""A multi-turn chat through the serving engine with and without the prompt cache: time to first
+token on each turn, both measured in the same run, turn by turn.
+
+A chat client sends the whole conversation every turn (earlier turns, their answers, the new
+message). Without the cache the server prefills all of it again; with it (`serve`'s default) a
+freed slot keeps its keys and the next turn prefills only what is new. The packed model gets random
+ternary codes at the exact 2B4T shapes (`--preset` for others) and the conversation is random token
+ids: speed does not depend on the values. Both engines answer each turn in turn (alternated, so
+drift on a shared machine hits both), and their greedy answers must be the same tokens.
+
+    python benchmarks/prompt_cache.py                     # 2B4T shapes, 6 turns
+    python benchmarks/prompt_cache.py --preset tiny --turns 3 --message 16 --answer 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+from bitnet158 import kernels
+from bitnet158.bench import use_kernel_threads
+from bitnet158.config import KV_DTYPES, preset
+from bitnet158.generate import GenerationRequest
+from bitnet158.pack import random_packed
+from bitnet158.packed_layers import PackConfig
+from bitnet158.runner import set_kv_dtype
+from bitnet158.sampling import SamplingConfig
+from bitnet158.serve.engine import Engine
+from bitnet158.tokenizer import Tokenizer
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def ask(engine: Engine, prompt: list[int], tokens: int) -> tuple[float, list[int], int]:
+    """Time to first token, the answer's tokens, and the prompt tokens the engine had cached."""
+    start = time.perf_counter()
+    stream = engine.submit(GenerationRequest(prompt=tuple(prompt), max_tokens=tokens, sampling=GREEDY))
+    first, answer, cached = None, [], 0
+    for response in stream:
+        first = first or time.perf_counter()
+        answer.append(response.token)
+        cached = response.cached_tokens
+    return first - start, answer, cached
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="2b4t")
+    ap.add_argument("--format", default="i2")
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--message", type=int, default=96, help="tokens in each new user message")
+    ap.add_argument("--answer", type=int, default=16, help="tokens in each answer")
+    ap.add_argument("--threads", type=int, help="kernel threads (default: torch's count)")
+    ap.add_argument("--kv-cache", choices=KV_DTYPES, default="fp32")
+    ap.add_argument("--json", help="write every figure here")
+    args = ap.parse_args()
+
+    cfg = preset(args.preset)
+    threads = use_kernel_threads(args.threads)
+    print(f"preset {args.preset}: {cfg.num_layers} layers, hidden {cfg.hidden_size}; packed {args.format}, int8 head; "
+          f"kernel path {kernels.current_path()}, {threads} thread(s); {args.turns} turns of {args.message}-token "
+          f"messages and {args.answer}-token answers; {args.kv_cache} KV cache")
+    model = random_packed(cfg, PackConfig(format=args.format), progress=True)
+    set_kv_dtype(model, args.kv_cache)
+    tokenizer = Tokenizer.train(["def f(x):\n    return x\n", "The with statement.\n"] * 20, vocab_size=300)
+    positions = args.turns * (args.message + args.answer) + 1
+    engines = {cached: Engine(model, tokenizer, max_concurrency=1, max_queue=0, max_len=positions,
+                              prompt_cache=cached).start() for cached in (False, True)}
+    rng = random.Random(0)
+    rows, history = [], []
+    try:
+        for engine in engines.values():  # warm-up: pool, caches, allocator (a prompt the chat never starts with)
+            ask(engine, [cfg.vocab_size - 1] * 8, 2)
+        for turn in range(1, args.turns + 1):
+            prompt = history + [rng.randrange(cfg.vocab_size) for _ in range(args.message)]
+            ttft_off, answer_off, _ = ask(engines[False], prompt, args.answer)
+            ttft_on, answer_on, cached = ask(engines[True], prompt, args.answer)
+            rows.append({"turn": turn, "prompt_tokens": len(prompt), "cached_tokens": cached, "ttft_off_s": ttft_off,
+                         "ttft_on_s": ttft_on, "speedup": ttft_off / ttft_on, "same_tokens": answer_on == answer_off})
+            history = prompt + answer_on
+    finally:
+        for engine in engines.values():
+            engine.shutdown(drain=False, timeout=60)
+
+    print(f"{'turn':>4} {'prompt':>7} {'cached':>7} {'TTFT no cache s':>16} {'TTFT cache s':>13} {'speed-up':>9} "
+          f"{'same tokens':>12}")
+    for r in rows:
+        print(f"{r['turn']:>4} {r['prompt_tokens']:>7} {r['cached_tokens']:>7} {r['ttft_off_s']:>16.3f} "
+              f"{r['ttft_on_s']:>13.3f} {r['speedup']:>8.2f}× {'yes' if r['same_tokens'] else 'NO':>12}")
+    off, on = sum(r["ttft_off_s"] for r in rows), sum(r["ttft_on_s"] for r in rows)
+    print(f"whole chat: {off:.2f} s to first tokens without the cache, {on:.2f} s with it ({off / on:.2f}×); "
+          f"answers {'identical' if all(r['same_tokens'] for r in rows) else 'DIFFER'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": args.preset, "format": args.format, "kernel": kernels.current_path(),
+                       "threads": threads, "kv_cache": args.kv_cache, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

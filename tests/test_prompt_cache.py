@@ -1,0 +1,181 @@
+"""Prompt caching in the serving engine: a freed slot keeps its keys, a request that starts with the
+same tokens prefills only the rest and still gives generate()'s tokens; the slot with the longest
+shared prefix is chosen, unmatched requests take the slot freed longest ago; echo, a failed
+forward and `prompt_cache=False` never reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bitnet158 as bn
+from bitnet158 import kernels, native_step, runtime
+from bitnet158.config import ModelConfig
+from bitnet158.generate import GenerationRequest, generate_step
+from bitnet158.sampling import SamplingConfig
+from bitnet158.serve.engine import Engine
+from bitnet158.serve.prompt_cache import SlotPrefixes, common_prefix
+from bitnet158.tokenizer import Tokenizer
+
+TEXTS = ["def f(x):\n    return x + 1\n", "The with statement wraps a block of code.\n",
+         "for i in range(10):\n    print(i)\n"] * 10
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(TEXTS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, max_seq_len=160)
+    return bn.pack_(bn.Transformer(cfg)).eval()
+
+
+@pytest.fixture(params=["native", "torch", "runtime"])
+def served_model(request, model, tok, tmp_path_factory):
+    """The model the engine serves: the torch model through the native step or the Python path, or
+    the same weights loaded by the torch-free runtime."""
+    if request.param == "runtime":
+        if not kernels.extension_available():
+            pytest.skip("the torch-free runtime needs the compiled extension")
+        path = bn.save_packed(model, tmp_path_factory.mktemp("pc") / "m", tok)
+        yield runtime.load(path)[0]
+        return
+    native_step.set_enabled(request.param == "native")
+    yield model
+    native_step.set_enabled(True)
+
+
+def _ids(tok, text):
+    return tuple(tok.encode_prompt(text))
+
+
+def _run(engine, prompt, n=8, **kw):
+    """(tokens, cached_tokens, last response) of one request run to its end."""
+    responses = list(engine.submit(GenerationRequest(prompt=tuple(prompt), max_tokens=n, sampling=GREEDY, **kw)))
+    return [r.token for r in responses], responses[-1].cached_tokens, responses[-1]
+
+
+def _alone(model, tok, prompt, n=8):
+    want = list(generate_step(model, list(prompt), GREEDY, n))
+    cut = next((j + 1 for j, t in enumerate(want) if t in tok.end_ids), len(want))
+    return want[:cut]
+
+
+def test_common_prefix_counts_shared_leading_tokens():
+    assert common_prefix([], [1, 2]) == 0
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([9], [1]) == 0
+
+
+def test_slot_prefixes_choose_the_longest_match_else_the_slot_freed_longest_ago():
+    slots = SlotPrefixes(3)
+    assert [slots.take([5, 6])[0] for _ in range(3)] == [0, 1, 2]
+    slots.release(1, [1, 2, 3, 4])
+    slots.release(0, [1, 2, 9])
+    slots.release(2, [7, 7])
+    assert slots.take([1, 2, 3, 8]) == (1, 3)   # the longest shared prefix wins
+    assert slots.take([4, 4]) == (0, 0)         # no match: slot 0 was freed before slot 2
+    assert slots.take([7, 7]) == (2, 1)         # all of it held: the last token is still run
+    slots.release(2, [7, 7, 7])
+    assert slots.take([7, 7, 7, 7], reuse=False) == (2, 0)
+    off = SlotPrefixes(1, enabled=False)
+    off.take([1])
+    off.release(0, [1, 2, 3])
+    assert off.take([1, 2, 3, 4]) == (0, 0)
+
+
+def test_a_conversation_reuses_its_prefix_and_gives_generates_tokens(model, tok, served_model):
+    """Turn 2's prompt is turn 1's prompt, answer and a new message: it prefills only what the slot
+    did not hold, and its tokens equal generate() on the whole prompt (native step, torch path,
+    torch-free runtime)."""
+    engine = Engine(served_model, tok, max_concurrency=2, max_queue=2).start()
+    try:
+        first = _ids(tok, "def f(x):")
+        answer, cached, _ = _run(engine, first)
+        assert cached == 0 and answer == _alone(model, tok, first)
+        second = first + tuple(answer) + _ids(tok, " for i in range(10):")
+        tokens, cached, last = _run(engine, second)
+        assert cached == len(first) + len(answer) - 1  # the answer's last token was never fed
+        assert last.prompt_tokens == len(second)
+        assert tokens == _alone(model, tok, second)
+        again, cached, _ = _run(engine, second)  # the same prompt again: all but its last token
+        assert cached == len(second) - 1 and again == tokens
+    finally:
+        engine.shutdown(timeout=30)
+
+
+def test_two_conversations_each_find_their_own_slot(model, tok):
+    engine = Engine(model, tok, max_concurrency=2, max_queue=2).start()
+    try:
+        a, b = _ids(tok, "def f(x):\n    return"), _ids(tok, "The with statement")
+        answer_a, _, _ = _run(engine, a)
+        answer_b, _, _ = _run(engine, b)
+        for prompt, answer in ((a, answer_a), (b, answer_b)):
+            follow = prompt + tuple(answer) + _ids(tok, " code")
+            tokens, cached, _ = _run(engine, follow)
+            assert cached == len(prompt) + len(answer) - 1
+            assert tokens == _alone(model, tok, follow)
+    finally:
+        engine.shutdown(timeout=30)
+
+
+def test_echo_and_a_disabled_cache_prefill_every_token(model, tok):
+    prompt = _ids(tok, "for i in range(10):")
+    for engine, kw in ((Engine(model, tok, max_concurrency=1).start(), {"echo": True, "logprobs": 1}),
+                       (Engine(model, tok, max_concurrency=1, prompt_cache=False).start(), {})):
+        try:
+            first, _, r1 = _run(engine, prompt, **kw)
+            second, cached, r2 = _run(engine, prompt, **kw)
+            assert cached == 0 and second == first
+            assert r1.cached_tokens == 0
+        finally:
+            engine.shutdown(timeout=30)
+
+
+def test_a_failed_forward_forgets_what_the_slot_held(model, tok):
+    engine = Engine(model, tok, max_concurrency=1).start()
+    try:
+        prompt = _ids(tok, "The with statement wraps")
+        expected, _, _ = _run(engine, prompt)
+        real = engine.runner.rows_logits
+        calls = []
+
+        def fail_once(ids, binding):
+            if not calls:
+                calls.append(1)
+                raise RuntimeError("injected")
+            return real(ids, binding)
+
+        engine.runner.rows_logits = fail_once
+        with pytest.raises(RuntimeError, match="injected"):
+            _run(engine, prompt + (5,))
+        tokens, cached, _ = _run(engine, prompt)
+        assert cached == 0 and tokens == expected
+    finally:
+        engine.shutdown(timeout=30)
+
+
+def test_a_request_cancelled_while_prefilling_leaves_its_prefix(model, tok):
+    """A prompt longer than one chunk, cancelled after its first chunk: the slot holds that chunk,
+    and the same prompt resubmitted starts from it and gives generate()'s tokens."""
+    engine = Engine(model, tok, max_concurrency=1, prefill_chunk=8)  # not started: steps run here
+    engine._worker = engine.runner.worker()
+    prompt = _ids(tok, "def f(x):\n    return x + 1\nfor i in range(10):\n    print(i)\n")
+    assert len(prompt) > 16
+    with engine._worker:
+        stream = engine.submit(GenerationRequest(prompt=prompt, max_tokens=4, sampling=GREEDY))
+        engine._step()  # admits it and prefills 8 tokens
+        stream.cancel()
+        engine._step()  # drops it
+        again = engine.submit(GenerationRequest(prompt=prompt, max_tokens=4, sampling=GREEDY))
+        while engine.running or engine.waiting:
+            engine._step()
+    responses = list(again)
+    assert responses[-1].cached_tokens == 8
+    assert [r.token for r in responses] == _alone(model, tok, prompt, 4)
