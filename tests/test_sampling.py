@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bitnet158.errors import ConfigError
-from bitnet158.sampling import (SamplingConfig, TokenSampler, apply_presence_frequency_penalty,
+from bitnet158.sampling import (SamplingConfig, TokenSampler, apply_logit_bias, apply_presence_frequency_penalty,
                                 apply_repetition_penalty, filter_min_p, filter_top_k, filter_top_p, sample)
 from bitnet158.sampling import generator as np_generator
 
@@ -67,6 +67,21 @@ def test_presence_and_frequency_penalties_by_hand():
     assert apply_presence_frequency_penalty(logits, counts, 0.0, 0.0) is logits
 
 
+def test_logit_bias_by_hand_bans_and_forces_tokens():
+    logits = f32([1.0, 3.0, 2.0, 0.0])
+    assert apply_logit_bias(logits, ((1, -1.5), (3, 0.5))).tolist() == [1.0, 1.5, 2.0, 0.5]
+    assert apply_logit_bias(logits, ()) is logits
+    banned = SamplingConfig(temperature=0.0, logit_bias={1: -100})
+    assert banned.logit_bias == ((1, -100),)  # a mapping is kept as sorted pairs: hashable, frozen
+    hash(banned)
+    assert int(sample(logits, banned)) == 2
+    forced = SamplingConfig(temperature=1.0, logit_bias={3: 100})
+    rng = np_generator(0)
+    assert {int(sample(logits, forced, generator=rng)) for _ in range(50)} == {3}
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        sample(logits, SamplingConfig(temperature=0.0, logit_bias={4: 1.0}))
+
+
 def test_greedy_is_exactly_argmax_of_raw_logits_without_penalties():
     torch.manual_seed(0)
     for _ in range(20):
@@ -114,7 +129,9 @@ def test_top_k_comes_before_top_p_and_min_p_keeps_ratios():
     {"frequency_penalty": -2.01}, {"min_p": -0.1}, {"min_p": 1.5}, {"min_p": math.nan},
     {"temperature": -1.0}, {"temperature": math.nan}, {"temperature": math.inf}, {"top_k": -1},
     {"top_k": 1.5}, {"top_p": 0.0}, {"top_p": 1.1}, {"repetition_penalty": 0.0},
-    {"repetition_penalty": math.nan}, {"presence_penalty": math.nan},
+    {"repetition_penalty": math.nan}, {"presence_penalty": math.nan}, {"logit_bias": {1: 100.5}},
+    {"logit_bias": {-1: 1.0}}, {"logit_bias": {1: math.nan}}, {"logit_bias": {"1": 1.0}},
+    {"logit_bias": {i: 1.0 for i in range(301)}},
 ])
 def test_out_of_range_settings_are_refused_in_one_line(bad):
     with pytest.raises(ConfigError) as info:

@@ -25,7 +25,7 @@ from bitnet158.chat_template import DEFAULT_CHAT_TEMPLATE, encode_chat, stop_tex
 from bitnet158.cli import main
 from bitnet158.cli.serve import engine_loader
 from bitnet158.config import ModelConfig
-from bitnet158.generate import generate
+from bitnet158.generate import generate, generate_step
 from bitnet158.sampling import SamplingConfig
 from bitnet158.serve.api import create_app
 from bitnet158.tokenizer import Tokenizer
@@ -113,6 +113,16 @@ def test_a_chats_next_turn_is_served_from_the_cached_prefix(client, served, refe
     counted = float(next(line.split()[-1] for line in metrics.splitlines()
                          if line.startswith("bitnet158_prompt_tokens_cached_total")))
     assert counted >= second.usage.prompt_tokens_details.cached_tokens
+
+
+def test_logit_bias_bans_the_greedy_token_as_generate_does(client, reference):
+    model, tok = reference
+    plain = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=6, temperature=0)
+    first = next(generate_step(model, tok.encode_prompt("def f(x):"), GREEDY, 1))  # the token greedy picks first
+    answer = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=6, temperature=0,
+                                       logit_bias={str(first): -100})
+    expected = generate(model, tok, "def f(x):", 6, SamplingConfig(temperature=0.0, logit_bias={first: -100}))
+    assert answer.choices[0].text == expected and answer.choices[0].text != plain.choices[0].text
 
 
 def test_concurrent_requests_each_equal_generate(served, reference):

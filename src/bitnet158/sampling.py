@@ -2,15 +2,16 @@
 
 `sample` applies, in this order (the order of vLLM and Hugging Face's logits processors):
 
-1. repetition penalty (CTRL-style, over prompt + generated tokens),
-2. presence and frequency penalties (OpenAI's, over generated tokens only),
-3. temperature (0 = greedy: argmax of the penalized logits, no filter matters),
-4. top-k, 5. top-p, 6. min-p (each on what the previous step kept),
+1. logit bias (OpenAI's: a number added to chosen tokens' logits; ±100 bans or forces a token),
+2. repetition penalty (CTRL-style, over prompt + generated tokens),
+3. presence and frequency penalties (OpenAI's, over generated tokens only),
+4. temperature (0 = greedy: argmax of the penalized logits, no filter matters),
+5. top-k, 6. top-p, 7. min-p (each on what the previous step kept),
 
 then draws from the remaining distribution with an optional `numpy.random.Generator` (or, when a
 speculative drafter proposed a token, `sample_with_draft` accepts or replaces it so that every
-token keeps exactly that distribution). With no penalty in effect greedy is exactly `argmax` of
-the raw logits. `TokenSampler` is one sequence's state (its config, its own generator, its
+token keeps exactly that distribution). With no bias or penalty in effect greedy is exactly
+`argmax` of the raw logits. `TokenSampler` is one sequence's state (its config, its own generator, its
 penalty history): every caller that samples a sequence — `generate_step`, `SequenceDecoder`, the
 batching engine — goes through it, so the same seed gives the same tokens whatever else runs
 beside it.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ import numpy as np
 from .errors import ConfigError
 
 MAX_PENALTY = 2.0  # OpenAI's range for presence and frequency penalties: [-2, 2]
+MAX_LOGIT_BIAS = 100.0        # OpenAI's range for a logit bias: [-100, 100]
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit on how many tokens one request biases
 _SEED_RANGE = 2**64  # numpy seeds are non-negative; a request's seed may be any int64 or uint64
 
 
@@ -44,6 +47,12 @@ class SamplingConfig:
     min_p: float = 0.0         # keep tokens with p >= min_p * p(most likely); 0 disables
     presence_penalty: float = 0.0     # OpenAI: logit -= presence * (count > 0)
     frequency_penalty: float = 0.0    # OpenAI: logit -= frequency * count
+    # OpenAI: logit[id] += bias; give a {token id: bias} mapping, kept as sorted (id, bias) pairs
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.logit_bias, Mapping):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
 
     def validate(self) -> "SamplingConfig":
         # `not x >= 0` style comparisons also refuse NaN, which every ordered test lets through
@@ -62,6 +71,14 @@ class SamplingConfig:
             value = getattr(self, name)
             if not -MAX_PENALTY <= value <= MAX_PENALTY:
                 raise ConfigError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ConfigError(f"logit_bias holds {len(self.logit_bias)} tokens; at most {MAX_LOGIT_BIAS_ENTRIES}")
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ConfigError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:  # also refuses NaN
+                raise ConfigError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                  f"got {bias} for token {token}")
         return self
 
     @property
@@ -96,6 +113,19 @@ def apply_repetition_penalty(logits: Any, seen: Any, penalty: float) -> np.ndarr
         return np.where(seen, penalized, logits)
     out = logits.copy()
     out[..., seen] = penalized[..., seen]
+    return out
+
+
+def apply_logit_bias(logits: Any, bias: Sequence[tuple[int, float]]) -> np.ndarray:
+    """OpenAI's logit bias: logit[id] += b for each (id, b); an id outside the vocabulary is an error."""
+    logits = as_logits(logits)
+    if not bias:
+        return logits
+    ids = np.array([t for t, _ in bias], dtype=np.int64)
+    if ids.max() >= logits.shape[-1]:
+        raise ConfigError(f"logit_bias token id {int(ids.max())} is outside the vocabulary ({logits.shape[-1]})")
+    out = logits.copy()
+    out[..., ids] += np.array([b for _, b in bias], dtype=np.float32)
     return out
 
 
@@ -180,6 +210,7 @@ def sample(logits: Any, cfg: SamplingConfig, seen: Any = None, generator: np.ran
 
 
 def _penalized(logits: np.ndarray, cfg: SamplingConfig, seen: Any, counts: Any) -> np.ndarray:
+    logits = apply_logit_bias(logits, cfg.logit_bias)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if counts is not None:

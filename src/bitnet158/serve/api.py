@@ -193,12 +193,18 @@ def _generation(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded,
                        f"(a prompt must leave room for at least one new token)",
                        param=param, code="context_length_exceeded")
     room = n_ctx - len(prompt)  # the engine's slot holds prompt + answer; more would not fit
+    bias = body.bias_by_id()
+    vocab = loaded.tokenizer.vocab_size
+    if bias and max(bias) >= vocab:
+        raise ApiError(400, f"logit_bias token id {max(bias)} is outside the vocabulary (size {vocab})",
+                       param="logit_bias")
     temperature = OPENAI_TEMPERATURE if body.temperature is None else body.temperature
     sampling = SamplingConfig(
         temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P), min_p=body.min_p or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=bias)
     gen = GenerationRequest(prompt=tuple(prompt), max_tokens=min(max_tokens or room, room), sampling=sampling,
                             stop=stops, seed=body.seed, logprobs=logprobs, echo=echo)
     try:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 from ..logprobs import MAX_LOGPROBS
+from ..sampling import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES
 
 MAX_STOP = 4            # OpenAI's limit on stop sequences
 MAX_INT = 2**31 - 1     # token counts beyond this cannot fit any context; refusing them keeps ints small
@@ -62,6 +63,8 @@ class _GenerationFields(_Strict):
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
                                              description="extension: 1 disables")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS_ENTRIES, description="token id (as a string) → bias added to its logit")
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
     n: int | None = Field(1, description="only 1 is supported")
     stream: bool | None = False
@@ -74,6 +77,17 @@ class _GenerationFields(_Strict):
         if n not in (None, 1):
             raise ValueError(f"must be 1 (this server generates one choice per request), got {n}")
         return 1
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not (key.isascii() and key.isdigit()) or len(key) > 10:
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key[:20]!r}")
+        return bias
+
+    def bias_by_id(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
