@@ -56,9 +56,13 @@ def test_serve_benchmark_runs_on_a_tiny_model(tmp_path):
 
 def test_prompt_cache_benchmark_runs_on_a_tiny_model(tmp_path):
     out = run("prompt_cache.py", "--preset", "tiny", "--turns", "3", "--message", "6", "--answer", "3",
-              "--json", str(tmp_path / "p.json"))
+              "--streams", "3", "--system", "24", "--question", "4", "--json", str(tmp_path / "p.json"))
     assert "whole chat" in out and "answers identical" in out
-    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    report = json.loads((tmp_path / "p.json").read_text())
+    together = report["side_by_side"]
+    assert together["same_tokens"] and together["no_cache"]["cached_tokens"] == 0
+    assert together["cache"]["cached_tokens"] >= 2 * (24 - 16)  # the two later requests copied most of it
+    rows = report["rows"]
     assert [r["turn"] for r in rows] == [1, 2, 3] and rows[0]["cached_tokens"] == 0
     # turn k holds the earlier turns: all of them but the last answer token were cached
     assert all(r["cached_tokens"] == prev["prompt_tokens"] + 3 - 1 for prev, r in zip(rows, rows[1:]))

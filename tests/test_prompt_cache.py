@@ -14,7 +14,7 @@ from bitnet158.config import ModelConfig
 from bitnet158.generate import GenerationRequest, generate_step
 from bitnet158.sampling import SamplingConfig
 from bitnet158.serve.engine import Engine
-from bitnet158.serve.prompt_cache import SlotPrefixes, common_prefix
+from bitnet158.serve.prompt_cache import WAIT_FOR_SHARED, SlotPrefixes, best_lender, common_prefix
 from bitnet158.tokenizer import Tokenizer
 
 TEXTS = ["def f(x):\n    return x + 1\n", "The with statement wraps a block of code.\n",
@@ -88,6 +88,15 @@ def test_slot_prefixes_choose_the_longest_match_else_the_slot_freed_longest_ago(
     off.take([1])
     off.release(0, [1, 2, 3])
     assert off.take([1, 2, 3, 4]) == (0, 0)
+
+
+def test_the_lender_is_the_slot_covering_most_of_the_prompt_beyond_what_is_held():
+    lenders = {0: [5, 6, 7, 8, 1], 1: [5], 2: [5, 6, 7, 8, 9, 10]}
+    assert best_lender([5, 6, 7, 8, 9, 10, 11], 0, lenders) == (2, 6)
+    assert best_lender([5, 6, 7, 8, 9], 0, lenders) == (0, 4)  # never the prompt's last token; the first of equals
+    assert best_lender([5, 6, 7, 2], 0, lenders) == (0, 3)     # the first of equals
+    assert best_lender([5, 6, 7, 2], 3, lenders) is None       # nothing beyond what it has
+    assert best_lender([9, 9], 0, lenders) is None
 
 
 def test_a_conversation_reuses_its_prefix_and_gives_generates_tokens(model, tok, served_model):
@@ -179,3 +188,47 @@ def test_a_request_cancelled_while_prefilling_leaves_its_prefix(model, tok):
     responses = list(again)
     assert responses[-1].cached_tokens == 8
     assert [r.token for r in responses] == _alone(model, tok, prompt, 4)
+
+
+@pytest.mark.parametrize("burst", [False, True], ids=["later", "at-once"])
+def test_requests_side_by_side_share_a_system_prompt_by_copy(model, tok, served_model, burst):
+    """Requests with the same long start, arriving while the first runs or all at once: the later
+    ones copy the first one's keys (at once: after waiting for its prefill) instead of prefilling
+    them beside it, and each gives generate()'s tokens."""
+    engine = Engine(served_model, tok, max_concurrency=3)  # not started: steps run here
+    engine._worker = engine.runner.worker()
+    system = _ids(tok, "def f(x):\n    return x + 1\nThe with statement wraps a block of code.\n")
+    prompts = [system + _ids(tok, tail) for tail in ("for i in", "print(i)", "range(10)")]
+    assert common_prefix(prompts[1], prompts[0]) >= WAIT_FOR_SHARED
+
+    def submit(prompt):
+        return engine.submit(GenerationRequest(prompt=prompt, max_tokens=6, sampling=GREEDY))
+
+    prefilled = []
+    real = engine.runner.rows_logits
+
+    def counting(ids, binding):
+        prefilled.append(len(ids))
+        return real(ids, binding)
+
+    engine.runner.rows_logits = counting
+    with engine._worker:
+        streams = [submit(p) for p in (prompts if burst else prompts[:1])]
+        if not burst:
+            engine._step()  # admits the first
+            while engine._active[0].prefilling:
+                engine._step()
+            streams += [submit(p) for p in prompts[1:]]
+        while engine.running or engine.waiting:
+            engine._step()
+    for prompt, stream in zip(prompts, streams):
+        responses = list(stream)
+        assert [r.token for r in responses] == _alone(model, tok, prompt, 6)
+        shared = common_prefix(prompt, prompts[0])
+        cached = responses[-1].cached_tokens
+        if prompt is prompts[0]:
+            assert cached == 0
+        else:  # it waits only while the first still promises WAIT_FOR_SHARED tokens it lacks
+            assert shared - WAIT_FOR_SHARED < cached <= shared
+    # every row the forwards ran: the shared prefix about once, the rest of each prompt, the decode steps
+    assert sum(prefilled) < len(prompts[0]) + sum(len(p) - len(system) + WAIT_FOR_SHARED for p in prompts[1:]) + 3 * 6

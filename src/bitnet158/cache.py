@@ -103,6 +103,9 @@ class SlotKVCache(SlotLengths):
         self.keys = _tables(config, slots, self.max_len, dtype, device)
         self.values = _tables(config, slots, self.max_len, dtype, device)
 
+    def kv_tables(self) -> list[torch.Tensor]:
+        return self.keys + self.values
+
     def bind(self, slots: Sequence[int]) -> "SlotBatch":
         """The cache as the next forward sees it: row b belongs to slot `slots[b]`."""
         return SlotBatch(self, list(slots))

@@ -8,6 +8,7 @@ they check it here, once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import ConfigError
 
@@ -28,7 +29,12 @@ def check_room(segments: Sequence[tuple[int, int]], lengths: Sequence[int], max_
 
 
 class SlotLengths:
-    """How many positions each slot's sequence holds; the slot caches' shared bookkeeping."""
+    """How many positions each slot's sequence holds; the slot caches' shared bookkeeping. A cache
+    names its per-layer key and value tables ([slot, kv head, position, head dim], numpy or torch)
+    in `kv_tables`."""
+
+    def kv_tables(self) -> list[Any]:
+        raise NotImplementedError
 
     def __init__(self, slots: int):
         if slots < 1:
@@ -47,4 +53,15 @@ class SlotLengths:
         values past it are overwritten as that sequence goes on)."""
         if not 0 <= length <= self.lengths[slot]:
             raise ConfigError(f"slot {slot} holds {self.lengths[slot]} positions; cannot keep {length}")
+        self.lengths[slot] = length
+
+    def copy_prefix(self, source: int, slot: int, length: int) -> None:
+        """Give `slot` the first `length` positions of `source`'s sequence (a prefix their prompts
+        share): the same keys and values, copied, so the two sequences go on apart."""
+        if source == slot:
+            return self.truncate(slot, length)
+        if not 0 <= length <= self.lengths[source]:
+            raise ConfigError(f"slot {source} holds {self.lengths[source]} positions; cannot copy {length}")
+        for table in self.kv_tables():
+            table[slot, :, :length] = table[source, :, :length]
         self.lengths[slot] = length

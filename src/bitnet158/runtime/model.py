@@ -129,6 +129,9 @@ class NativeSlotCache(SlotLengths):
         self.store = NativeCache(config, max_len, slots, kv_dtype)
         self.max_len = self.store.max_len
 
+    def kv_tables(self) -> list[np.ndarray]:
+        return self.store.keys + self.store.values
+
     def bind_rows(self, segments: Sequence[tuple[int, int]], out_rows: Sequence[int] | None = None) -> "NativeRows":
         return NativeRows(self, [(int(s), int(n)) for s, n in segments], out_rows)
 

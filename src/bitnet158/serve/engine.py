@@ -14,7 +14,8 @@ through the packed GEMM, each at its own position with its own keys, so the weig
 per step for all of them, and a long prompt is prefilled a chunk per step instead of stalling the
 others for its whole length. Requests beyond the slots wait in a bounded queue; beyond that `submit`
 raises QueueFull. A finished or cancelled request frees its slot at once, and the slot keeps its
-keys for the next request that starts with the same tokens (`prompt_cache`).
+keys for the next request that starts with the same tokens; running requests lend a shared prefix
+by copy (`prompt_cache`).
 
 Every sequence is decoded by its own `SequenceDecoder` (sampling with its own seeded generator,
 stop strings, end tokens, logprobs), the same object `stream_generate` uses, and attention reads
@@ -38,7 +39,7 @@ from ..generate import GenerationRequest, GenerationResponse, SequenceDecoder
 from ..runner import runner_for
 from ..memory import available_memory
 from ..tokenizer import Tokenizer
-from .prompt_cache import SlotPrefixes
+from .prompt_cache import WAIT_FOR_SHARED, SlotPrefixes, best_lender, reusable
 
 
 class QueueFull(BitNetError):
@@ -109,7 +110,8 @@ class _Sequence:
     first_token: float | None = None
     pending: list[int] = dataclasses.field(default_factory=list)  # prompt tokens not yet in the cache
     fed: list[int] = dataclasses.field(default_factory=list)      # the tokens whose keys the slot holds
-    cached: int = 0                                               # prompt tokens the slot already held
+    cached: int = 0                                               # prompt tokens it did not prefill itself
+    reuses: bool = True                                           # it may start from other slots' keys
 
     @property
     def prefilling(self) -> bool:
@@ -247,23 +249,53 @@ class Engine:
         segments = [(seq.slot, [seq.decoder.next_input]) for seq in rows]
         budget = self.prefill_chunk
         for seq in self._active:
-            if seq.prefilling and budget > 0:
-                # an echo needs every prompt position's logits in one forward: its prompt goes whole
-                take = len(seq.pending) if seq.stream.request.echo else min(budget, len(seq.pending))
-                budget -= take
-                rows.append(seq)
-                segments.append((seq.slot, seq.pending[:take]))
+            if not seq.prefilling or budget <= 0:
+                continue
+            if seq.reuses:
+                self._borrow(seq)
+                if self._waits(seq):
+                    continue
+            # an echo needs every prompt position's logits in one forward: its prompt goes whole
+            take = len(seq.pending) if seq.stream.request.echo else min(budget, len(seq.pending))
+            budget -= take
+            rows.append(seq)
+            segments.append((seq.slot, seq.pending[:take]))
         if segments:
             self._forward(rows, segments)
 
     def _admit(self, stream: RequestStream, submitted: float) -> None:
         prompt = stream.request.prompt
         # an echo needs every prompt position's logits: it cannot start from cached keys
-        slot, keep = self._slots.take(prompt, reuse=not stream.request.echo)
+        reuses = self._slots.enabled and not stream.request.echo
+        slot, keep = self._slots.take(prompt, reuse=reuses)
         self.cache.truncate(slot, keep)
         seq = _Sequence(stream, SequenceDecoder(self.tokenizer, stream.request), slot, submitted,
-                        pending=list(prompt[keep:]), fed=list(prompt[:keep]), cached=keep)
+                        pending=list(prompt[keep:]), fed=list(prompt[:keep]), cached=keep, reuses=reuses)
         self._active.append(seq)
+
+    def _borrow(self, seq: _Sequence) -> None:
+        """Copy into seq's slot the longest start of its prompt that another running sequence's slot
+        holds, when that is more than seq has."""
+        prompt = seq.stream.request.prompt
+        found = best_lender(prompt, len(seq.fed), {o.slot: o.fed for o in self._active if o is not seq})
+        if found is not None:
+            lender, n = found
+            self.cache.copy_prefix(lender, seq.slot, n)
+            seq.cached += n - len(seq.fed)
+            seq.fed, seq.pending = list(prompt[:n]), list(prompt[n:])
+
+    def _waits(self, seq: _Sequence) -> bool:
+        """Whether an earlier sequence is still prefilling a long prefix it shares with seq: seq then
+        waits and copies it (`_borrow`) rather than computing the same keys beside it."""
+        prompt = seq.stream.request.prompt
+        for other in self._active:
+            if other is seq:
+                return False
+            if other.prefilling:
+                shared = reusable(other.stream.request.prompt, prompt)
+                if shared - len(seq.fed) >= WAIT_FOR_SHARED and len(other.fed) < shared:
+                    return True
+        return False
 
     def _forward(self, rows: list[_Sequence], segments: list[tuple[int, list[int]]]) -> None:
         """One forward over the segments' tokens side by side; then every sequence whose logits it

@@ -6,6 +6,12 @@ takes the free slot whose tokens share the longest prefix with its prompt and pr
 rest. A request that matches nothing takes the slot freed longest ago, so the most recent
 conversations keep their caches longest.
 
+Requests side by side share too (the same system prompt for many users): before each prefill
+chunk the engine asks `best_lender` whether a busy slot holds more of the prompt than the request
+has, and copies those positions (a memcpy, against a forward over them), and a request waits
+while an earlier one is still prefilling a long prefix they share (`WAIT_FOR_SHARED`), instead of
+prefilling the same tokens beside it.
+
 Reuse leaves at least the prompt's last token to prefill (its logits choose the first new token).
 On the native step a position's keys do not depend on how its tokens were batched, so a reused
 prefix gives the same tokens as prefilling it again; the torch path agrees within float rounding.
@@ -13,9 +19,11 @@ prefix gives the same tokens as prefilling it again; the torch path agrees withi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+WAIT_FOR_SHARED = 16  # prompt tokens an earlier request's prefill must promise before a later one waits
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -25,6 +33,23 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         return 0
     differ = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
     return int(differ[0]) if differ.size else n
+
+
+def reusable(held: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many of the prompt's first positions can come from a cache holding `held`: the shared
+    prefix, but never the prompt's last token (its logits are needed)."""
+    return min(common_prefix(held, prompt), len(prompt) - 1)
+
+
+def best_lender(prompt: Sequence[int], have: int, lenders: Mapping[int, Sequence[int]]) -> tuple[int, int] | None:
+    """(slot, positions) of the lender (slot → the tokens whose keys it holds) that covers the most
+    of `prompt`, when that is more than the `have` positions the request already holds; else None."""
+    best = None
+    for slot, tokens in lenders.items():
+        shared = reusable(tokens, prompt)
+        if shared > have:
+            best, have = (slot, shared), shared
+    return best
 
 
 class SlotPrefixes:
@@ -40,14 +65,14 @@ class SlotPrefixes:
         return len(self._free)
 
     def take(self, prompt: Sequence[int], reuse: bool = True) -> tuple[int, int]:
-        """A free slot for `prompt`, and how many of the prompt's first tokens that slot already
+        """A free slot for `prompt`, and how many of the prompt's first positions that slot already
         holds (0 when `reuse` is off: a request that needs every prompt position's logits)."""
         if not self._free:
             raise RuntimeError("no free slot")  # the engine only admits into free slots
         best, keep = 0, 0
         if self.enabled and reuse:
             for i, slot in enumerate(self._free):
-                shared = min(common_prefix(self._held[slot], prompt), len(prompt) - 1)
+                shared = reusable(self._held[slot], prompt)
                 if shared > keep:
                     best, keep = i, shared
         slot = self._free.pop(best)
