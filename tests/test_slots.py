@@ -1,4 +1,5 @@
-"""A mixed step's segments are checked the same way by the torch slot cache and the torch-free one."""
+"""A mixed step's segments are checked the same way by the torch slot cache and the torch-free one,
+and both keep (truncate) and copy (copy_prefix) a slot's positions the same way."""
 
 from __future__ import annotations
 
@@ -43,3 +44,25 @@ def test_a_segment_past_the_cache_is_refused_before_the_forward():
             if hasattr(binding, "positions"):  # the torch binding checks when the forward asks where rows go
                 binding.positions(5)
         assert cache.bind_rows([(0, 2), (1, 2)]).rows == 4
+
+
+def test_truncate_and_copy_prefix_keep_and_copy_positions():
+    for cache in caches():
+        tables = cache.kv_tables()
+        assert len(tables) == 2 * CFG.num_layers
+        for i, table in enumerate(tables):
+            table[1, :, :6] = i + 1.0  # slot 1 holds 6 positions
+        cache.lengths[1] = 6
+        cache.copy_prefix(1, 2, 4)
+        assert cache.lengths == [0, 6, 4]
+        for i, table in enumerate(tables):
+            assert (table[2, :, :4] == i + 1.0).all() and (table[2, :, 4:] == 0).all()
+            assert (table[1, :, :6] == i + 1.0).all()  # the lender keeps its own
+        cache.truncate(1, 2)
+        assert cache.lengths == [0, 2, 4]
+        with pytest.raises(ConfigError, match="slot 1 holds 2 positions; cannot copy 3"):
+            cache.copy_prefix(1, 0, 3)
+        with pytest.raises(ConfigError, match="cannot keep 5"):
+            cache.truncate(2, 5)
+        with pytest.raises(ConfigError, match="from itself"):
+            cache.copy_prefix(2, 2, 1)

@@ -33,20 +33,17 @@ class SlotLengths:
     names its per-layer key and value tables ([slot, kv head, position, head dim], numpy or torch)
     in `kv_tables`."""
 
-    def kv_tables(self) -> list[Any]:
-        raise NotImplementedError
-
     def __init__(self, slots: int):
         if slots < 1:
             raise ConfigError(f"a slot cache needs at least one slot, got {slots}")
         self.lengths = [0] * slots
 
+    def kv_tables(self) -> list[Any]:
+        raise NotImplementedError
+
     @property
     def slots(self) -> int:
         return len(self.lengths)
-
-    def free(self, slot: int) -> None:
-        self.truncate(slot, 0)
 
     def truncate(self, slot: int, length: int) -> None:
         """Keep the slot's first `length` positions: a prefix its next sequence shares (the keys and
@@ -59,7 +56,7 @@ class SlotLengths:
         """Give `slot` the first `length` positions of `source`'s sequence (a prefix their prompts
         share): the same keys and values, copied, so the two sequences go on apart."""
         if source == slot:
-            return self.truncate(slot, length)
+            raise ConfigError(f"slot {slot} cannot copy from itself; truncate keeps its own prefix")
         if not 0 <= length <= self.lengths[source]:
             raise ConfigError(f"slot {source} holds {self.lengths[source]} positions; cannot copy {length}")
         for table in self.kv_tables():

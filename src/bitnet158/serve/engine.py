@@ -140,8 +140,8 @@ class Engine:
         KV cache takes max_concurrency × max_len positions up front. `prefill_chunk`: prompt
         tokens a step takes at most (a longer prompt is prefilled over several steps, so the
         sequences already decoding wait at most one chunk for their next token). `prompt_cache`:
-        a request whose prompt starts with the tokens a free slot holds prefills only the rest
-        (see `prompt_cache.py`)."""
+        a request whose prompt starts with tokens a free slot holds, or a running request's slot,
+        prefills only the rest (see `prompt_cache.py`)."""
         if max_concurrency < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ConfigError(f"max_concurrency and prefill_chunk must be ≥ 1 and max_queue ≥ 0, got "
                               f"{max_concurrency}, {prefill_chunk}, {max_queue}")
