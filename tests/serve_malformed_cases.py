@@ -110,7 +110,10 @@ CASES = [
     # text completions
     Case("missing-prompt", COMPLETIONS, completion(prompt=DROP), param="prompt"),
     Case("prompt-number", COMPLETIONS, completion(prompt=3.5), param="prompt"),
-    Case("two-prompts", COMPLETIONS, completion(prompt=["a", "b"]), param="prompt", says=("one",)),
+    Case("65-prompts", COMPLETIONS, completion(prompt=["a"] * 65), param="prompt", says=("at most 64",)),
+    Case("more-prompts-than-slots-and-queue", COMPLETIONS, completion(prompt=["a"] * 9), param="prompt",
+         says=("at most", "--max-queue")),
+    Case("a-batch-with-an-empty-id-list", COMPLETIONS, completion(prompt=[[1, 2], []]), param="prompt"),
     Case("prompt-empty-list", COMPLETIONS, completion(prompt=[]), param="prompt"),
     Case("prompt-negative-id", COMPLETIONS, completion(prompt=[1, -2]), param="prompt"),
     Case("prompt-id-outside-vocab", COMPLETIONS, completion(prompt=[99999]), param="prompt", says=("vocabulary",)),

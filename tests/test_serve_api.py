@@ -224,6 +224,26 @@ def test_queue_full_is_429_and_the_server_recovers(tok):
         assert client.post("/v1/completions", json={"model": NAME, "prompt": "b"}).status_code == 200
 
 
+def test_a_batch_that_does_not_fit_is_429_and_leaves_nothing_running(tok):
+    """A batch of prompts is submitted all or none: when the queue fills part way, the prompts
+    already submitted are cancelled and the client gets 429."""
+    engine = FakeEngine(tok, max_concurrency=2, max_queue=2, delay=0.02)
+    with running_server(create_app(lambda: (engine, tok), model_name=NAME)) as url, \
+            httpx.Client(base_url=url, timeout=30) as client:
+        slow = {"model": NAME, "prompt": "a", "max_tokens": 30, "stream": True}
+        with client.stream("POST", "/v1/completions", json=slow) as r:
+            lines = r.iter_lines()
+            next(lines)  # one slot taken: 1 slot and 2 queue places are left for a batch of 4
+            batch = {"model": NAME, "prompt": ["b", "c", "d", "e"], "max_tokens": 2}
+            assert _error(client.post("/v1/completions", json=batch), 429)["code"] == "rate_limit_exceeded"
+            refused = engine.streams[1:]
+            assert len(refused) == 3 and all(s.cancelled for s in refused)
+            assert sse_payloads(lines)[-1] == "[DONE]"
+        answer = client.post("/v1/completions", json=batch).json()  # now it fits
+        assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+        assert answer["usage"]["completion_tokens"] == 8
+
+
 def test_a_streaming_client_that_leaves_frees_its_slot(tok):
     engine = FakeEngine(tok, max_concurrency=1, max_queue=0, delay=0.05)
     with running_server(create_app(lambda: (engine, tok), model_name=NAME)) as url:

@@ -125,6 +125,32 @@ def test_logit_bias_bans_the_greedy_token_as_generate_does(client, reference):
     assert answer.choices[0].text == expected and answer.choices[0].text != plain.choices[0].text
 
 
+def test_a_batch_of_prompts_gives_a_choice_each_equal_to_generate(client, reference):
+    """/v1/completions with a list of prompts (lm-eval's batch_size > 1): choice i answers prompt i,
+    whole and streamed, as generate() does; texts and token-id lists alike; usage is the sum."""
+    model, tok = reference
+    texts = PROMPTS[:3]
+    expected = [generate(model, tok, p, 10, GREEDY) for p in texts]
+    whole = client.completions.create(model=NAME, prompt=texts, max_tokens=10, temperature=0)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.text for c in whole.choices] == expected
+    ids = [tok.encode_prompt(p) for p in texts]
+    assert whole.usage.prompt_tokens == sum(map(len, ids))
+    alone = [client.completions.create(model=NAME, prompt=p, max_tokens=10, temperature=0).usage for p in texts]
+    assert whole.usage.completion_tokens == sum(u.completion_tokens for u in alone)
+    by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=0)
+    assert [c.text for c in by_ids.choices] == expected
+    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    usage = None
+    for chunk in client.completions.create(model=NAME, prompt=texts, max_tokens=10, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            pieces[choice.index].append(choice.text)
+        usage = chunk.usage or usage
+    assert ["".join(pieces[i]) for i in range(3)] == expected
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
 def test_concurrent_requests_each_equal_generate(served, reference):
     url, _ = served
     model, tok = reference

@@ -36,7 +36,8 @@ from ..tokenizer import Tokenizer
 from .engine import EngineStopped, QueueFull
 from .http_errors import ApiError, BodyLimit, error_response, validation_message
 from .metrics import RequestTracker, ServerMetrics
-from .responses import ChatShape, CompletionShape, Shape
+from .fanout import Merged, submit_all
+from .responses import ChatShape, CompletionShape, Shape, as_batch, usage_chunk, whole
 from .schemas import (
     DEFAULT_COMPLETION_TOKENS,
     ChatCompletion,
@@ -145,33 +146,40 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, ap
         gen = _generation(body, loaded, prompt, body.max_completion_tokens or body.max_tokens, stops,
                           logprobs=top, echo=False, param="messages")
         shape = ChatShape(loaded.tokenizer, state.model_name, logprobs=top is not None)
-        return await _answer(request, loaded, metrics, gen, shape, body.stream, body.include_usage())
+        return await _answer(request, loaded, metrics, [gen], [shape], body.stream, body.include_usage())
 
     @app.post("/v1/completions", dependencies=v1, response_class=JSONResponse,
               responses={**_ERRORS, 200: {"model": Completion, "content": _STREAM}})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         loaded = state.ready()
         state.check_model(body.model)
-        tok = loaded.tokenizer
-        if isinstance(body.prompt, str):
-            prompt_text = body.prompt
-            # as stream_generate encodes text, so greedy output here equals generate()'s
-            prompt = tok.encode_prompt(prompt_text) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]
-        else:
-            prompt = list(body.prompt)
-            bad = next((t for t in prompt if t >= tok.vocab_size), None)
-            if bad is not None:
-                raise ApiError(400, f"prompt token id {bad} is outside the vocabulary (size {tok.vocab_size})",
-                               param="prompt")
-            prompt_text = tok.decode(prompt)
+        tok, prompts = loaded.tokenizer, body.prompts()
+        room = loaded.engine.max_concurrency + loaded.engine.max_queue
+        if len(prompts) > room:
+            raise ApiError(400, f"the request holds {len(prompts)} prompts; this server takes at most {room} at once "
+                           f"(--max-concurrency + --max-queue)", param="prompt")
         max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens  # OpenAI: null is 16
-        gen = _generation(body, loaded, prompt, max_tokens, body.stop_list(), logprobs=body.logprobs,
-                          echo=bool(body.echo), param="prompt")
-        shape = CompletionShape(tok, state.model_name, prompt_ids=prompt, prompt_text=prompt_text,
-                                logprobs=body.logprobs is not None, echo=bool(body.echo))
-        return await _answer(request, loaded, metrics, gen, shape, body.stream, body.include_usage())
+        gens, shapes = [], []
+        for one in prompts:
+            prompt, prompt_text = _completion_prompt(tok, one)
+            gens.append(_generation(body, loaded, prompt, max_tokens, body.stop_list(), logprobs=body.logprobs,
+                                    echo=bool(body.echo), param="prompt"))
+            shapes.append(CompletionShape(tok, state.model_name, prompt_ids=prompt, prompt_text=prompt_text,
+                                          logprobs=body.logprobs is not None, echo=bool(body.echo)))
+        return await _answer(request, loaded, metrics, gens, as_batch(shapes), body.stream, body.include_usage())
 
     return app
+
+
+def _completion_prompt(tok: Tokenizer, prompt: str | list[int]) -> tuple[list[int], str]:
+    """A prompt's token ids and text, from either."""
+    if isinstance(prompt, str):
+        # as stream_generate encodes text, so greedy output here equals generate()'s
+        return tok.encode_prompt(prompt) or [tok.bos_id if tok.bos_id is not None else tok.eos_id], prompt
+    bad = next((t for t in prompt if t >= tok.vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"prompt token id {bad} is outside the vocabulary (size {tok.vocab_size})", param="prompt")
+    return list(prompt), tok.decode(prompt)
 
 
 def _message(m: ChatMessage) -> dict[str, Any]:
@@ -213,10 +221,12 @@ def _generation(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded,
         raise ApiError(400, first_line(e)) from None
 
 
-async def _answer(request: Request, loaded: Loaded, metrics: ServerMetrics, gen: GenerationRequest,
-                  shape: Shape, stream: bool | None, include_usage: bool) -> Response:
+async def _answer(request: Request, loaded: Loaded, metrics: ServerMetrics, gens: list[GenerationRequest],
+                  shapes: list[Shape], stream: bool | None, include_usage: bool) -> Response:
+    """Submit the request's generations (one per choice, all or none) and answer with their
+    choices, streamed or whole."""
     try:
-        handle = loaded.engine.submit(gen)
+        handles = submit_all(loaded.engine, gens)
     except QueueFull as e:
         metrics.rejected.labels(reason="queue_full").inc()
         raise ApiError(429, f"the server is busy: {first_line(e)}; retry later", type="requests",
@@ -225,37 +235,45 @@ async def _answer(request: Request, loaded: Loaded, metrics: ServerMetrics, gen:
         raise ApiError(503, first_line(e), type="server_error", code="shutting_down") from None
     except ConfigError as e:
         raise ApiError(400, first_line(e)) from None
-    tracker = metrics.track()
+    trackers = [metrics.track() for _ in handles]
     if stream:
-        return StreamingResponse(_events(handle, shape, tracker, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_events(handles, shapes, trackers, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(await _collect(request, handle, shape, tracker))
+    return JSONResponse(await _collect(request, handles, shapes, trackers))
+
+
+def _cancel_unfinished(handles: list[Any], trackers: list[RequestTracker], finished: list[bool]) -> None:
+    for handle, tracker, done in zip(handles, trackers, finished):
+        if not done:
+            handle.cancel()
+            tracker.end("cancelled")
 
 
 def _event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _events(handle: Any, shape: Shape, tracker: RequestTracker, include_usage: bool) -> AsyncIterator[bytes]:
-    """The SSE body. When the client disconnects Starlette cancels this generator at its await,
-    and `finally` frees the request's slot."""
-    finished = False
+async def _events(handles: list[Any], shapes: list[Shape], trackers: list[RequestTracker],
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    """The SSE body: every choice's chunks as they come. When the client disconnects Starlette
+    cancels this generator at its await, and `finally` frees the requests' slots."""
+    finished = [False] * len(handles)
+    merged = Merged(handles)
     extra = {"usage": None} if include_usage else {}  # OpenAI: null on every chunk but the last
     try:
-        for chunk in shape.opening():
-            yield _event({**chunk, **extra})
-        async for response in handle:
-            tracker.response(response)
-            chunk = shape.add(response)
+        for shape in shapes:
+            for chunk in shape.opening():
+                yield _event({**chunk, **extra})
+        async for i, response in merged:
+            trackers[i].response(response)
+            chunk = shapes[i].add(response)
             if chunk is not None:
                 yield _event({**chunk, **extra})
-            if response.finish_reason is not None:
-                finished = True
-                break
-        if not finished:
+            finished[i] = response.finish_reason is not None
+        if not all(finished):
             raise EngineStopped("the generation ended without a finish reason")
         if include_usage:
-            yield _event(shape.usage_chunk())
+            yield _event(usage_chunk(shapes))
         yield b"data: [DONE]\n\n"
     except Exception as e:  # the status line is already out: say it in the stream, as OpenAI does
         if not isinstance(e, BitNetError):
@@ -263,21 +281,23 @@ async def _events(handle: Any, shape: Shape, tracker: RequestTracker, include_us
         kind = "invalid_request_error" if isinstance(e, ConfigError) else "server_error"
         yield _event({"error": {"message": first_line(e), "type": kind, "param": None, "code": None}})
     finally:
-        if not finished:
-            handle.cancel()
-            tracker.end("cancelled")
+        merged.close()
+        _cancel_unfinished(handles, trackers, finished)
 
 
-async def _collect(request: Request, handle: Any, shape: Shape, tracker: RequestTracker) -> dict[str, Any]:
-    """The whole answer, while watching the connection: a client that leaves cancels its request
+async def _collect(request: Request, handles: list[Any], shapes: list[Shape],
+                   trackers: list[RequestTracker]) -> dict[str, Any]:
+    """The whole answer, while watching the connection: a client that leaves cancels its requests
     (uvicorn does not cancel a handler whose client went away, and nothing is sent until the end)."""
+    finished = [False] * len(handles)
+    merged = Merged(handles)
+
     async def consume() -> bool:
-        async for response in handle:
-            tracker.response(response)
-            shape.add(response)
-            if response.finish_reason is not None:
-                return True
-        return False
+        async for i, response in merged:
+            trackers[i].response(response)
+            shapes[i].add(response)
+            finished[i] = response.finish_reason is not None
+        return all(finished)
 
     consumer = asyncio.ensure_future(consume())
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -289,21 +309,24 @@ async def _collect(request: Request, handle: Any, shape: Shape, tracker: Request
         if not consumer.done():
             gone = True
             consumer.cancel()
-            handle.cancel()
-            tracker.end("cancelled")
+        merged.close()
+        if gone:
+            _cancel_unfinished(handles, trackers, finished)
     if gone:
         raise ApiError(499, "the client closed the connection")  # nobody reads this; it keeps logs honest
     try:
-        finished = consumer.result()
-    except ConfigError as e:
-        tracker.end("error")
-        raise ApiError(400, first_line(e)) from None
+        done = consumer.result()
     except BitNetError as e:
-        tracker.end("error")
+        for handle, tracker, ok in zip(handles, trackers, finished):
+            if not ok:  # a batch's other choices stop too
+                tracker.end("error")
+                handle.cancel()
+        if isinstance(e, ConfigError):
+            raise ApiError(400, first_line(e)) from None
         raise ApiError(503, first_line(e), type="server_error", code="shutting_down") from None
-    if not finished:
+    if not done:
         raise ApiError(503, "the generation ended without a finish reason", type="server_error")
-    return shape.whole()
+    return whole(shapes)
 
 
 async def _disconnected(request: Request) -> None:

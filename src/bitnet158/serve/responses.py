@@ -1,9 +1,10 @@
 """GenerationResponses → OpenAI's JSON: chat completions and text completions, whole or as stream
 chunks, with logprobs in each endpoint's own shape.
 
-One object per request (`ChatShape`, `CompletionShape`) sees every response in order: `add`
-returns the stream chunk for that response (or None when it adds nothing a client can see) and
-accumulates what `whole` returns for a non-streamed answer, so both paths share one walk.
+One object per choice (`ChatShape`, `CompletionShape`; a batch of prompts has a choice each) sees
+every response of its request in order: `add` returns the stream chunk for that response (or None
+when it adds nothing a client can see) and accumulates what `whole` returns for a non-streamed
+answer, so both paths share one walk.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from ..generate import GenerationResponse
@@ -25,11 +27,31 @@ def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else FLOOR_LOGPROB
 
 
-def usage(last: GenerationResponse | None) -> dict[str, Any]:
-    prompt = last.prompt_tokens if last else 0
-    completion = last.generated_tokens if last else 0
+def usage(shapes: Sequence[Shape]) -> dict[str, Any]:
+    """The counts of one answer, or summed over a batch's choices."""
+    lasts = [s.last for s in shapes if s.last is not None]
+    prompt = sum(r.prompt_tokens for r in lasts)
+    completion = sum(r.generated_tokens for r in lasts)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": last.cached_tokens if last else 0}}
+            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in lasts)}}
+
+
+def usage_chunk(shapes: Sequence[Shape]) -> dict[str, Any]:
+    """stream_options.include_usage: the last chunk, with no choices and the counts."""
+    return {**shapes[0]._head(shapes[0].object_chunk), "choices": [], "usage": usage(shapes)}
+
+
+def whole(shapes: Sequence[Shape]) -> dict[str, Any]:
+    """The whole answer: one choice per shape (a batch of prompts has several), counts summed."""
+    bodies = [s.whole() for s in shapes]
+    return {**bodies[0], "choices": [c for b in bodies for c in b["choices"]], "usage": usage(shapes)}
+
+
+def as_batch(shapes: Sequence[Shape]) -> list[Shape]:
+    """The shapes of one request's choices: one id and time, choice i at index i."""
+    for i, shape in enumerate(shapes):
+        shape.index, shape.id, shape.created = i, shapes[0].id, shapes[0].created
+    return list(shapes)
 
 
 class Shape:
@@ -43,6 +65,7 @@ class Shape:
         self.model = model
         self.id = f"{self.id_prefix}{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
+        self.index = 0  # the choice's index (a batch of prompts answers several)
         self.last: GenerationResponse | None = None
         self._end_ids = frozenset(tokenizer.end_ids)
 
@@ -58,10 +81,6 @@ class Shape:
     def opening(self) -> list[dict[str, Any]]:
         """Chunks to send before the first token arrives."""
         return []
-
-    def usage_chunk(self) -> dict[str, Any]:
-        """stream_options.include_usage: the last chunk, with no choices and the counts."""
-        return {**self._head(self.object_chunk), "choices": [], "usage": usage(self.last)}
 
 
 class ChatShape(Shape):
@@ -82,7 +101,7 @@ class ChatShape(Shape):
 
     def _chunk(self, delta: dict[str, Any], entries: list[dict[str, Any]] | None,
                finish: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": {"content": entries} if entries is not None else None,
+        choice = {"index": self.index, "delta": delta, "logprobs": {"content": entries} if entries is not None else None,
                   "finish_reason": finish}
         return {**self._head(self.object_chunk), "choices": [choice]}
 
@@ -103,10 +122,10 @@ class ChatShape(Shape):
         return self._chunk(delta, entries, response.finish_reason)
 
     def whole(self) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
+        choice = {"index": self.index, "message": {"role": "assistant", "content": "".join(self.text)},
                   "logprobs": {"content": self.entries} if self.logprobs else None,
                   "finish_reason": self.last.finish_reason if self.last else None}
-        return {**self._head(self.object_whole), "choices": [choice], "usage": usage(self.last)}
+        return {**self._head(self.object_whole), "choices": [choice]}
 
 
 class CompletionShape(Shape):
@@ -154,13 +173,13 @@ class CompletionShape(Shape):
         arrays = self._arrays(pairs) if self.logprobs else None
         if not text and not (arrays and arrays["tokens"]) and response.finish_reason is None:
             return None
-        choice = {"index": 0, "text": text, "logprobs": arrays, "finish_reason": response.finish_reason}
+        choice = {"index": self.index, "text": text, "logprobs": arrays, "finish_reason": response.finish_reason}
         return {**self._head(self.object_chunk), "choices": [choice]}
 
     def whole(self) -> dict[str, Any]:
-        choice = {"index": 0, "text": "".join(self.text), "logprobs": self.arrays if self.logprobs else None,
+        choice = {"index": self.index, "text": "".join(self.text), "logprobs": self.arrays if self.logprobs else None,
                   "finish_reason": self.last.finish_reason if self.last else None}
-        return {**self._head(self.object_whole), "choices": [choice], "usage": usage(self.last)}
+        return {**self._head(self.object_whole), "choices": [choice]}
 
 
 def _empty_arrays() -> dict[str, list[Any]]:

@@ -24,6 +24,7 @@ MAX_INT = 2**31 - 1     # token counts beyond this cannot fit any context; refus
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator's seed can hold
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_PROMPTS = 64        # prompts in one /v1/completions batch
 
 StopText = Annotated[str, StringConstraints(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
@@ -115,7 +116,8 @@ class ChatCompletionRequest(_GenerationFields):
 
 class CompletionRequest(_GenerationFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
-        description="text, or token ids; a list holds one prompt (batches are not supported)")
+        description=f"text or token ids; a list of texts or of id lists is a batch of up to {MAX_PROMPTS} "
+                    f"prompts, answered with a choice each")
     max_tokens: int | None = Field(DEFAULT_COMPLETION_TOKENS, ge=1, le=MAX_INT)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="the chosen token's logprob and this many alternatives")
@@ -125,17 +127,23 @@ class CompletionRequest(_GenerationFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: Any) -> str | list[int]:
-        """One prompt, as text or as token ids: ["text"] → "text", [[ids]] → [ids]."""
+    def _prompts(cls, prompt: Any) -> Any:
         if isinstance(prompt, str):
             return prompt
         if not prompt:
             raise ValueError("is empty: give text or at least one token id")
         if isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ValueError(f"holds {len(prompt)} prompts; this server takes one per request")
-            return _one_prompt_inner(prompt[0])
+            if len(prompt) > MAX_PROMPTS:
+                raise ValueError(f"holds {len(prompt)} prompts; at most {MAX_PROMPTS} per request")
+            if any(isinstance(p, list) and not p for p in prompt):
+                raise ValueError("holds an empty list of token ids: give at least one id per prompt")
         return prompt
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one text or id list per choice (a lone prompt is a batch of one)."""
+        if isinstance(self.prompt, str) or not isinstance(self.prompt[0], (str, list)):
+            return [self.prompt]
+        return list(self.prompt)
 
     @field_validator("best_of")
     @classmethod
@@ -150,12 +158,6 @@ class CompletionRequest(_GenerationFields):
         if suffix:
             raise ValueError("is not supported (insertion)")
         return suffix
-
-
-def _one_prompt_inner(prompt: str | list[int]) -> str | list[int]:
-    if isinstance(prompt, list) and not prompt:
-        raise ValueError("is empty: give at least one token id")
-    return prompt
 
 
 # ----- responses (for the OpenAPI schema) ----------------------------------------------------
