@@ -27,15 +27,11 @@ import threading
 import time
 
 from bitnet158 import kernels
-from bitnet158.bench import use_kernel_threads
+from bitnet158.bench import random_served_model, use_kernel_threads
 from bitnet158.config import KV_DTYPES, preset
 from bitnet158.generate import GenerationRequest
-from bitnet158.runner import set_kv_dtype
-from bitnet158.pack import random_packed
-from bitnet158.packed_layers import PackConfig
 from bitnet158.sampling import SamplingConfig
 from bitnet158.serve.engine import Engine
-from bitnet158.tokenizer import Tokenizer
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -101,9 +97,7 @@ def main() -> None:
     print(f"preset {args.preset}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; packed "
           f"{args.format}, int8 head; kernel path {kernels.current_path()}, {threads} thread(s); prompt {args.prompt}, "
           f"{args.tokens} tokens per stream; {args.kv_cache} KV cache")
-    model = random_packed(cfg, PackConfig(format=args.format), progress=True)
-    set_kv_dtype(model, args.kv_cache)
-    tokenizer = Tokenizer.train(["def f(x):\n    return x\n", "The with statement.\n"] * 20, vocab_size=300)
+    model, tokenizer = random_served_model(args.preset, args.format, args.kv_cache)
     engine = Engine(model, tokenizer, max_concurrency=max(counts), max_queue=0,
                     max_len=args.prompt + args.tokens + 1).start()
     try:

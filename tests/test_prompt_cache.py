@@ -6,33 +6,13 @@ forward and `prompt_cache=False` never reuse."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import bitnet158 as bn
 from bitnet158 import kernels, native_step, runtime
-from bitnet158.config import ModelConfig
 from bitnet158.generate import GenerationRequest, generate_step
-from bitnet158.sampling import SamplingConfig
 from bitnet158.serve.engine import Engine
 from bitnet158.serve.prompt_cache import WAIT_FOR_SHARED, SlotPrefixes, best_lender, common_prefix
-from bitnet158.tokenizer import Tokenizer
-
-TEXTS = ["def f(x):\n    return x + 1\n", "The with statement wraps a block of code.\n",
-         "for i in range(10):\n    print(i)\n"] * 10
-GREEDY = SamplingConfig(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.train(TEXTS, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=128, max_seq_len=160)
-    return bn.pack_(bn.Transformer(cfg)).eval()
+from engine_fixtures import GREEDY, model, tok  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(params=["native", "torch", "runtime"])

@@ -1,16 +1,23 @@
 """`bitnet158 bench CKPT`: prefill and decode speed of one checkpoint (packed or training-form)
-on random tokens, with the kernel path and thread count it ran with."""
+on random tokens, with the kernel path and thread count it ran with; and the random packed model
+the serving benchmarks run."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 
 from . import checkpoint, kernels
 from .cache import KVCache, kv_torch_dtype
+from .config import preset
 from .errors import ConfigError
+from .pack import random_packed
+from .packed_layers import PackConfig
+from .runner import set_kv_dtype
+from .tokenizer import Tokenizer
 
 
 @torch.no_grad()
@@ -50,6 +57,16 @@ def use_kernel_threads(threads: int | None = None) -> int:
     kernels.set_num_threads(n)
     torch.set_num_threads(1)
     return n
+
+
+def random_served_model(preset_name: str, fmt: str = "i2", kv_dtype: str = "fp32") -> tuple[Any, Tokenizer]:
+    """A packed model with random ternary codes at a preset's shapes (speed does not depend on the
+    values; int8 head) and a small trained tokenizer that decodes its ids: what the serving
+    benchmarks put behind the engine."""
+    model = random_packed(preset(preset_name), PackConfig(format=fmt), progress=True)
+    set_kv_dtype(model, kv_dtype)
+    tokenizer = Tokenizer.train(["def f(x):\n    return x\n", "The with statement.\n"] * 20, vocab_size=300)
+    return model, tokenizer
 
 
 def run_bench(path: str, prompt_tokens: int = 128, decode_tokens: int = 64, threads: int | None = None,
