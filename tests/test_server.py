@@ -207,6 +207,19 @@ def test_completion_echo_and_logprobs(client, reference):
     assert lp.text_offset == sorted(lp.text_offset)
 
 
+def test_a_batch_scores_each_prompt_as_alone(client):
+    """What lm-eval's local-completions sends with batch_size > 1: token-id prompts with echo and
+    logprobs; each choice's prompt log-probabilities equal that prompt's own request's."""
+    prompts = [[5, 9, 14, 3], [7, 7, 2], [5, 9, 20, 1, 4]]
+    ask = {"model": NAME, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    batch = client.completions.create(prompt=prompts, **ask)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    for prompt, choice in zip(prompts, batch.choices):
+        alone = client.completions.create(prompt=prompt, **ask).choices[0]
+        assert choice.logprobs.token_logprobs == alone.logprobs.token_logprobs
+        assert choice.logprobs.tokens == alone.logprobs.tokens and choice.text == alone.text
+
+
 def test_stop_string(client, reference):
     model, tok = reference
     full = generate(model, tok, "def f(x):", 24, GREEDY)
