@@ -210,6 +210,19 @@ def test_api_key(tok):
         assert httpx.get(url + "/health").status_code == 200  # probes need no key
 
 
+def test_tokenize_and_detokenize_use_the_endpoints_own_encoding(server, tok):
+    client, _ = server
+    got = client.post("/tokenize", json={"model": NAME, "prompt": "def f(x):"}).json()
+    assert got["tokens"] == tok.encode_prompt("def f(x):") and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == 64
+    chat = client.post("/tokenize", json={"messages": HI}).json()
+    assert chat["tokens"] == encode_chat(tok, HI, DEFAULT_CHAT_TEMPLATE)
+    completion = client.post("/v1/completions", json={"model": NAME, "prompt": "def f(x):", "max_tokens": 1}).json()
+    assert completion["usage"]["prompt_tokens"] == got["count"]  # what a client budgets is what it is billed
+    back = client.post("/detokenize", json={"tokens": got["tokens"]}).json()
+    assert back == {"prompt": tok.decode(got["tokens"])}
+
+
 def test_queue_full_is_429_and_the_server_recovers(tok):
     engine = FakeEngine(tok, max_concurrency=1, max_queue=0, delay=0.02)
     with running_server(create_app(lambda: (engine, tok), model_name=NAME)) as url, \

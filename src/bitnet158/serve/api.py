@@ -45,10 +45,14 @@ from .schemas import (
     ChatMessage,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
     ErrorResponse,
     Health,
     ModelCard,
     ModelList,
+    Text,
+    TokenizeRequest,
+    Tokens,
 )
 from .state import Loaded, ServerState
 
@@ -167,6 +171,33 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, ap
             shapes.append(CompletionShape(tok, state.model_name, prompt_ids=prompt, prompt_text=prompt_text,
                                           logprobs=body.logprobs is not None, echo=bool(body.echo)))
         return await _answer(request, loaded, metrics, gens, as_batch(shapes), body.stream, body.include_usage())
+
+    @app.post("/tokenize", dependencies=v1, response_model=Tokens, responses=_ERRORS)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        loaded = state.ready()
+        if body.model is not None:
+            state.check_model(body.model)
+        if body.messages is not None:
+            try:
+                ids = encode_chat(loaded.tokenizer, [_message(m) for m in body.messages], loaded.template,
+                                  add_generation_prompt=body.add_generation_prompt is not False)
+            except ConfigError as e:
+                raise ApiError(400, first_line(e), param="messages") from None
+        else:
+            ids, _ = _completion_prompt(loaded.tokenizer, body.prompt or "")
+        return {"tokens": ids, "count": len(ids), "max_model_len": loaded.engine.max_len}
+
+    @app.post("/detokenize", dependencies=v1, response_model=Text, responses=_ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        loaded = state.ready()
+        if body.model is not None:
+            state.check_model(body.model)
+        ids = body.tokens
+        vocab = loaded.tokenizer.vocab_size
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary (size {vocab})", param="tokens")
+        return {"prompt": loaded.tokenizer.decode(ids)}
 
     return app
 

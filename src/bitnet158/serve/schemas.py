@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from ..logprobs import MAX_LOGPROBS
 from ..sampling import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES
@@ -233,6 +233,36 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+
+
+class TokenizeRequest(_Strict):
+    """Text (`prompt`) or a conversation (`messages`, rendered with the chat template) → token ids,
+    exactly as the completions endpoints encode them (vLLM's extension)."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool | None = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[TokenId] = Field(max_length=MAX_INT)
+
+
+class Tokens(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class Text(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):
