@@ -17,7 +17,7 @@ from serve_helpers import SCRIPT_TEXT, TEXTS, FakeEngine, running_server, sse_pa
 from serve_malformed_cases import CASES, LIMIT
 
 from bitnet158.chat_template import DEFAULT_CHAT_TEMPLATE, encode_chat
-from bitnet158.errors import CheckpointError
+from bitnet158.errors import CheckpointError, ConfigError
 from bitnet158.serve.api import create_app
 from bitnet158.tokenizer import Tokenizer
 
@@ -357,3 +357,37 @@ def test_schemathesis_finds_no_server_error(server):
     for operation in operations:
         _fuzz(operation, str(client.base_url))
     assert client.get("/health").status_code == 200
+
+
+def test_cors_answers_the_allowed_origins_only(tok):
+    engine = FakeEngine(tok)
+    allowed = "http://localhost:3000"
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    with running_server(create_app(lambda: (engine, tok), model_name=NAME, cors_origins=[allowed])) as url:
+        ok = httpx.options(url + "/v1/completions", headers={"Origin": allowed, **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == allowed
+        other = httpx.options(url + "/v1/completions", headers={"Origin": "http://evil.example", **preflight})
+        assert "access-control-allow-origin" not in other.headers
+        answer = httpx.post(url + "/v1/completions", headers={"Origin": allowed},
+                            json={"model": NAME, "prompt": "a", "max_tokens": 2})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == allowed
+    with running_server(create_app(lambda: (engine, tok), model_name=NAME)) as url:  # the default: none
+        closed = httpx.options(url + "/v1/completions", headers={"Origin": allowed, **preflight})
+        assert "access-control-allow-origin" not in closed.headers
+
+
+def test_the_api_key_comes_from_the_flag_a_file_or_the_environment(tmp_path):
+    from bitnet158.cli.serve import API_KEY_ENV, resolve_api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\nignored\n")
+    assert resolve_api_key("given", None, {}) == "given"
+    assert resolve_api_key(None, str(key_file), {API_KEY_ENV: "env"}) == "s3cret"
+    assert resolve_api_key(None, None, {API_KEY_ENV: "env"}) == "env"
+    assert resolve_api_key(None, None, {}) is None
+    (tmp_path / "empty").write_text("\n")
+    for given, path, env, says in (("a", str(key_file), {}, "not both"), (None, str(tmp_path / "empty"), {}, "empty"),
+                                   (None, str(tmp_path / "missing"), {}, "cannot read"),
+                                   (None, None, {API_KEY_ENV: "  "}, "empty")):
+        with pytest.raises(ConfigError, match=says):
+            resolve_api_key(given, path, env)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ NAME = "serve"
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (chat, completions, streaming)"
 DEFAULT_HOST = "127.0.0.1"  # local only unless the user says otherwise
 DEFAULT_PORT = 8080
+API_KEY_ENV = "BITNET158_API_KEY"  # the key without putting it on the command line
 DEFAULT_DRAIN_TIMEOUT = 30.0  # seconds; what container runtimes commonly allow between SIGTERM and SIGKILL
 
 
@@ -50,7 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
                    help="prefill every prompt whole (by default a freed slot keeps its keys, and a request that "
                         "starts with the same tokens, such as a chat's next turn, prefills only the rest)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key; a key given "
+                   f"here shows in the process list: prefer --api-key-file or ${API_KEY_ENV})")
+    p.add_argument("--api-key-file", metavar="FILE", help="read the key from the first line of FILE")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", default=None,
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API from a browser; "
+                        "repeat for several (default: none)")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (default: the tokenizer's "
                    "own, else a plain System/User/Assistant transcript)")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout, or a finetune run) applied "
@@ -75,6 +82,25 @@ def engine_loader(path: str | Path, *, max_concurrency: int, max_queue: int, thr
         return Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, max_len=context,
                       prompt_cache=prompt_cache, **chunk).start(), tokenizer
     return load
+
+
+def resolve_api_key(given: str | None, path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The server's key: --api-key, else --api-key-file's first line, else $BITNET158_API_KEY."""
+    if given is not None and path is not None:
+        raise ConfigError("give --api-key or --api-key-file, not both")
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                key = f.readline(4096).strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--api-key-file {path}: cannot read it ({type(e).__name__})") from None
+        if not key:
+            raise ConfigError(f"--api-key-file {path}: the first line is empty")
+        return key
+    key = given if given is not None else environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise ConfigError("the API key is empty")
+    return key
 
 
 def model_name_for(path: str | Path) -> str:
@@ -110,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_body_bytes is not None and args.max_body_bytes < 1:
         raise ConfigError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
     template = read_template_file(args.chat_template) if args.chat_template else None
-    if not _is_loopback(args.host) and not args.api_key:
+    api_key = resolve_api_key(args.api_key, args.api_key_file)
+    if not _is_loopback(args.host) and not api_key:
         print(f"bitnet158: warning: serving on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
 
@@ -127,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
                                    max_queue=args.max_queue, threads=args.threads, prefill_chunk=args.prefill_chunk,
                                    adapter=args.adapter, runtime=args.runtime, kv_dtype=args.kv_cache,
                                    context=args.context, prompt_cache=args.prompt_cache),
-                     model_name=args.model_name or model_name_for(args.checkpoint), api_key=args.api_key,
-                     chat_template=template, drain_timeout=args.drain_timeout,
+                     model_name=args.model_name or model_name_for(args.checkpoint), api_key=api_key,
+                     chat_template=template, drain_timeout=args.drain_timeout, cors_origins=args.cors_origin,
                      on_load_error=stop_on_load_error, **options)
     _show_server_log()
     # uvicorn handles SIGINT/SIGTERM itself: stop accepting, wait for open requests (at most

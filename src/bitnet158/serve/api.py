@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -77,11 +78,12 @@ _STREAM = {"text/event-stream": {"schema": {"type": "string", "description": "da
 
 def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, api_key: str | None = None,
                chat_template: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               drain_timeout: float | None = None,
+               drain_timeout: float | None = None, cors_origins: list[str] | None = None,
                on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
     """The app. `load()` runs in a background thread at startup and returns (engine, tokenizer),
     the engine started; `chat_template` overrides the tokenizer's; `on_load_error` hears a failed
-    load (the CLI stops the server). On shutdown the engine drains for up to `drain_timeout` s."""
+    load (the CLI stops the server). On shutdown the engine drains for up to `drain_timeout` s.
+    `cors_origins`: web origins whose pages may call the API from a browser (none by default)."""
     state = ServerState(load, model_name=model_name, chat_template=chat_template,
                         drain_timeout=drain_timeout, on_load_error=on_load_error)
     metrics = ServerMetrics(lambda: state.engine)
@@ -99,6 +101,9 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, ap
     app.state.server = state
     app.state.metrics = metrics
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if cors_origins:  # added last, so it is outermost: a browser's preflight is answered before the rest
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     _add_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when it has one")
 
