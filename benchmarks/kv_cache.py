@@ -1,6 +1,6 @@
-"""The fp16 KV cache against fp32, in one run: decode speed and cache memory at long contexts on a
-random packed model at the 2B4T shapes, and the quality cost on a trained checkpoint (held-out
-perplexity and top-1 agreement, every position's logits computed through the cache).
+"""The fp16 and q8 KV caches against fp32, in one run: decode speed and cache memory at long
+contexts on a random packed model at the 2B4T shapes, and the quality cost on a trained checkpoint
+(held-out perplexity and top-1 agreement, every position's logits computed through the cache).
 
     python benchmarks/kv_cache.py                         # 2B4T shapes; contexts 128, 1024, 4000; 1 and 2 threads
     python benchmarks/kv_cache.py --contexts 512,2048 --threads 2 --head int8
@@ -8,7 +8,7 @@ perplexity and top-1 agreement, every position's logits computed through the cac
 
 Speed: the cache is filled with random keys and values up to the context length and decoding
 starts there, so no prefill is timed (the values do not change the work); each figure is the
-best of `--repeats` runs of `--tokens` greedy steps, fp32 and fp16 alternating.
+best of `--repeats` runs of `--tokens` greedy steps, the cache dtypes alternating.
 """
 
 from __future__ import annotations
@@ -65,15 +65,26 @@ def speed(args: argparse.Namespace) -> None:
         rates: dict[str, list[float]] = {}
         for kv in KV_DTYPES:
             cache = KVCache(cfg, max_len=context + args.tokens + 1, dtype=kv_torch_dtype(kv))
-            for table in cache.keys + cache.values:
-                table.normal_()
+            fill(cache)
             rates[kv] = []
             for t in threads:
                 use_kernel_threads(t)
                 rates[kv].append(1e3 / decode_ms(model, cache, context, args.tokens, args.repeats))
             print(f"{context:>8} {kv:>6} {cache.nbytes / 1e6:8.0f}" + "".join(f" {r:13.2f}" for r in rates[kv]))
             del cache
-        print(f"{'':>8} {'fp16 ÷ fp32':>15}" + "".join(f" {a / b:12.2f}×" for a, b in zip(rates['fp16'], rates['fp32'])))
+        for kv in KV_DTYPES[1:]:
+            print(f"{'':>8} {f'{kv} ÷ fp32':>15}" + "".join(f" {a / b:12.2f}×" for a, b in zip(rates[kv], rates['fp32'])))
+
+
+def fill(cache: KVCache) -> None:
+    """Random keys and values (the work does not depend on them): normal floats, or q8 codes and scales."""
+    for table in cache.keys + cache.values:
+        if table.dtype == torch.int8:
+            table.copy_(torch.randint(-127, 128, table.shape, dtype=torch.int8))
+        else:
+            table.normal_()
+    for scales in (cache.key_scales or []) + (cache.value_scales or []):
+        scales.fill_(0.02)
 
 
 @torch.no_grad()
@@ -106,10 +117,12 @@ def quality(args: argparse.Namespace) -> None:
     logits = {kv: logits_through_cache(model, inputs, kv) for kv in KV_DTYPES}
     ppl = {kv: math.exp(F.cross_entropy(out.flatten(0, 1), targets.flatten().long()).item())
            for kv, out in logits.items()}
-    agree = (logits["fp16"].argmax(-1) == logits["fp32"].argmax(-1)).float().mean().item()
-    print(f"perplexity: fp32 cache {ppl['fp32']:.3f}, fp16 cache {ppl['fp16']:.3f} "
-          f"({(ppl['fp16'] / ppl['fp32'] - 1) * 100:+.3f} %); same top-1 token at {agree:.2%} of positions; "
-          f"largest logit difference {(logits['fp16'] - logits['fp32']).abs().max().item():.2e}")
+    print(f"perplexity: fp32 cache {ppl['fp32']:.3f}")
+    for kv in KV_DTYPES[1:]:
+        agree = (logits[kv].argmax(-1) == logits["fp32"].argmax(-1)).float().mean().item()
+        print(f"            {kv} cache {ppl[kv]:.3f} ({(ppl[kv] / ppl['fp32'] - 1) * 100:+.3f} %); same top-1 token at "
+              f"{agree:.2%} of positions; largest logit difference "
+              f"{(logits[kv] - logits['fp32']).abs().max().item():.2e}")
 
 
 def main() -> None:

@@ -95,24 +95,46 @@ float softmax_in_place(float* p, int64_t n) {
     return 1.0f / tree8(acc);
 }
 
-// A cache row as fp32: the row itself, or (fp16 cache) its exact conversion into buf.
-inline const float* row_f32(const float* row, int64_t, float*) { return row; }
-inline const float* row_f32(const uint16_t* row, int64_t hd, float* buf) {
-    half_to_float_row(row, buf, hd);
+// One KV head's cached rows (row j at element j·hd) as attention reads them: fp32 as they are,
+// fp16 widened exactly, q8 as code × the row's scale (one fp32 multiply, as cache.py dequantizes).
+struct F32Rows {
+    using T = float;
+    const float* p;
+};
+struct F16Rows {
+    using T = uint16_t;
+    const uint16_t* p;
+};
+struct Q8Rows {
+    using T = int8_t;
+    const int8_t* p;
+    const float* s;  // one scale a row
+};
+
+// Row j as fp32: the row itself, or its conversion into buf.
+inline const float* row_f32(const F32Rows& r, int64_t j, int64_t hd, float*) { return r.p + j * hd; }
+inline const float* row_f32(const F16Rows& r, int64_t j, int64_t hd, float* buf) {
+    half_to_float_row(r.p + j * hd, buf, hd);
+    return buf;
+}
+inline const float* row_f32(const Q8Rows& r, int64_t j, int64_t hd, float* buf) {
+    const int8_t* q = r.p + j * hd;
+    const float sc = r.s[j];
+    for (int64_t e = 0; e < hd; ++e) buf[e] = float(q[e]) * sc;
     return buf;
 }
 
 // One query row of one head over keys/values [0, n) of its KV head: softmax(q·kᵀ/√hd) · v.
-template <class T>
-void attend_one(const float* q, const T* keys, const T* values, int64_t n, int64_t hd, float scale, float* out) {
+template <class R>
+void attend_one(const float* q, const R& keys, const R& values, int64_t n, int64_t hd, float scale, float* out) {
     thread_local std::vector<float> p, buf;
     p.resize(size_t(n));
     buf.resize(size_t(hd));
-    for (int64_t j = 0; j < n; ++j) p[size_t(j)] = dot_lanes(q, row_f32(keys + j * hd, hd, buf.data()), hd) * scale;
+    for (int64_t j = 0; j < n; ++j) p[size_t(j)] = dot_lanes(q, row_f32(keys, j, hd, buf.data()), hd) * scale;
     const float inv = softmax_in_place(p.data(), n);
     std::fill(out, out + hd, 0.0f);
     for (int64_t j = 0; j < n; ++j) {
-        const float* v = row_f32(values + j * hd, hd, buf.data());
+        const float* v = row_f32(values, j, hd, buf.data());
         for (int64_t e = 0; e < hd; ++e) out[e] += p[size_t(j)] * v[e];
     }
     for (int64_t e = 0; e < hd; ++e) out[e] *= inv;
@@ -127,9 +149,19 @@ void attend_one(const float* q, const T* keys, const T* values, int64_t n, int64
 // (2B4T, 1,024-token context, one thread: 66.8 → 56-57 ms a decode step).
 constexpr int64_t kRowsAhead = 16;
 
-// 8 cache values as fp32 (an fp16 cache converts exactly, as the portable loop does).
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// Row j's values i .. i + 7 as fp32, exactly as row_f32 gives them.
+inline __m256 load8(const F32Rows& r, int64_t j, int64_t hd, int64_t i) { return _mm256_loadu_ps(r.p + j * hd + i); }
+inline __m256 load8(const F16Rows& r, int64_t j, int64_t hd, int64_t i) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.p + j * hd + i)));
+}
+inline __m256 load8(const Q8Rows& r, int64_t j, int64_t hd, int64_t i) {
+    const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.p + j * hd + i)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(r.s[j]));
+}
+template <class R>
+inline const char* at(const R& r, int64_t j, int64_t hd, int64_t i) {
+    return reinterpret_cast<const char*>(r.p + j * hd + i);
+}
 // The tiles unroll every loop over their register arrays (#pragma GCC unroll): left rolled, GCC
 // kept a copy of p·v's sums on the stack, eight dead stores an iteration.
 
@@ -192,13 +224,13 @@ float softmax_avx2(float* p, int64_t n) {
 }
 
 // Whether 8 values from element i start a cache line (prefetch once a line).
-template <class T>
-inline bool line_start(int64_t i) { return (i * int64_t(sizeof(T))) % 64 == 0; }
+template <class R>
+inline bool line_start(int64_t i) { return (i * int64_t(sizeof(typename R::T))) % 64 == 0; }
 
 // Scores of NQ queries (rows of q, stride hd) against keys j0 .. j0 + KT − 1: p[qi · n + j].
 // hd a multiple of 8. Registers: NQ·KT sums, NQ query vectors, one key vector.
-template <int NQ, int KT, class T>
-inline void score_tile(const float* q, const T* keys, int64_t hd, float scale, int64_t j0, float* p, int64_t n) {
+template <int NQ, int KT, class R>
+inline void score_tile(const float* q, const R& keys, int64_t hd, float scale, int64_t j0, float* p, int64_t n) {
     __m256 acc[NQ][KT];
 #pragma GCC unroll 8
     for (int a = 0; a < NQ; ++a)
@@ -210,9 +242,8 @@ inline void score_tile(const float* q, const T* keys, int64_t hd, float scale, i
         for (int a = 0; a < NQ; ++a) qv[a] = _mm256_loadu_ps(q + a * hd + i);
 #pragma GCC unroll 8
         for (int b = 0; b < KT; ++b) {
-            if (line_start<T>(i))
-                _mm_prefetch(reinterpret_cast<const char*>(keys + (j0 + b + kRowsAhead) * hd + i), _MM_HINT_T0);
-            const __m256 kv = load8(keys + (j0 + b) * hd + i);
+            if (line_start<R>(i)) _mm_prefetch(at(keys, j0 + b + kRowsAhead, hd, i), _MM_HINT_T0);
+            const __m256 kv = load8(keys, j0 + b, hd, i);
 #pragma GCC unroll 8
             for (int a = 0; a < NQ; ++a) acc[a][b] = _mm256_add_ps(acc[a][b], _mm256_mul_ps(qv[a], kv));
         }
@@ -233,8 +264,8 @@ inline void score_tile(const float* q, const T* keys, int64_t hd, float scale, i
 // out[a, i0 .. i0 + 8·VS) (+)= Σ_j p[a · n + j] · v[j, same] for keys j in [j0, j1) in key order, for
 // NQ queries: from zero when j0 is 0, else on from the sums already in out (the same additions in
 // the same order as one pass over all keys).
-template <int NQ, int VS, class T>
-inline void weigh_tile(const float* p, int64_t n, const T* values, int64_t hd, int64_t i0, int64_t j0, int64_t j1,
+template <int NQ, int VS, class R>
+inline void weigh_tile(const float* p, int64_t n, const R& values, int64_t hd, int64_t i0, int64_t j0, int64_t j1,
                        float* out) {
     __m256 acc[NQ][VS];
 #pragma GCC unroll 8
@@ -246,9 +277,9 @@ inline void weigh_tile(const float* p, int64_t n, const T* values, int64_t hd, i
         __m256 vv[VS];
 #pragma GCC unroll 8
         for (int s = 0; s < VS; ++s) {
-            if (line_start<T>(8 * s))  // to L2: this slice of a later row
-                _mm_prefetch(reinterpret_cast<const char*>(values + (j + kRowsAhead) * hd + i0 + 8 * s), _MM_HINT_T1);
-            vv[s] = load8(values + j * hd + i0 + 8 * s);
+            if (line_start<R>(8 * s))  // to L2: this slice of a later row
+                _mm_prefetch(at(values, j + kRowsAhead, hd, i0 + 8 * s), _MM_HINT_T1);
+            vv[s] = load8(values, j, hd, i0 + 8 * s);
         }
 #pragma GCC unroll 8
         for (int a = 0; a < NQ; ++a) {
@@ -272,24 +303,24 @@ constexpr int64_t kValueBlockBytes = 8192;
 
 // NQ query rows of consecutive heads sharing one KV head (q and out: stride hd), over keys/values
 // [0, n). Tile shapes keep at most ~13 of the 16 ymm registers live.
-template <int NQ, class T>
-void attend_heads_avx2(const float* q, const T* keys, const T* values, int64_t n, int64_t hd, float scale,
+template <int NQ, class R>
+void attend_heads_avx2(const float* q, const R& keys, const R& values, int64_t n, int64_t hd, float scale,
                        float* out) {
     constexpr int KT = NQ == 1 ? 8 : NQ == 2 ? 4 : NQ == 3 ? 3 : 2, VS = NQ <= 2 ? 4 : 2;
     thread_local std::vector<float> pbuf;
     pbuf.resize(size_t(NQ * n));
     float* p = pbuf.data();
     int64_t j = 0;
-    for (; j + KT <= n; j += KT) score_tile<NQ, KT, T>(q, keys, hd, scale, j, p, n);
-    for (; j < n; ++j) score_tile<NQ, 1, T>(q, keys, hd, scale, j, p, n);
+    for (; j + KT <= n; j += KT) score_tile<NQ, KT, R>(q, keys, hd, scale, j, p, n);
+    for (; j < n; ++j) score_tile<NQ, 1, R>(q, keys, hd, scale, j, p, n);
     float inv[NQ];
     for (int a = 0; a < NQ; ++a) inv[a] = softmax_avx2(p + a * n, n);
-    const int64_t block = std::max<int64_t>(8, kValueBlockBytes / (hd * int64_t(sizeof(T))));
+    const int64_t block = std::max<int64_t>(8, kValueBlockBytes / (hd * int64_t(sizeof(typename R::T))));
     for (int64_t j0 = 0; j0 < n; j0 += block) {
         const int64_t j1 = std::min(n, j0 + block);
         int64_t i = 0;
-        for (; i + 8 * VS <= hd; i += 8 * VS) weigh_tile<NQ, VS, T>(p, n, values, hd, i, j0, j1, out);
-        for (; i < hd; i += 8) weigh_tile<NQ, 1, T>(p, n, values, hd, i, j0, j1, out);
+        for (; i + 8 * VS <= hd; i += 8 * VS) weigh_tile<NQ, VS, R>(p, n, values, hd, i, j0, j1, out);
+        for (; i < hd; i += 8) weigh_tile<NQ, 1, R>(p, n, values, hd, i, j0, j1, out);
     }
     for (int a = 0; a < NQ; ++a)
         for (int64_t e = 0; e < hd; ++e) out[a * hd + e] *= inv[a];
@@ -299,16 +330,16 @@ void attend_heads_avx2(const float* q, const T* keys, const T* values, int64_t n
 #endif  // BN158_X86
 
 // nq (1 .. kHeadsTogether) query rows of consecutive heads sharing one KV head.
-template <class T>
-void attend_heads(int64_t nq, bool tiles, const float* q, const T* keys, const T* values, int64_t n, int64_t hd,
+template <class R>
+void attend_heads(int64_t nq, bool tiles, const float* q, const R& keys, const R& values, int64_t n, int64_t hd,
                   float scale, float* out) {
 #if defined(BN158_X86)
     if (tiles) {
         switch (nq) {
-            case 4: return attend_heads_avx2<4, T>(q, keys, values, n, hd, scale, out);
-            case 3: return attend_heads_avx2<3, T>(q, keys, values, n, hd, scale, out);
-            case 2: return attend_heads_avx2<2, T>(q, keys, values, n, hd, scale, out);
-            default: return attend_heads_avx2<1, T>(q, keys, values, n, hd, scale, out);
+            case 4: return attend_heads_avx2<4, R>(q, keys, values, n, hd, scale, out);
+            case 3: return attend_heads_avx2<3, R>(q, keys, values, n, hd, scale, out);
+            case 2: return attend_heads_avx2<2, R>(q, keys, values, n, hd, scale, out);
+            default: return attend_heads_avx2<1, R>(q, keys, values, n, hd, scale, out);
         }
     }
 #else
@@ -338,16 +369,27 @@ void attention(Isa isa, const StepModel& m, const KVSlots& kv, int64_t layer, co
         for (int64_t t = t0; t < t1; ++t) {
             const int64_t r = t / per_row, g = t % per_row / per_kv, h = g * group + t % per_kv * together;
             const int64_t nq = std::min(together, (g + 1) * group - h);
-            const int64_t base = ((int64_t(rows.slot[r]) * m.kv_heads + g) * kv.max_len) * hd;
+            const int64_t row0 = (int64_t(rows.slot[r]) * m.kv_heads + g) * kv.max_len, base = row0 * hd;
             const float* qr = q + (r * H + h) * hd;
             float* o = out + (r * H + h) * hd;
             const int64_t n = int64_t(rows.pos[r]) + 1;
-            if (kv.half)
-                attend_heads(nq, tiles, qr, static_cast<const uint16_t*>(kv.keys[size_t(layer)]) + base,
-                             static_cast<const uint16_t*>(kv.values[size_t(layer)]) + base, n, hd, scale, o);
-            else
-                attend_heads(nq, tiles, qr, static_cast<const float*>(kv.keys[size_t(layer)]) + base,
-                             static_cast<const float*>(kv.values[size_t(layer)]) + base, n, hd, scale, o);
+            const void* ks = kv.keys[size_t(layer)];
+            const void* vs = kv.values[size_t(layer)];
+            switch (kv.type) {
+                case KVType::F16:
+                    attend_heads(nq, tiles, qr, F16Rows{static_cast<const uint16_t*>(ks) + base},
+                                 F16Rows{static_cast<const uint16_t*>(vs) + base}, n, hd, scale, o);
+                    break;
+                case KVType::Q8:
+                    attend_heads(nq, tiles, qr,
+                                 Q8Rows{static_cast<const int8_t*>(ks) + base, kv.key_scales[size_t(layer)] + row0},
+                                 Q8Rows{static_cast<const int8_t*>(vs) + base, kv.value_scales[size_t(layer)] + row0},
+                                 n, hd, scale, o);
+                    break;
+                default:
+                    attend_heads(nq, tiles, qr, F32Rows{static_cast<const float*>(ks) + base},
+                                 F32Rows{static_cast<const float*>(vs) + base}, n, hd, scale, o);
+            }
         }
     };
     const int64_t chunks = pool_chunks(tasks);

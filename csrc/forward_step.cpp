@@ -36,6 +36,14 @@ namespace {
 
 constexpr float kActEps = 1e-5f;  // bitnet158.quant.EPS: the clamp on max|x|
 
+// One row to int8 codes and its scale, as bitnet158.quant.absmax_int8_per_token: activations, and
+// the rows of a q8 KV cache.
+void quantize_q8(const float* x, int64_t n, int8_t* q, float* scale) {
+    const float amax = std::max(absmax(x, n), kActEps);
+    quantize_row(x, n, (1.0f / amax) * 127.0f, q);  // torch: reciprocal, then ×127
+    *scale = amax / 127.0f;
+}
+
 // Runs f(r0, r1) over row ranges on the pool when the rows are many enough to pay for it.
 template <class F>
 void for_rows(int64_t M, int64_t work_per_row, F&& f) {
@@ -58,11 +66,7 @@ void norm_rows(const StepModel& m, const float* x, int64_t M, int64_t n, const f
 // Per-token absmax int8, as bitnet158.quant.absmax_int8_per_token: sx[m] = max|x|/127 dequantizes.
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* sx) {
     for_rows(M, K, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-            const float amax = std::max(absmax(x + r * K, K), kActEps);
-            quantize_row(x + r * K, K, (1.0f / amax) * 127.0f, q + r * K);  // torch: reciprocal, then ×127
-            sx[r] = amax / 127.0f;
-        }
+        for (int64_t r = r0; r < r1; ++r) quantize_q8(x + r * K, K, q + r * K, sx + r);
     });
 }
 
@@ -152,11 +156,15 @@ void store_kv(const StepModel& m, const KVSlots& kv, int64_t layer, const StepRo
     const int64_t hd = m.head_dim, G = m.kv_heads;
     for (int64_t r = 0; r < rows.M; ++r)
         for (int64_t g = 0; g < G; ++g) {
-            const int64_t at = ((int64_t(rows.slot[r]) * G + g) * kv.max_len + rows.pos[r]) * hd;
+            const int64_t row = (int64_t(rows.slot[r]) * G + g) * kv.max_len + rows.pos[r], at = row * hd;
             const float *kr = k + (r * G + g) * hd, *vr = v + (r * G + g) * hd;
-            if (kv.half) {
+            if (kv.type == KVType::F16) {
                 float_to_half_row(kr, static_cast<uint16_t*>(kv.keys[size_t(layer)]) + at, hd);
                 float_to_half_row(vr, static_cast<uint16_t*>(kv.values[size_t(layer)]) + at, hd);
+            } else if (kv.type == KVType::Q8) {
+                quantize_q8(kr, hd, static_cast<int8_t*>(kv.keys[size_t(layer)]) + at, kv.key_scales[size_t(layer)] + row);
+                quantize_q8(vr, hd, static_cast<int8_t*>(kv.values[size_t(layer)]) + at,
+                            kv.value_scales[size_t(layer)] + row);
             } else {
                 std::memcpy(static_cast<float*>(kv.keys[size_t(layer)]) + at, kr, size_t(hd) * sizeof(float));
                 std::memcpy(static_cast<float*>(kv.values[size_t(layer)]) + at, vr, size_t(hd) * sizeof(float));

@@ -56,9 +56,14 @@ struct StepModel {
 // A KV cache: per layer, keys and values [slots, kv_heads, max_len, head_dim], fp32 or (half) fp16
 // bit patterns: half the memory and half the bytes attention reads a step at long contexts; each
 // row is rounded to nearest even when stored, and attention computes in fp32 either way.
+// fp32 rows, fp16 rows, or q8: int8 codes with one fp32 scale a row (position of a KV head), the
+// activation quantizer's absmax arithmetic (quant.h), as cache.py stores them.
+enum class KVType { F32, F16, Q8 };
+
 struct KVSlots {
-    std::vector<void*> keys, values;
-    bool half = false;
+    std::vector<void*> keys, values;               // per layer [slots, kv_heads, max_len, head_dim]
+    std::vector<float*> key_scales, value_scales;  // Q8: per layer [slots, kv_heads, max_len]
+    KVType type = KVType::F32;
     int64_t slots = 0, max_len = 0;
 };
 

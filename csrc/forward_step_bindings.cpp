@@ -7,6 +7,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -127,26 +128,41 @@ class PyStepModel {
 
 class PyStepCache {
   public:
-    PyStepCache(const py::list& keys, const py::list& values) {
+    PyStepCache(const py::list& keys, const py::list& values, const py::object& key_scales,
+                const py::object& value_scales) {
         if (keys.size() != values.size() || keys.empty())
             throw py::value_error("step cache: keys and values need one array per layer");
         std::vector<py::ssize_t> shape;
-        const py::dtype f32 = py::dtype::of<float>(), f16("float16");
-        kv_.half = keys[0].cast<py::array>().dtype().is(f16);
-        auto take = [&](const py::handle h, std::vector<void*>& into) {
+        const py::dtype f32 = py::dtype::of<float>(), f16("float16"), i8 = py::dtype::of<int8_t>();
+        const py::dtype kind = keys[0].cast<py::array>().dtype();
+        kv_.type = kind.is(f16) ? KVType::F16 : kind.is(i8) ? KVType::Q8 : KVType::F32;
+        const py::dtype want = kv_.type == KVType::F16 ? f16 : kv_.type == KVType::Q8 ? i8 : f32;
+        auto take = [&](const py::handle h, const py::dtype& dtype, int ndim) -> void* {
             py::array a = h.cast<py::array>();
-            if (!a.dtype().is(kv_.half ? f16 : f32) || !(a.flags() & py::array::c_style) || !a.writeable() || a.ndim() != 4)
-                throw py::value_error("step cache: each layer must be a writable C-contiguous float32 or float16 (all "
-                                      "alike) [slots, kv_heads, len, head_dim]");
-            std::vector<py::ssize_t> s(a.shape(), a.shape() + 4);
+            if (!a.dtype().is(dtype) || !(a.flags() & py::array::c_style) || !a.writeable() || a.ndim() != ndim)
+                throw py::value_error("step cache: each layer must be a writable C-contiguous float32, float16 or "
+                                      "int8 (all alike) [slots, kv_heads, len, head_dim], and an int8 cache's scales "
+                                      "float32 [slots, kv_heads, len]");
+            std::vector<py::ssize_t> s(a.shape(), a.shape() + ndim);
             if (shape.empty()) shape = s;
-            if (s != shape) throw py::value_error("step cache: layers differ in shape");
+            if (!std::equal(s.begin(), s.end(), shape.begin())) throw py::value_error("step cache: layers differ in shape");
             keep_.push_back(a);
-            into.push_back(a.mutable_data());
+            return a.mutable_data();
         };
         for (size_t i = 0; i < keys.size(); ++i) {
-            take(keys[i], kv_.keys);
-            take(values[i], kv_.values);
+            kv_.keys.push_back(take(keys[i], want, 4));
+            kv_.values.push_back(take(values[i], want, 4));
+        }
+        if ((kv_.type == KVType::Q8) != !key_scales.is_none() || key_scales.is_none() != value_scales.is_none())
+            throw py::value_error("step cache: an int8 cache needs key and value scales, and only it");
+        if (kv_.type == KVType::Q8) {
+            const py::list ks = key_scales.cast<py::list>(), vs = value_scales.cast<py::list>();
+            if (ks.size() != keys.size() || vs.size() != keys.size())
+                throw py::value_error("step cache: one key and one value scale array per layer");
+            for (size_t i = 0; i < keys.size(); ++i) {
+                kv_.key_scales.push_back(static_cast<float*>(take(ks[i], f32, 3)));
+                kv_.value_scales.push_back(static_cast<float*>(take(vs[i], f32, 3)));
+            }
         }
         kv_.slots = shape[0];
         kv_heads_ = shape[1];
@@ -208,7 +224,8 @@ void bind_forward_step(py::module_& m) {
              "Run the whole model on M rows (token, slot, position); store their keys and values in the "
              "cache; return logits (int8 head) or final-normed hidden rows for out_rows.");
     py::class_<PyStepCache>(m, "StepCache", "A KV cache's per-layer key and value arrays.")
-        .def(py::init<const py::list&, const py::list&>(), py::arg("keys"), py::arg("values"));
+        .def(py::init<const py::list&, const py::list&, const py::object&, const py::object&>(), py::arg("keys"),
+             py::arg("values"), py::arg("key_scales") = py::none(), py::arg("value_scales") = py::none());
     m.def(
         "float_to_half",
         [](py::array_t<float, py::array::c_style | py::array::forcecast> x) {

@@ -112,6 +112,7 @@ def test_kv_cache_benchmark_runs_on_a_tiny_model(tmp_path):
               "--repeats", "1", "--checkpoint", str(tmp_path / "none"))
     assert "quality: skipped" in out
     assert out.count("fp16 ÷ fp32") == 2 and " 40   fp16" in out
+    assert out.count("q8 ÷ fp32") == 2 and " 40     q8" in out
 
 
 def test_convert_memory_benchmark_runs_every_step_on_a_tiny_model():

@@ -215,13 +215,13 @@ def test_threads_split_rows_without_changing_a_bit():
 
 
 @pytest.mark.skipif(kernels.available_paths()[0] == "scalar", reason="no SIMD path on this CPU")
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 16), (8, 1, 32), (6, 2, 12), (12, 3, 24), (5, 5, 24)])
 def test_simd_paths_give_the_portable_loops_bits(heads, kv_heads, head_dim, kv_dtype):
     """Attention in register tiles (the query heads of one KV head together, on x86; lanes and
     softmax sums in vectors; p·v in blocks of value rows) keeps the one-query loop's arithmetic;
     with an int8 head every other op is exact or the same bits too, so the logits of a prefill and
-    a decode step are identical on the scalar path and the best one, over fp32 and fp16 caches.
+    a decode step are identical on the scalar path and the best one, over fp32, fp16 and q8 caches.
     150 positions: more than one p·v block (8 KiB of value rows) at hd 16-32 in fp32 and hd 32 in
     fp16; restarting the sums at a block fails 5 of these cases."""
     model = packed_model(vocab_size=300, hidden_size=heads * head_dim, num_heads=heads, num_kv_heads=kv_heads,

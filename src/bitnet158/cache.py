@@ -13,7 +13,9 @@ The caches own attention (`attend`) because only they know where each row's keys
 calls `scaled_dot_product_attention` with the same shapes for the same sequence, so a sequence
 decoded alone or beside others computes the same floats. A cache may store fp16 (`kv_torch_dtype`,
 `runner.set_kv_dtype`): keys and values are rounded as they are stored, and attention widens
-them back to the query's dtype, as the native step does.
+them back to the query's dtype, as the native step does. A q8 cache (int8 tables) stores each
+position of each KV head as int8 codes and one fp32 scale, quantized like the activations
+(`quant.absmax_int8_per_token`), and attention reads code × scale: the native step's bits.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import torch.nn.functional as F
 
 from .config import ModelConfig, check_kv_dtype
 from .errors import ConfigError
+from .quant import absmax_int8_per_token
 from .slots import SlotLengths, check_room, check_segments
 
-TORCH_KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TORCH_KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "q8": torch.int8}
 
 
 def kv_torch_dtype(name: str) -> torch.dtype:
@@ -55,12 +58,42 @@ def _tables(config: ModelConfig, rows: int, max_len: int, dtype: torch.dtype,
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
 
+def _scale_tables(config: ModelConfig, rows: int, max_len: int, dtype: torch.dtype,
+                  device: torch.device | str) -> list[torch.Tensor] | None:
+    """A q8 cache's row scales [rows, kv heads, positions] per layer; None for a float cache."""
+    if dtype != torch.int8:
+        return None
+    return [torch.zeros((rows, config.num_kv_heads, max_len), device=device) for _ in range(config.num_layers)]
+
+
+def _store(table: torch.Tensor, scales: torch.Tensor | None, index: tuple, x: torch.Tensor) -> None:
+    """x [..., hd] into table[index] (index: over rows, heads, positions); q8 quantizes each row."""
+    if scales is None:
+        table[index] = x
+        return
+    codes, scale = absmax_int8_per_token(x)
+    table[index] = codes
+    scales[index] = scale.squeeze(-1)
+
+
+def _load(table: torch.Tensor, scales: torch.Tensor | None, index: tuple) -> torch.Tensor:
+    """table[index]: as stored, or (q8) code × the row's scale in fp32."""
+    if scales is None:
+        return table[index]
+    return table[index].float() * scales[index].unsqueeze(-1)
+
+
+_ALL = slice(None)
+
+
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int = 1, max_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.max_len = max_len or config.max_seq_len
         self.keys = _tables(config, batch_size, self.max_len, dtype, device)
         self.values = _tables(config, batch_size, self.max_len, dtype, device)
+        self.key_scales = _scale_tables(config, batch_size, self.max_len, dtype, device)
+        self.value_scales = _scale_tables(config, batch_size, self.max_len, dtype, device)
         self.offset = 0
 
     def positions(self, T: int) -> int:
@@ -72,9 +105,11 @@ class KVCache:
         end = self.offset + k.shape[2]
         if end > self.max_len:
             raise ConfigError(f"sequence of {end} tokens exceeds the KV cache length {self.max_len}")
-        self.keys[layer][:, :, self.offset:end] = k
-        self.values[layer][:, :, self.offset:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        ks, vs = _layer_scales(self, layer)
+        _store(self.keys[layer], ks, (_ALL, _ALL, slice(self.offset, end)), k)
+        _store(self.values[layer], vs, (_ALL, _ALL, slice(self.offset, end)), v)
+        upto = (_ALL, _ALL, slice(0, end))
+        return _load(self.keys[layer], ks, upto), _load(self.values[layer], vs, upto)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this step's k, v and attend q over everything cached."""
@@ -90,7 +125,17 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in _all_tables(self))
+
+
+def _layer_scales(cache: "KVCache | SlotKVCache", layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if cache.key_scales is None:
+        return None, None
+    return cache.key_scales[layer], cache.value_scales[layer]
+
+
+def _all_tables(cache: "KVCache | SlotKVCache") -> list[torch.Tensor]:
+    return cache.keys + cache.values + (cache.key_scales or []) + (cache.value_scales or [])
 
 
 class SlotKVCache(SlotLengths):
@@ -102,9 +147,11 @@ class SlotKVCache(SlotLengths):
         self.max_len = max_len or config.max_seq_len
         self.keys = _tables(config, slots, self.max_len, dtype, device)
         self.values = _tables(config, slots, self.max_len, dtype, device)
+        self.key_scales = _scale_tables(config, slots, self.max_len, dtype, device)
+        self.value_scales = _scale_tables(config, slots, self.max_len, dtype, device)
 
     def kv_tables(self) -> list[torch.Tensor]:
-        return self.keys + self.values
+        return _all_tables(self)
 
     def bind(self, slots: Sequence[int]) -> "SlotBatch":
         """The cache as the next forward sees it: row b belongs to slot `slots[b]`."""
@@ -119,7 +166,7 @@ class SlotKVCache(SlotLengths):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in _all_tables(self))
 
 
 class SlotBatch:
@@ -144,14 +191,16 @@ class SlotBatch:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values, lengths = self.cache.keys[layer], self.cache.values[layer], self.cache.lengths
+        ks, vs = _layer_scales(self.cache, layer)
         T = q.shape[2]
         outs = []
         for b, s in enumerate(self.slots):
             past = lengths[s]
-            keys[s, :, past:past + T] = k[b]
-            values[s, :, past:past + T] = v[b]
+            _store(keys, ks, (s, _ALL, slice(past, past + T)), k[b])
+            _store(values, vs, (s, _ALL, slice(past, past + T)), v[b])
             # the same shapes and call as a lone sequence in a KVCache: the same floats
-            outs.append(_attend(q[b:b + 1], keys[s:s + 1, :, :past + T], values[s:s + 1, :, :past + T], past))
+            upto = (slice(s, s + 1), _ALL, slice(0, past + T))
+            outs.append(_attend(q[b:b + 1], _load(keys, ks, upto), _load(values, vs, upto), past))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def advance(self, n: int) -> None:
@@ -186,13 +235,14 @@ class SlotRows:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values, lengths = self.cache.keys[layer], self.cache.values[layer], self.cache.lengths
+        ks, vs = _layer_scales(self.cache, layer)
         outs, row = [], 0
         for s, n in self.segments:
             past = lengths[s]
-            keys[s, :, past:past + n] = k[0, :, row:row + n]
-            values[s, :, past:past + n] = v[0, :, row:row + n]
-            outs.append(_attend(q[:, :, row:row + n], keys[s:s + 1, :, :past + n], values[s:s + 1, :, :past + n],
-                                past))
+            _store(keys, ks, (s, _ALL, slice(past, past + n)), k[0, :, row:row + n])
+            _store(values, vs, (s, _ALL, slice(past, past + n)), v[0, :, row:row + n])
+            upto = (slice(s, s + 1), _ALL, slice(0, past + n))
+            outs.append(_attend(q[:, :, row:row + n], _load(keys, ks, upto), _load(values, vs, upto), past))
             row += n
         return torch.cat(outs, dim=2)
 

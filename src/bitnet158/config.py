@@ -82,11 +82,13 @@ def _check_real(what: str, name: str, value: Any, lo: float, hi: float, hi_open:
 
 # How a KV cache stores keys and values. fp16 halves its memory and the bytes attention reads a
 # step at long contexts; attention still computes in fp32, over the rounded values.
-KV_DTYPES = ("fp32", "fp16")
+# fp32; fp16 (rounded to nearest even); q8: int8 codes with one fp32 scale per position of a KV
+# head (hd values), quantized like the activations (quant.absmax_int8_per_token)
+KV_DTYPES = ("fp32", "fp16", "q8")
 
 
 def check_kv_dtype(name: Any) -> str:
-    """A KV cache dtype name ("fp32" or "fp16"), or a one-line ConfigError."""
+    """A KV cache dtype name (KV_DTYPES), or a one-line ConfigError."""
     if name not in KV_DTYPES:
         raise ConfigError(f"unknown KV cache dtype {short_repr(name)}; expected one of {', '.join(KV_DTYPES)}")
     return name
@@ -120,8 +122,9 @@ def parameter_counts(config: "ModelConfig") -> dict[str, float]:
 
 def kv_cache_bytes(config: "ModelConfig", sequences: int, positions: int, kv_dtype: str) -> int:
     """Bytes of a KV cache holding `positions` keys and values for each of `sequences`."""
-    width = 2 if check_kv_dtype(kv_dtype) == "fp16" else 4
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * width * sequences * positions
+    kind = check_kv_dtype(kv_dtype)
+    per_row = config.head_dim * {"fp32": 4, "fp16": 2, "q8": 1}[kind] + (4 if kind == "q8" else 0)  # + a row's scale
+    return 2 * config.num_layers * config.num_kv_heads * per_row * sequences * positions
 
 
 ROPE_SCALINGS = ("none", "llama3")

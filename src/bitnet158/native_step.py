@@ -197,10 +197,14 @@ def unsupported_reason(model: Any) -> str | None:
 def _cache_view(cache: Any) -> Any:
     view = cache.__dict__.get("_step_view")
     if view is None:
-        if any(t.dtype not in (torch.float32, torch.float16) or t.device.type != "cpu"
+        if any(t.dtype not in (torch.float32, torch.float16, torch.int8) or t.device.type != "cpu"
                for t in cache.keys[:1] + cache.values[:1]):
             return None
-        view = native.extension().StepCache([t.numpy() for t in cache.keys], [t.numpy() for t in cache.values])
+        scales = getattr(cache, "key_scales", None)
+        view = native.extension().StepCache(
+            [t.numpy() for t in cache.keys], [t.numpy() for t in cache.values],
+            None if scales is None else [t.numpy() for t in scales],
+            None if scales is None else [t.numpy() for t in cache.value_scales])
         cache.__dict__["_step_view"] = view
     return view
 

@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
           f"{stats['embedding_parameters']:,} embedding")
     position, context = kv_cache_bytes(cfg, 1, 1, "fp32"), kv_cache_bytes(cfg, 1, cfg.max_seq_len, "fp32")
     print(f"KV cache        {position / 1e3:.1f} KB a position in fp32 ({context / 1e6:,.0f} MB for the full context "
-          f"of one sequence), half that with --kv-cache fp16")
+          f"of one sequence); --kv-cache fp16 {kv_cache_bytes(cfg, 1, 1, 'fp16') / 1e3:.1f} KB, "
+          f"q8 {kv_cache_bytes(cfg, 1, 1, 'q8') / 1e3:.1f} KB")
     if tokenizer is None:
         print("tokenizer       none")
     else:

@@ -98,11 +98,12 @@ def _spec(d: PackedDir) -> tuple[dict[str, Any], np.ndarray | None]:
     return spec, head_weight
 
 
-NUMPY_KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+NUMPY_KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "q8": np.int8}
 
 
 class NativeCache:
-    """One sequence's keys and values (numpy, float32 or float16) and how many positions it holds."""
+    """One sequence's keys and values (numpy: float32, float16, or int8 codes with a float32 scale
+    per row) and how many positions it holds."""
 
     def __init__(self, config: ModelConfig, max_len: int | None, slots: int = 1, kv_dtype: str = "fp32"):
         self.max_len = max_len or config.max_seq_len
@@ -110,15 +111,22 @@ class NativeCache:
         dtype = NUMPY_KV_DTYPES[check_kv_dtype(kv_dtype)]
         self.keys = [np.zeros(shape, dtype) for _ in range(config.num_layers)]
         self.values = [np.zeros(shape, dtype) for _ in range(config.num_layers)]
-        self.view = native.extension().StepCache(self.keys, self.values)
+        self.key_scales = self.value_scales = None
+        if kv_dtype == "q8":
+            self.key_scales = [np.zeros(shape[:3], np.float32) for _ in range(config.num_layers)]
+            self.value_scales = [np.zeros(shape[:3], np.float32) for _ in range(config.num_layers)]
+        self.view = native.extension().StepCache(self.keys, self.values, self.key_scales, self.value_scales)
         self.offset = 0
 
     def reset(self) -> None:
         self.offset = 0
 
+    def tables(self) -> list[np.ndarray]:
+        return self.keys + self.values + (self.key_scales or []) + (self.value_scales or [])
+
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.keys + self.values)
+        return sum(a.nbytes for a in self.tables())
 
 
 class NativeSlotCache(SlotLengths):
@@ -130,7 +138,7 @@ class NativeSlotCache(SlotLengths):
         self.max_len = self.store.max_len
 
     def kv_tables(self) -> list[np.ndarray]:
-        return self.store.keys + self.store.values
+        return self.store.tables()
 
     def bind_rows(self, segments: Sequence[tuple[int, int]], out_rows: Sequence[int] | None = None) -> "NativeRows":
         return NativeRows(self, [(int(s), int(n)) for s, n in segments], out_rows)
