@@ -144,8 +144,14 @@ def test_an_fp16_cache_serves_the_same_tokens_as_generate_over_fp16(tok):
 def test_a_cache_that_cannot_fit_is_refused_before_it_is_allocated(model, tok):
     with pytest.raises(ConfigError, match=r"KV cache for 100000000 slots × 128 positions would take .* GB \(fp32\), "
                                           r"more than the .* GB available; lower --max-concurrency or --context, or "
-                                          r"use --kv-cache fp16"):
+                                          r"use --kv-cache fp16 \(half\) or q8"):
         Engine(model, tok, max_concurrency=10**8)
+    set_kv_dtype(model, "q8")
+    try:
+        with pytest.raises(ConfigError, match=r"GB \(q8\), .*--context$"):  # nothing smaller to suggest
+            Engine(model, tok, max_concurrency=10**8)
+    finally:
+        set_kv_dtype(model, "fp32")
     with pytest.raises(ConfigError, match="at least 2 positions"):
         Engine(model, tok, max_len=1)
     assert Engine(model, tok, max_concurrency=2, max_len=40).cache.max_len == 40

@@ -124,10 +124,11 @@ def _check_cache_fits(runner: Any, slots: int, positions: int) -> None:
     need = kv_cache_bytes(runner.config, slots, positions, runner.kv_dtype)
     free = available_memory()
     if free is not None and need > free:
-        half = ", or use --kv-cache fp16" if runner.kv_dtype != "fp16" else ""
+        smaller = {"fp32": ", or use --kv-cache fp16 (half) or q8 (about a quarter)",
+                   "fp16": ", or use --kv-cache q8 (about half)"}.get(runner.kv_dtype, "")
         raise ConfigError(f"the KV cache for {slots} slots × {positions} positions would take {need / 1e9:.1f} GB "
                           f"({runner.kv_dtype}), more than the {free / 1e9:.1f} GB available; lower "
-                          f"--max-concurrency or --context{half}")
+                          f"--max-concurrency or --context{smaller}")
 
 
 class Engine:
