@@ -82,18 +82,26 @@ def test_native_step_over_a_q8_cache_matches_the_python_path():
     assert got_cache.nbytes * 3 < fp32_cache.nbytes
 
 
-@needs_step
-def test_slot_caches_in_q8_batch_as_each_sequence_alone():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_slot_caches_in_q8_batch_as_each_sequence_alone(native):
+    if native and needs_step.args[0]:
+        pytest.skip(needs_step.kwargs["reason"])
     model = packed_model()
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     slots = SlotKVCache(model.config, 2, 32, dtype=torch.int8)
-    with torch.no_grad():
-        model(torch.tensor([prompts[0] + prompts[1]]), slots.bind_rows([(0, 3), (1, 5)]))
-        both = model(torch.tensor([[1, 2]]), slots.bind_rows([(0, 1), (1, 1)]))
-        for i, p in enumerate(prompts):
-            alone = KVCache(model.config, dtype=torch.int8)
-            model(torch.tensor([p]), alone)
-            assert torch.equal(model(torch.tensor([[1 + i]]), alone)[0, -1], both[0, i])
+    native_step.set_enabled(native)
+    try:
+        with torch.no_grad():
+            model(torch.tensor([prompts[0] + prompts[1]]), slots.bind_rows([(0, 3), (1, 5)]))
+            both = model(torch.tensor([[1, 2]]), slots.bind_rows([(0, 1), (1, 1)]))
+            again = model(torch.tensor([[3], [4]]), slots.bind([0, 1]))  # one token each, SlotBatch
+            for i, p in enumerate(prompts):
+                alone = KVCache(model.config, dtype=torch.int8)
+                model(torch.tensor([p]), alone)
+                assert torch.equal(model(torch.tensor([[1 + i]]), alone)[0, -1], both[0, i])
+                assert torch.equal(model(torch.tensor([[3 + i]]), alone)[0, -1], again[i, -1])
+    finally:
+        native_step.set_enabled(None)
 
 
 @needs_step
