@@ -96,22 +96,33 @@ float softmax_in_place(float* p, int64_t n) {
 }
 
 // One KV head's cached rows (row j at element j·hd) as attention reads them: fp32 as they are,
-// fp16 widened exactly, q8 as code × the row's scale (one fp32 multiply, as cache.py dequantizes).
+// fp16 widened exactly, q8 as its codes in fp32 with the row's scale s_j applied once, not per
+// value: a score is (q · codes) · s_j · 1/√hd and p·v adds (p_j · s_j) · codes. Two multiplies a
+// row instead of one a value (the dequantized row × the query would be another rounding of the
+// same sum; the Python path dequantizes and agrees within fp32 rounding, as it does in fp32).
 struct F32Rows {
     using T = float;
+    static constexpr bool kScaled = false;
     const float* p;
 };
 struct F16Rows {
     using T = uint16_t;
+    static constexpr bool kScaled = false;
     const uint16_t* p;
 };
 struct Q8Rows {
     using T = int8_t;
+    static constexpr bool kScaled = true;
     const int8_t* p;
     const float* s;  // one scale a row
 };
+template <class R>
+inline float row_scale(const R& r, int64_t j) {
+    if constexpr (R::kScaled) return r.s[j];
+    else return 1.0f;
+}
 
-// Row j as fp32: the row itself, or its conversion into buf.
+// Row j as fp32 (q8: its codes, unscaled): the row itself, or its conversion into buf.
 inline const float* row_f32(const F32Rows& r, int64_t j, int64_t hd, float*) { return r.p + j * hd; }
 inline const float* row_f32(const F16Rows& r, int64_t j, int64_t hd, float* buf) {
     half_to_float_row(r.p + j * hd, buf, hd);
@@ -119,8 +130,7 @@ inline const float* row_f32(const F16Rows& r, int64_t j, int64_t hd, float* buf)
 }
 inline const float* row_f32(const Q8Rows& r, int64_t j, int64_t hd, float* buf) {
     const int8_t* q = r.p + j * hd;
-    const float sc = r.s[j];
-    for (int64_t e = 0; e < hd; ++e) buf[e] = float(q[e]) * sc;
+    for (int64_t e = 0; e < hd; ++e) buf[e] = float(q[e]);
     return buf;
 }
 
@@ -130,12 +140,18 @@ void attend_one(const float* q, const R& keys, const R& values, int64_t n, int64
     thread_local std::vector<float> p, buf;
     p.resize(size_t(n));
     buf.resize(size_t(hd));
-    for (int64_t j = 0; j < n; ++j) p[size_t(j)] = dot_lanes(q, row_f32(keys, j, hd, buf.data()), hd) * scale;
+    for (int64_t j = 0; j < n; ++j) {
+        float d = dot_lanes(q, row_f32(keys, j, hd, buf.data()), hd);
+        if constexpr (R::kScaled) d = d * row_scale(keys, j);
+        p[size_t(j)] = d * scale;
+    }
     const float inv = softmax_in_place(p.data(), n);
     std::fill(out, out + hd, 0.0f);
     for (int64_t j = 0; j < n; ++j) {
         const float* v = row_f32(values, j, hd, buf.data());
-        for (int64_t e = 0; e < hd; ++e) out[e] += p[size_t(j)] * v[e];
+        float w = p[size_t(j)];
+        if constexpr (R::kScaled) w = w * row_scale(values, j);
+        for (int64_t e = 0; e < hd; ++e) out[e] += w * v[e];
     }
     for (int64_t e = 0; e < hd; ++e) out[e] *= inv;
 }
@@ -154,9 +170,8 @@ inline __m256 load8(const F32Rows& r, int64_t j, int64_t hd, int64_t i) { return
 inline __m256 load8(const F16Rows& r, int64_t j, int64_t hd, int64_t i) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.p + j * hd + i)));
 }
-inline __m256 load8(const Q8Rows& r, int64_t j, int64_t hd, int64_t i) {
-    const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.p + j * hd + i)));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(r.s[j]));
+inline __m256 load8(const Q8Rows& r, int64_t j, int64_t hd, int64_t i) {  // the codes; the scale comes later
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.p + j * hd + i))));
 }
 template <class R>
 inline const char* at(const R& r, int64_t j, int64_t hd, int64_t i) {
@@ -258,7 +273,11 @@ inline void score_tile(const float* q, const R& keys, int64_t hd, float scale, i
 #pragma GCC unroll 8
     for (int a = 0; a < NQ; ++a)
 #pragma GCC unroll 8
-        for (int b = 0; b < KT; ++b) p[a * n + j0 + b] = sums[a * KT + b] * scale;
+        for (int b = 0; b < KT; ++b) {
+            float d = sums[a * KT + b];
+            if constexpr (R::kScaled) d = d * row_scale(keys, j0 + b);
+            p[a * n + j0 + b] = d * scale;
+        }
 }
 
 // out[a, i0 .. i0 + 8·VS) (+)= Σ_j p[a · n + j] · v[j, same] for keys j in [j0, j1) in key order, for
@@ -283,7 +302,9 @@ inline void weigh_tile(const float* p, int64_t n, const R& values, int64_t hd, i
         }
 #pragma GCC unroll 8
         for (int a = 0; a < NQ; ++a) {
-            const __m256 pb = _mm256_broadcast_ss(p + a * n + j);
+            float w = p[a * n + j];
+            if constexpr (R::kScaled) w = w * row_scale(values, j);
+            const __m256 pb = _mm256_set1_ps(w);
 #pragma GCC unroll 8
             for (int s = 0; s < VS; ++s) acc[a][s] = _mm256_add_ps(acc[a][s], _mm256_mul_ps(pb, vv[s]));
         }
