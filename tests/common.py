@@ -5,7 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bitnet158 import kernels
+from bitnet158.config import ModelConfig
 from bitnet158.errors import BitNetError
+from bitnet158.model import Transformer
+from bitnet158.pack import pack_
+from bitnet158.packed_layers import PackConfig
+
+needs_step = pytest.mark.skipif(not kernels.extension_available() or kernels.current_path() == kernels.TORCH_PATH,
+                                reason="the native step needs the compiled extension")
+
+
+def small_packed_model(seed: int = 0, **overrides) -> Transformer:
+    """A 2-layer i2 model with an int8 head and GQA (4 heads, 2 KV heads), in eval mode."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                intermediate_size=96, max_seq_len=64), **overrides})
+    return pack_(Transformer(cfg), PackConfig(format="i2", head="int8")).eval()
 
 
 def one_line(exc: BaseException, *fragments: str) -> str:

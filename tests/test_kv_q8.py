@@ -10,29 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from bitnet158 import checkpoint, kernels, native_step, runtime
+from common import needs_step
+from common import small_packed_model as packed_model
+
+from bitnet158 import checkpoint, native_step, runtime
 from bitnet158.cache import KVCache, SlotKVCache
-from bitnet158.config import ModelConfig, kv_cache_bytes
+from bitnet158.config import kv_cache_bytes
 from bitnet158.generate import GenerationRequest, PromptCache, generate_step
-from bitnet158.model import Transformer
-from bitnet158.pack import pack_
-from bitnet158.packed_layers import PackConfig
 from bitnet158.quant import absmax_int8_per_token
 from bitnet158.runner import runner_for, set_kv_dtype
 from bitnet158.sampling import SamplingConfig
 from bitnet158.serve.engine import Engine
 from bitnet158.tokenizer import Tokenizer
 
-needs_step = pytest.mark.skipif(not kernels.extension_available() or kernels.current_path() == kernels.TORCH_PATH,
-                                reason="the native step needs the compiled extension")
 GREEDY = SamplingConfig(temperature=0.0)
-
-
-def packed_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**{**dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                intermediate_size=96, max_seq_len=64), **overrides})
-    return pack_(Transformer(cfg), PackConfig(format="i2", head="int8")).eval()
 
 
 def run(model, tokens, dtype, native: bool):
