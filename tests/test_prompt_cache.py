@@ -15,13 +15,12 @@ from bitnet158.serve.prompt_cache import WAIT_FOR_SHARED, SlotPrefixes, best_len
 from engine_fixtures import GREEDY, model, tok  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(params=["native", "torch", "runtime"])
+@pytest.fixture(params=["native", "torch", pytest.param("runtime", marks=pytest.mark.skipif(
+    not kernels.extension_available(), reason="the torch-free runtime needs the compiled extension"))])
 def served_model(request, model, tok, tmp_path_factory):
     """The model the engine serves: the torch model through the native step or the Python path, or
     the same weights loaded by the torch-free runtime."""
     if request.param == "runtime":
-        if not kernels.extension_available():
-            pytest.skip("the torch-free runtime needs the compiled extension")
         path = bn.save_packed(model, tmp_path_factory.mktemp("pc") / "m", tok)
         yield runtime.load(path)[0]
         return

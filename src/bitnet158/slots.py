@@ -7,6 +7,7 @@ they check it here, once.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ def check_room(segments: Sequence[tuple[int, int]], lengths: Sequence[int], max_
         raise ConfigError(f"a sequence would exceed the KV cache length {max_len}")
 
 
-class SlotLengths:
+class SlotLengths(ABC):
     """How many positions each slot's sequence holds; the slot caches' shared bookkeeping. A cache
     names its per-layer key and value tables ([slot, kv head, position, head dim], numpy or torch)
     in `kv_tables`."""
@@ -38,8 +39,9 @@ class SlotLengths:
             raise ConfigError(f"a slot cache needs at least one slot, got {slots}")
         self.lengths = [0] * slots
 
+    @abstractmethod
     def kv_tables(self) -> list[Any]:
-        raise NotImplementedError
+        """Every per-layer table indexed [slot, kv head, position, ...] (keys, values, q8 scales)."""
 
     @property
     def slots(self) -> int:

@@ -17,7 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -197,14 +197,17 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, ap
         loaded = state.ready()
         if body.model is not None:
             state.check_model(body.model)
-        ids = body.tokens
-        vocab = loaded.tokenizer.vocab_size
-        bad = next((t for t in ids if t >= vocab), None)
-        if bad is not None:
-            raise ApiError(400, f"token id {bad} is outside the vocabulary (size {vocab})", param="tokens")
-        return {"prompt": loaded.tokenizer.decode(ids)}
+        _check_ids(body.tokens, loaded.tokenizer, "token id", "tokens")
+        return {"prompt": loaded.tokenizer.decode(body.tokens)}
 
     return app
+
+
+def _check_ids(ids: Iterable[int], tok: Tokenizer, what: str, param: str) -> None:
+    """A 400 naming the first id outside the tokenizer's vocabulary (ids are >= 0 by the schema)."""
+    bad = next((t for t in ids if t >= tok.vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"{what} {bad} is outside the vocabulary (size {tok.vocab_size})", param=param)
 
 
 def _completion_prompt(tok: Tokenizer, prompt: str | list[int]) -> tuple[list[int], str]:
@@ -212,9 +215,7 @@ def _completion_prompt(tok: Tokenizer, prompt: str | list[int]) -> tuple[list[in
     if isinstance(prompt, str):
         # as stream_generate encodes text, so greedy output here equals generate()'s
         return tok.encode_prompt(prompt) or [tok.bos_id if tok.bos_id is not None else tok.eos_id], prompt
-    bad = next((t for t in prompt if t >= tok.vocab_size), None)
-    if bad is not None:
-        raise ApiError(400, f"prompt token id {bad} is outside the vocabulary (size {tok.vocab_size})", param="prompt")
+    _check_ids(prompt, tok, "prompt token id", "prompt")
     return list(prompt), tok.decode(prompt)
 
 
@@ -238,10 +239,7 @@ def _generation(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded,
                        param=param, code="context_length_exceeded")
     room = n_ctx - len(prompt)  # the engine's slot holds prompt + answer; more would not fit
     bias = body.bias_by_id()
-    vocab = loaded.tokenizer.vocab_size
-    if bias and max(bias) >= vocab:
-        raise ApiError(400, f"logit_bias token id {max(bias)} is outside the vocabulary (size {vocab})",
-                       param="logit_bias")
+    _check_ids(bias, loaded.tokenizer, "logit_bias token id", "logit_bias")
     temperature = OPENAI_TEMPERATURE if body.temperature is None else body.temperature
     sampling = SamplingConfig(
         temperature=0.0 if temperature < GREEDY_BELOW else temperature,
@@ -278,11 +276,12 @@ async def _answer(request: Request, loaded: Loaded, metrics: ServerMetrics, gens
     return JSONResponse(await _collect(request, handles, shapes, trackers))
 
 
-def _cancel_unfinished(handles: list[Any], trackers: list[RequestTracker], finished: list[bool]) -> None:
+def _cancel_unfinished(handles: list[Any], trackers: list[RequestTracker], finished: list[bool],
+                       reason: str = "cancelled") -> None:
     for handle, tracker, done in zip(handles, trackers, finished):
         if not done:
+            tracker.end(reason)
             handle.cancel()
-            tracker.end("cancelled")
 
 
 def _event(payload: dict[str, Any]) -> bytes:
@@ -342,21 +341,17 @@ async def _collect(request: Request, handles: list[Any], shapes: list[Shape],
         await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:  # also when this handler itself is cancelled (a shutdown past its drain time)
         watcher.cancel()
+        merged.close()
         if not consumer.done():
             gone = True
             consumer.cancel()
-        merged.close()
-        if gone:
             _cancel_unfinished(handles, trackers, finished)
     if gone:
         raise ApiError(499, "the client closed the connection")  # nobody reads this; it keeps logs honest
     try:
         done = consumer.result()
     except BitNetError as e:
-        for handle, tracker, ok in zip(handles, trackers, finished):
-            if not ok:  # a batch's other choices stop too
-                tracker.end("error")
-                handle.cancel()
+        _cancel_unfinished(handles, trackers, finished, "error")  # a batch's other choices stop too
         if isinstance(e, ConfigError):
             raise ApiError(400, first_line(e)) from None
         raise ApiError(503, first_line(e), type="server_error", code="shutting_down") from None
