@@ -14,6 +14,13 @@ void int8_matmul(Isa isa, const int8_t* x, int64_t M, int64_t K, const int8_t* w
 void int8_rows_vnni(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0,
                     int64_t n1, const int32_t* xsum);
 
+// int8_gemm_avx512.cpp, from kInt8PanelMinM rows when K % 4 == 0: x re-laid into 16-row panels
+// (xv: ceil(M / 16) * 16 * K bytes, 64-byte aligned), then rows [n0, n1) of out from them.
+constexpr int64_t kInt8PanelMinM = 4;  // measured at 2B4T: M = 3 even with the 4×4 blocks, M = 4 faster here
+void int8_prep_panels(const int8_t* x, int64_t M, int64_t K, uint8_t* xv);
+void int8_panels_vnni(const uint8_t* xv, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0,
+                      int64_t n1);
+
 // int8_gemm_neon.cpp: rows [n0, n1) of out on an arm64 path (neon: smull/sadalp; dotprod: sdot;
 // i8mm: smmla for M > 1, sdot for M = 1).
 void int8_rows_neon(Isa isa, const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out,

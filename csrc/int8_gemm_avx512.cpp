@@ -7,14 +7,21 @@
 // activation rows (16 zmm accumulators): each weight vector, loaded once, serves 4 rows of x, and
 // the 4 weight rows stay in L1 while every block of x passes them. The AVX2 kernel (int8_gemm.cpp)
 // makes 32 products per vpmaddubsw and needs a vpsignb and a vpmaddwd beside it.
+// From kInt8PanelMinM rows (a batched decode step, a prefill's logits) x is re-laid once per call
+// into 16-row panels and the ternary GEMM's panel kernel runs on the weight rows as they are
+// (panel_avx512.h): no horizontal sums, no XOR, one broadcast per 64 products; the blocks above
+// spent a fifth of their time reducing accumulators and reached ~30 % of vpdpbusd's rate.
 #if defined(__x86_64__) || defined(_M_X64)  // x86-64 builds only (an arm64 build holds the NEON files)
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "int8_gemm.h"
 
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
+#include "panel_avx512.h"  // after the target: its inline functions are AVX-512 code
 
 namespace bn158 {
 namespace {
@@ -51,7 +58,68 @@ void rows(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int
     for (; m < M; ++m) block<1, RB>(x, K, w, N, out, m, n, xsum);
 }
 
+// 128 × the sum of each of 8 weight rows of length K.
+inline void weight_row_sums(const int8_t* w, int64_t K, int32_t sub[8]) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int r = 0; r < 8; ++r) {
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t k = 0; k < K; k += 64) {
+            const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
+            acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(mask, w + r * K + k));
+        }
+        sub[r] = 128 * _mm512_reduce_add_epi32(acc);
+    }
+}
+
 }  // namespace
+
+void int8_prep_panels(const int8_t* x, int64_t M, int64_t K, uint8_t* xv) {
+    const int64_t groups = K / 4, panels = (M + panel::kRows - 1) / panel::kRows;
+    for (int64_t p = 0; p < panels; ++p)
+        for (int64_t g = 0; g < groups; ++g)
+            for (int i = 0; i < panel::kRows; ++i) {
+                const int64_t m = p * panel::kRows + i;
+                uint32_t quad = 0;  // rows past M: x = 0, their sums are never stored
+                if (m < M) std::memcpy(&quad, x + m * K + 4 * g, 4);
+                quad ^= 0x80808080u;  // x + 128 in every byte
+                std::memcpy(xv + (p * groups + g) * 64 + 4 * i, &quad, 4);
+            }
+}
+
+void int8_panels_vnni(const uint8_t* xv, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0,
+                      int64_t n1) {
+    const int64_t panels = (M + panel::kRows - 1) / panel::kRows, pstride = panel::kRows * K;
+    std::vector<int8_t> pad;  // the last block's rows, zero-padded to 8 (never read past w's end)
+    for (int64_t n = n0; n < n1; n += 8) {
+        const int rows = int(n1 - n < 8 ? n1 - n : 8);
+        const int8_t* wb = w + n * K;
+        if (rows < 8) {
+            pad.assign(size_t(8 * K), 0);
+            std::memcpy(pad.data(), wb, size_t(rows * K));
+            wb = pad.data();
+        }
+        int32_t sub[8];
+        weight_row_sums(wb, K, sub);
+        for (int64_t p0 = 0; p0 < panels; p0 += panel::kMaxPanels) {
+            __m512i acc[panel::kMaxPanels][8];
+            const int64_t mb = panels - p0 < panel::kMaxPanels ? panels - p0 : panel::kMaxPanels;
+            const uint8_t* x0 = xv + p0 * pstride;
+            const auto* wu = reinterpret_cast<const uint8_t*>(wb);
+            // the next 8 rows, while the first panel group reads these (later groups find them in cache)
+            const uint8_t* fetch = p0 == 0 && n + 16 <= n1 ? wu + 8 * K : nullptr;
+            switch (mb) {
+                case 3: panel::micro<3>(x0, pstride, wu, K, K, acc, fetch); break;
+                case 2: panel::micro<2>(x0, pstride, wu, K, K, acc, fetch); break;
+                default: panel::micro<1>(x0, pstride, wu, K, K, acc, fetch); break;
+            }
+            for (int64_t i = 0; i < mb; ++i) {
+                const int64_t m0 = (p0 + i) * panel::kRows;
+                panel::store(acc[i], sub, nullptr, M - m0 < panel::kRows ? M - m0 : panel::kRows, false,
+                             out + m0 * N + n, N, rows);
+            }
+        }
+    }
+}
 
 void int8_rows_vnni(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0,
                     int64_t n1, const int32_t* xsum) {

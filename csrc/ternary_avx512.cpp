@@ -1,8 +1,11 @@
 // AVX-512 VNNI kernels: the structure of ternary_avx2.cpp with vpdpbusd (u8 × s8, 4 products
 // summed straight into int32, no int16 stage, no saturation). GEMV: one 64-byte load covers two
 // adjacent rows of a tile block (rows 2p, 2p+1), the 32 activations are broadcast to both halves,
-// so 4 zmm accumulators hold 8 rows. GEMM: same L1 unpack + 4×2 micro-kernel as AVX2, with
-// 256-bit vpdpbusd (AVX512-VL). Selected only when cpuid + xgetbv report AVX512F/BW/VL/VNNI.
+// so 4 zmm accumulators hold 8 rows. i2 with M >= 2: the same blocks, unpacked once for 4
+// activation rows at a time (rows_i2), at vpdpbusd's rate from M = 8 on. base3 GEMM (its trits
+// cost more to decode, so once per tile for all rows): L1 unpack, then the 4×2 micro-kernel with
+// 256-bit vpdpbusd (AVX512-VL), or from kPanelMinM rows the panel kernel (panel_avx512.h).
+// Selected only when cpuid + xgetbv report AVX512F/BW/VL/VNNI.
 #if defined(__x86_64__) || defined(_M_X64)  // x86-64 builds only (an arm64 build holds the NEON files)
 #include <immintrin.h>
 
@@ -13,6 +16,7 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
+#include "panel_avx512.h"  // after the target: its inline functions are AVX-512 code
 
 namespace bn158 {
 namespace {
@@ -151,6 +155,55 @@ void gemv_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int6
     for (int64_t t = done; t < t1; ++t) gemv_i2_lockstep<1>(a, w, s, out, ldo, t, 1);
 }
 
+// M >= 2 (a speculative verify, sequences decoding together, a prefill chunk): each tile block
+// is loaded and unpacked once for up to 4 activation rows, where the GEMV above runs the whole
+// tile again per row. On one core the GEMV is bound by vector ops (11 per 64 bytes, 7 of them
+// the unpacking), and the 4×2 micro-kernel spends as much on its horizontal sums.
+template <int MR>
+void tile_rows_i2(const Act& a, int64_t m0, const uint8_t* tile, const WShape& s, bool fetch, __m256i sums[MR]) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512i acc[MR][4];
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p) acc[m][p] = _mm512_setzero_si512();
+    for (int64_t kb = 0; kb < s.nfull; ++kb) {
+        const uint8_t* wb = tile + kb * kI2TileBlockBytes;
+        if (fetch) prefetch_block(wb);
+#pragma GCC unroll 4
+        for (int f = 0; f < 4; ++f) {  // field f of every byte: k = 32 f + byte
+            __m512i xf[MR];
+#pragma GCC unroll 4
+            for (int m = 0; m < MR; ++m) xf[m] = bcast(a.xp + (m0 + m) * a.ldxp + kb * kI2BlockK + 32 * f);
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; ++p) {
+                const __m512i code = _mm512_and_si512(_mm512_srli_epi16(ld512(wb + 64 * p), 2 * f), m3);
+#pragma GCC unroll 4
+                for (int m = 0; m < MR; ++m) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], code, xf[m]);
+            }
+        }
+    }
+    for (int m = 0; m < MR; ++m) sums[m] = _mm256_sub_epi32(hsum_pairs(acc[m]), _mm256_set1_epi32(a.xsum[m0 + m]));
+}
+
+void rows_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* tile = w + t * s.tile_bytes;
+        const int rows = int(s.N - t * kTileN < kTileN ? s.N - t * kTileN : kTileN);
+        for (int64_t m0 = 0; m0 < a.M; m0 += 4) {  // later groups find the tile in L1
+            __m256i sums[4];
+            const bool fetch = m0 == 0;
+            switch (a.M - m0 < 4 ? a.M - m0 : 4) {
+                case 4: tile_rows_i2<4>(a, m0, tile, s, fetch, sums); break;
+                case 3: tile_rows_i2<3>(a, m0, tile, s, fetch, sums); break;
+                case 2: tile_rows_i2<2>(a, m0, tile, s, fetch, sums); break;
+                default: tile_rows_i2<1>(a, m0, tile, s, fetch, sums); break;
+            }
+            for (int64_t m = m0; m < a.M && m < m0 + 4; ++m) store_rows(out + m * ldo + t * kTileN, sums[m - m0], rows);
+        }
+    }
+}
+
 void gemv_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
              int64_t t1) {
     alignas(64) uint8_t tailbuf[8 * 32];
@@ -169,20 +222,6 @@ void gemv_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int6
             if (s.tail_bytes) b3_block(tailbuf, x + s.nfull * kB3BlockK, acc);
             store_rows(out + m * ldo + t * kTileN,
                        _mm256_sub_epi32(hsum_pairs(acc), _mm256_set1_epi32(a.xsum[m])), rows);
-        }
-    }
-}
-
-inline void unpack_i2(const uint8_t* tile, int64_t b0, int64_t nb, uint8_t* ub, int64_t L) {
-    const __m256i m3 = _mm256_set1_epi8(3);
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* wb = tile + (b0 + b) * kI2TileBlockBytes;
-        for (int r = 0; r < 8; ++r) {
-            const __m256i w = ld(wb + 32 * r);
-            uint8_t* d = ub + r * L + b * kI2BlockK;
-            for (int n = 0; n < 4; ++n)
-                _mm256_store_si256(reinterpret_cast<__m256i*>(d + 32 * n),
-                                   _mm256_and_si256(_mm256_srli_epi16(w, 2 * n), m3));
         }
     }
 }
@@ -247,17 +286,15 @@ void gemm_chunk(const Act& a, const uint8_t* ub, int64_t L, int64_t k0, bool fir
 }
 
 // ---------------------------------------------------------------- GEMM in 16-row activation panels
-// For M >= kPanelMinM the dispatcher first re-lays x (prep_panels): one zmm holds 4 consecutive k of
-// 16 activation rows as unsigned bytes x + 128. A weight row's 4 codes for the same k are then one
-// 32-bit broadcast, folded into vpdpbusd, so each instruction makes 64 products for 16 rows of one
-// output column, with no horizontal sums and no weight shuffles; MB panels × the tile's 8 rows are
-// up to 24 accumulators. The micro-kernel above needs 2 loads + a 4-level hsum per 32 products.
-//   sum_k (x_k + 128) u_k = sum_k x_k w_k + sum_k x_k + 128 sum_k u_k      (u = w + 1)
-// so out = acc - xsum[m] - 128 usum[r], with usum over the same padded k the products ran over
-// (padding meets x = 0, so it cancels exactly).
+// For M >= kPanelMinM the dispatcher first re-lays x (prep_panels) as panel_avx512.h describes and
+// the unpacked codes u = w + 1 play the weights there, so
+//   sum_k (x_k + 128) u_k = sum_k x_k w_k + sum_k x_k + 128 sum_k u_k
+// and out = acc - xsum[m] - 128 usum[r], with usum over the same padded k the products ran over
+// (padding meets x = 0, so it cancels exactly). The 4×2 micro-kernel above needs 2 loads + a
+// 4-level hsum per 32 products.
 constexpr int64_t kPanelMinM = 10;  // measured crossover with the 4×2 micro-kernel: M = 8 faster there, 12 here
 constexpr int kPanelRows = kActPanelRows;
-constexpr int kMaxPanels = 3;  // 3 panels × 8 rows = 24 accumulators of 32 zmm
+static_assert(kPanelRows == panel::kRows, "Act::xv panels are the panel kernel's");
 
 void prep_panels(const Act& a, const WShape& s, uint8_t* xv) {
     const int64_t groups = s.kp / 4, panels = ceil_div(a.M, kPanelRows);
@@ -286,86 +323,28 @@ inline void code_row_sums(const uint8_t* ub, int64_t L, int32_t usum[8]) {
     }
 }
 
-// res[i][r] = sum over the chunk's L codes of panel i's 16 rows × tile row r. The sums live in
-// a local array that is written out once: accumulating into the caller's array made GCC store all
-// 24 accumulators to the stack on every k-step.
-template <int MB>
-inline void panel_micro(const uint8_t* xv, int64_t pstride, const uint8_t* ub, int64_t L,
-                        __m512i (&res)[kMaxPanels][8]) {
-    __m512i acc[MB][8];
-#pragma GCC unroll 3
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-        for (int r = 0; r < 8; ++r) acc[i][r] = _mm512_setzero_si512();
-    for (int64_t g = 0; g < L / 4; ++g) {
-        __m512i xs[MB];
-#pragma GCC unroll 3
-        for (int i = 0; i < MB; ++i) xs[i] = _mm512_load_si512(xv + i * pstride + 64 * g);
-#pragma GCC unroll 8
-        for (int r = 0; r < 8; ++r) {
-            int32_t quad;
-            std::memcpy(&quad, ub + r * L + 4 * g, 4);
-            const __m512i wr = _mm512_set1_epi32(quad);
-#pragma GCC unroll 3
-            for (int i = 0; i < MB; ++i) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], xs[i], wr);
-        }
-    }
-    for (int i = 0; i < MB; ++i)
-        for (int r = 0; r < 8; ++r) res[i][r] = acc[i][r];
-}
-
-// Corrections, then the 8 (tile rows) × 16 (panel rows) block transposed into out rows m0.. .
-inline void panel_store(__m512i acc[8], const Act& a, int64_t m0, const int32_t usum[8], bool first,
-                        int32_t* out, int64_t ldo, int64_t n0, int rows) {
-    const int64_t mr = a.M - m0 < kPanelRows ? a.M - m0 : kPanelRows;
-    const __mmask16 live = __mmask16((1u << mr) - 1);
-    const __m512i xs = first ? _mm512_maskz_loadu_epi32(live, a.xsum + m0) : _mm512_setzero_si512();
-    __m512i v[8];
-    for (int r = 0; r < 8; ++r) v[r] = _mm512_sub_epi32(_mm512_sub_epi32(acc[r], xs), _mm512_set1_epi32(128 * usum[r]));
-    __m512i t[8];
-    for (int q = 0; q < 4; ++q) {  // per 128-bit block: pairs of rows interleaved
-        t[2 * q] = _mm512_unpacklo_epi32(v[2 * q], v[2 * q + 1]);
-        t[2 * q + 1] = _mm512_unpackhi_epi32(v[2 * q], v[2 * q + 1]);
-    }
-    // A[j] (rows 0-3) and B[j] (rows 4-7): block q holds panel row 4q + j.
-    const __m512i A[4] = {_mm512_unpacklo_epi64(t[0], t[2]), _mm512_unpackhi_epi64(t[0], t[2]),
-                          _mm512_unpacklo_epi64(t[1], t[3]), _mm512_unpackhi_epi64(t[1], t[3])};
-    const __m512i B[4] = {_mm512_unpacklo_epi64(t[4], t[6]), _mm512_unpackhi_epi64(t[4], t[6]),
-                          _mm512_unpacklo_epi64(t[5], t[7]), _mm512_unpackhi_epi64(t[5], t[7])};
-    const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-    const __mmask8 cols = __mmask8((1u << rows) - 1);
-    for (int j = 0; j < 4; ++j) {
-        const __m512i pairs[2] = {_mm512_permutex2var_epi64(A[j], lo, B[j]), _mm512_permutex2var_epi64(A[j], hi, B[j])};
-        for (int q = 0; q < 4; ++q) {
-            const int64_t m = 4 * q + j;
-            if (m >= mr) continue;
-            __m256i row = _mm512_extracti64x4_epi64(pairs[q / 2], 0);
-            if (q & 1) row = _mm512_extracti64x4_epi64(pairs[q / 2], 1);
-            int32_t* o = out + (m0 + m) * ldo + n0;
-            if (!first) row = _mm256_add_epi32(row, _mm256_maskz_loadu_epi32(cols, o));
-            _mm256_mask_storeu_epi32(o, cols, row);
-        }
-    }
-}
-
 // C[m, tile rows] (+)= codes · x over one K-chunk [k0, k0 + L), every panel of x.
 void panel_chunk(const Act& a, const uint8_t* ub, int64_t L, int64_t k0, bool first, int32_t* out, int64_t ldo,
                  int64_t n0, int rows) {
-    int32_t usum[8];
-    code_row_sums(ub, L, usum);
+    int32_t sub[8];
+    code_row_sums(ub, L, sub);
+    for (auto& v : sub) v *= 128;
     const int64_t pstride = kPanelRows * a.ldxp, panels = ceil_div(a.M, kPanelRows);
     const uint8_t* xv = a.xv + kPanelRows * k0;  // k-group k0 / 4, 64 bytes each
-    for (int64_t p0 = 0; p0 < panels; p0 += kMaxPanels) {
-        __m512i acc[kMaxPanels][8];
-        const int64_t mb = panels - p0 < kMaxPanels ? panels - p0 : kMaxPanels;
+    for (int64_t p0 = 0; p0 < panels; p0 += panel::kMaxPanels) {
+        __m512i acc[panel::kMaxPanels][8];
+        const int64_t mb = panels - p0 < panel::kMaxPanels ? panels - p0 : panel::kMaxPanels;
         const uint8_t* x0 = xv + p0 * pstride;
         switch (mb) {
-            case 3: panel_micro<3>(x0, pstride, ub, L, acc); break;
-            case 2: panel_micro<2>(x0, pstride, ub, L, acc); break;
-            default: panel_micro<1>(x0, pstride, ub, L, acc); break;
+            case 3: panel::micro<3>(x0, pstride, ub, L, L, acc); break;
+            case 2: panel::micro<2>(x0, pstride, ub, L, L, acc); break;
+            default: panel::micro<1>(x0, pstride, ub, L, L, acc); break;
         }
-        for (int64_t i = 0; i < mb; ++i)
-            panel_store(acc[i], a, (p0 + i) * kPanelRows, usum, first, out, ldo, n0, rows);
+        for (int64_t i = 0; i < mb; ++i) {
+            const int64_t m0 = (p0 + i) * kPanelRows;
+            panel::store(acc[i], sub, first ? a.xsum + m0 : nullptr, a.M - m0 < kPanelRows ? a.M - m0 : kPanelRows,
+                         !first, out + m0 * ldo + n0, ldo, rows);
+        }
     }
 }
 
@@ -373,21 +352,6 @@ void panel_chunk(const Act& a, const uint8_t* ub, int64_t L, int64_t k0, bool fi
 inline void consume_chunk(const Act& a, const uint8_t* ub, int64_t L, int64_t k0, bool first, int32_t* out,
                           int64_t ldo, int64_t n0, int rows) {
     (a.xv ? panel_chunk : gemm_chunk)(a, ub, L, k0, first, out, ldo, n0, rows);
-}
-
-void gemm_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
-             int64_t t1) {
-    alignas(64) uint8_t ub[8 * kChunkK];
-    constexpr int64_t cb = kChunkK / kI2BlockK;
-    for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* tile = w + t * s.tile_bytes;
-        const int rows = int(s.N - t * kTileN < kTileN ? s.N - t * kTileN : kTileN);
-        for (int64_t b0 = 0; b0 < s.nfull; b0 += cb) {
-            const int64_t nb = s.nfull - b0 < cb ? s.nfull - b0 : cb;
-            unpack_i2(tile, b0, nb, ub, nb * kI2BlockK);
-            consume_chunk(a, ub, nb * kI2BlockK, b0 * kI2BlockK, b0 == 0, out, ldo, t * kTileN, rows);
-        }
-    }
 }
 
 void gemm_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
@@ -417,7 +381,7 @@ void gemm_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int6
 
 void range_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
               int64_t t1) {
-    (a.M >= kGemmMinM ? gemm_i2 : gemv_i2)(a, w, s, out, ldo, t0, t1);
+    (a.M == 1 ? gemv_i2 : rows_i2)(a, w, s, out, ldo, t0, t1);
 }
 
 void range_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
@@ -433,7 +397,7 @@ void range_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int
 namespace bn158 {
 // No lut2 row: there is no AVX-512 lookup-table kernel, so the AVX2 one runs (this path implies AVX2).
 const KernelTable kAvx512VnniKernels = KernelTable{}
-                                           .with(Format::I2, {range_i2, prep_panels, kPanelMinM})
+                                           .with(Format::I2, {range_i2})
                                            .with(Format::Base3, {range_b3, prep_panels, kPanelMinM});
 }
 

@@ -164,8 +164,11 @@ def test_int8_head_kernel_is_exact(path):
             kernels.set_num_threads(threads)
             # M = 0: no rows, an empty product (the native step's head with no row wanting logits
             # once divided by zero: tests/test_engine.py's chunked prefill beside decoding caught it)
+            # M >= 4 with K % 4 == 0: AVX-512 VNNI's panel kernel (16-row panels, 8 weight rows a
+            # block, 3 panels a pass): rows left over, K past a 64-byte step, M past 3 panels
             for m, n, k in [(1, 1, 1), (1, 3, 40), (1, 517, 96), (1, 4 * 37 + 3, 2560 + 17), (3, 33, 257),
-                            (17, 100, 64), (20, 7, 2560), (0, 9, 64)]:
+                            (17, 100, 64), (20, 7, 2560), (0, 9, 64), (4, 8, 4), (5, 13, 68), (16, 29, 2500),
+                            (49, 37, 132), (33, 8 * 9 + 5, 260), (6, 11, 258)]:
                 x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
                 w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
                 got = kernels.int8_matmul(torch.from_numpy(x), torch.from_numpy(w), path=path)
