@@ -26,17 +26,23 @@
 namespace bn158 {
 namespace {
 
+// RB weight rows (indices row[]) × MB activation rows from m0. fetch: each weight row's successor
+// (row + 1) is read from memory meanwhile, a line per step: the callers walk RB far-apart cursors
+// a row at a time, so memory sees RB long sequential streams (4 adjacent rows read side by side
+// look like short streams that end every few KiB, and kept too few lines in flight).
 template <int MB, int RB>
-void block(const int8_t* x, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t m0, int64_t n,
-           const int32_t* xsum) {
+void block(const int8_t* x, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t m0, const int64_t* row,
+           const int32_t* xsum, bool fetch) {
     const __m512i flip = _mm512_set1_epi8(char(0x80));
     __m512i acc[MB][RB];
-    for (auto& row : acc)
-        for (auto& a : row) a = _mm512_setzero_si512();
+    for (auto& rw : acc)
+        for (auto& a : rw) a = _mm512_setzero_si512();
     auto step = [&](int64_t k, __mmask64 mask) {
         __m512i wv[RB];
+        if (fetch)
+            for (int r = 0; r < RB; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (row[r] + 1) * K + k), _MM_HINT_T0);
         for (int r = 0; r < RB; ++r)  // masked-off bytes load as 0 and flip to 128, times x = 0
-            wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + (n + r) * K + k), flip);
+            wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + row[r] * K + k), flip);
         for (int i = 0; i < MB; ++i) {
             const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + (m0 + i) * K + k);
             for (int r = 0; r < RB; ++r) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], wv[r], xv);
@@ -47,15 +53,21 @@ void block(const int8_t* x, int64_t K, const int8_t* w, int64_t N, int32_t* out,
     if (k < K) step(k, (__mmask64(1) << (K - k)) - 1);
     for (int i = 0; i < MB; ++i)
         for (int r = 0; r < RB; ++r)
-            out[(m0 + i) * N + n + r] = _mm512_reduce_add_epi32(acc[i][r]) - 128 * xsum[m0 + i];
+            out[(m0 + i) * N + row[r]] = _mm512_reduce_add_epi32(acc[i][r]) - 128 * xsum[m0 + i];
 }
 
+// Every activation row against weight rows row[0..RB), 4 activation rows a pass.
 template <int RB>
-void rows(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n,
-          const int32_t* xsum) {
+void rows(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, const int64_t* row,
+          const int32_t* xsum, bool fetch) {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) block<4, RB>(x, K, w, N, out, m, n, xsum);
-    for (; m < M; ++m) block<1, RB>(x, K, w, N, out, m, n, xsum);
+    for (; m + 4 <= M; m += 4) block<4, RB>(x, K, w, N, out, m, row, xsum, fetch && m == 0);
+    switch (M - m) {  // the rest in one pass: each weight vector loaded once for them all
+        case 3: block<3, RB>(x, K, w, N, out, m, row, xsum, fetch && m == 0); break;
+        case 2: block<2, RB>(x, K, w, N, out, m, row, xsum, fetch && m == 0); break;
+        case 1: block<1, RB>(x, K, w, N, out, m, row, xsum, fetch && m == 0); break;
+        default: break;
+    }
 }
 
 // 128 × the sum of each of 8 weight rows of length K.
@@ -123,9 +135,13 @@ void int8_panels_vnni(const uint8_t* xv, int64_t M, int64_t K, const int8_t* w, 
 
 void int8_rows_vnni(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0,
                     int64_t n1, const int32_t* xsum) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) rows<4>(x, M, K, w, N, out, n, xsum);
-    for (; n < n1; ++n) rows<1>(x, M, K, w, N, out, n, xsum);
+    constexpr int kCursors = 4;
+    const int64_t per = (n1 - n0) / kCursors;
+    for (int64_t i = 0; i < per; ++i) {
+        const int64_t row[kCursors] = {n0 + i, n0 + per + i, n0 + 2 * per + i, n0 + 3 * per + i};
+        rows<kCursors>(x, M, K, w, N, out, row, xsum, i + 1 < per);
+    }
+    for (int64_t n = n0 + kCursors * per; n < n1; ++n) rows<1>(x, M, K, w, N, out, &n, xsum, false);
 }
 
 }  // namespace bn158
