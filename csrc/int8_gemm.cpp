@@ -142,17 +142,17 @@ void int8_matmul(Isa isa, const int8_t* x, int64_t M, int64_t K, const int8_t* w
         return split([&](int64_t n0, int64_t n1) { int8_rows_neon(isa, x, M, K, w, N, out, n0, n1); });
     split([&](int64_t n0, int64_t n1) { rows_scalar(x, M, K, w, N, out, n0, n1); });
 #elif defined(BN158_X86)
-    if (isa == Isa::Avx512Vnni && M >= kInt8PanelMinM && K % 4 == 0) {
-        thread_local std::vector<uint8_t> panels;
-        panels.resize(size_t((M + 15) / 16 * 16 * K + 64));
-        uint8_t* xv = panels.data() + (-reinterpret_cast<uintptr_t>(panels.data()) & 63);
-        int8_prep_panels(x, M, K, xv);
-        return split([&](int64_t n0, int64_t n1) { int8_panels_vnni(xv, M, K, w, N, out, n0, n1); });
-    }
     if (isa == Isa::Avx512Vnni && M > 1) {
         std::vector<int32_t> xsum(size_t(M), 0);
         for (int64_t m = 0; m < M; ++m)
             for (int64_t k = 0; k < K; ++k) xsum[size_t(m)] += x[m * K + k];
+        if (M >= kInt8PanelMinM && K % 4 == 0) {
+            thread_local std::vector<uint8_t> panels;
+            panels.resize(size_t((M + 15) / 16 * 16 * K + 64));
+            uint8_t* xv = panels.data() + (-reinterpret_cast<uintptr_t>(panels.data()) & 63);
+            int8_prep_panels(x, M, K, xv);
+            return split([&](int64_t n0, int64_t n1) { int8_panels_vnni(xv, x, M, K, w, N, out, n0, n1, xsum.data()); });
+        }
         return split([&](int64_t n0, int64_t n1) { int8_rows_vnni(x, M, K, w, N, out, n0, n1, xsum.data()); });
     }
     auto fn = isa == Isa::Scalar ? rows_scalar : M == 1 ? gemv_avx2 : rows_avx2;

@@ -15,11 +15,12 @@ void int8_rows_vnni(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int6
                     int64_t n1, const int32_t* xsum);
 
 // int8_gemm_avx512.cpp, from kInt8PanelMinM rows when K % 4 == 0: x re-laid into 16-row panels
-// (xv: ceil(M / 16) * 16 * K bytes, 64-byte aligned), then rows [n0, n1) of out from them.
+// (xv: ceil(M / 16) * 16 * K bytes, 64-byte aligned), then rows [n0, n1) of out from them (whole
+// blocks of 8 rows; the rest as int8_rows_vnni does, from x and xsum).
 constexpr int64_t kInt8PanelMinM = 6;  // 2B4T head, one core: M = 5 18 % faster on the blocks, M = 8 18 % here
 void int8_prep_panels(const int8_t* x, int64_t M, int64_t K, uint8_t* xv);
-void int8_panels_vnni(const uint8_t* xv, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0,
-                      int64_t n1);
+void int8_panels_vnni(const uint8_t* xv, const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N,
+                      int32_t* out, int64_t n0, int64_t n1, const int32_t* xsum);
 
 // int8_gemm_neon.cpp: rows [n0, n1) of out on an arm64 path (neon: smull/sadalp; dotprod: sdot;
 // i8mm: smmla for M > 1, sdot for M = 1).

@@ -3,20 +3,21 @@
 //
 // vpdpbusd multiplies unsigned by signed bytes, 4 products into each int32 lane. The weights are
 // in [-127, 127], so w ^ 0x80 = w + 128 is an unsigned byte and Σ (w + 128)·x = Σ w·x + 128·Σ x:
-// one XOR per weight vector, and 128·xsum[m] subtracted at the end. A block is 4 weight rows × 4
-// activation rows (16 zmm accumulators): each weight vector, loaded once, serves 4 rows of x, and
-// the 4 weight rows stay in L1 while every block of x passes them. The AVX2 kernel (int8_gemm.cpp)
-// makes 32 products per vpmaddubsw and needs a vpsignb and a vpmaddwd beside it.
+// one XOR per weight vector, and 128·xsum[m] subtracted at the end. A block is 4 weight rows (one
+// from each of 4 far-apart cursors, so memory sees 4 long streams) × up to 4 activation rows (16
+// zmm accumulators): each weight vector, loaded once, serves every row of x. The AVX2 kernel
+// (int8_gemm.cpp) makes 32 products per vpmaddubsw and needs a vpsignb and a vpmaddwd beside it.
 // From kInt8PanelMinM rows (a batched decode step, a prefill's logits) x is re-laid once per call
 // into 16-row panels and the ternary GEMM's panel kernel runs on the weight rows as they are
-// (panel_avx512.h): no horizontal sums, no XOR, one broadcast per 64 products; the blocks above
-// spent a fifth of their time reducing accumulators and reached ~30 % of vpdpbusd's rate.
+// (panel_avx512.h): no horizontal sums, no XOR, one broadcast per 64 products; the blocks spend a
+// fifth of their time reducing accumulators and reached ~30 % of vpdpbusd's rate at 16 rows.
+// No standard-library templates here: an instantiation compiled for AVX-512 could be the copy the
+// linker keeps for every path.
 #if defined(__x86_64__) || defined(_M_X64)  // x86-64 builds only (an arm64 build holds the NEON files)
 #include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "int8_gemm.h"
 
@@ -98,27 +99,20 @@ void int8_prep_panels(const int8_t* x, int64_t M, int64_t K, uint8_t* xv) {
             }
 }
 
-void int8_panels_vnni(const uint8_t* xv, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0,
-                      int64_t n1) {
+void int8_panels_vnni(const uint8_t* xv, const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N,
+                      int32_t* out, int64_t n0, int64_t n1, const int32_t* xsum) {
     const int64_t panels = (M + panel::kRows - 1) / panel::kRows, pstride = panel::kRows * K;
-    std::vector<int8_t> pad;  // the last block's rows, zero-padded to 8 (never read past w's end)
-    for (int64_t n = n0; n < n1; n += 8) {
-        const int rows = int(n1 - n < 8 ? n1 - n : 8);
-        const int8_t* wb = w + n * K;
-        if (rows < 8) {
-            pad.assign(size_t(8 * K), 0);
-            std::memcpy(pad.data(), wb, size_t(rows * K));
-            wb = pad.data();
-        }
+    const int64_t whole = n0 + (n1 - n0) / 8 * 8;
+    for (int64_t n = n0; n < whole; n += 8) {
+        const auto* wu = reinterpret_cast<const uint8_t*>(w + n * K);
         int32_t sub[8];
-        weight_row_sums(wb, K, sub);
+        weight_row_sums(w + n * K, K, sub);
         for (int64_t p0 = 0; p0 < panels; p0 += panel::kMaxPanels) {
             __m512i acc[panel::kMaxPanels][8];
             const int64_t mb = panels - p0 < panel::kMaxPanels ? panels - p0 : panel::kMaxPanels;
             const uint8_t* x0 = xv + p0 * pstride;
-            const auto* wu = reinterpret_cast<const uint8_t*>(wb);
             // the next 8 rows, while the first panel group reads these (later groups find them in cache)
-            const uint8_t* fetch = p0 == 0 && n + 16 <= n1 ? wu + 8 * K : nullptr;
+            const uint8_t* fetch = p0 == 0 && n + 16 <= whole ? wu + 8 * K : nullptr;
             switch (mb) {
                 case 3: panel::micro<3>(x0, pstride, wu, K, K, acc, fetch); break;
                 case 2: panel::micro<2>(x0, pstride, wu, K, K, acc, fetch); break;
@@ -127,10 +121,11 @@ void int8_panels_vnni(const uint8_t* xv, int64_t M, int64_t K, const int8_t* w, 
             for (int64_t i = 0; i < mb; ++i) {
                 const int64_t m0 = (p0 + i) * panel::kRows;
                 panel::store(acc[i], sub, nullptr, M - m0 < panel::kRows ? M - m0 : panel::kRows, false,
-                             out + m0 * N + n, N, rows);
+                             out + m0 * N + n, N, 8);
             }
         }
     }
+    for (int64_t n = whole; n < n1; ++n) rows<1>(x, M, K, w, N, out, &n, xsum, false);  // < 8 rows left
 }
 
 void int8_rows_vnni(const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* out, int64_t n0,
