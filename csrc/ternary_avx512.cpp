@@ -1,10 +1,10 @@
 // AVX-512 VNNI kernels: the structure of ternary_avx2.cpp with vpdpbusd (u8 × s8, 4 products
 // summed straight into int32, no int16 stage, no saturation). GEMV: one 64-byte load covers two
 // adjacent rows of a tile block (rows 2p, 2p+1), the 32 activations are broadcast to both halves,
-// so 4 zmm accumulators hold 8 rows. i2 with M >= 2: the same blocks, unpacked once for 4
-// activation rows at a time (rows_i2), at vpdpbusd's rate from M = 8 on. base3 GEMM (its trits
-// cost more to decode, so once per tile for all rows): L1 unpack, then the 4×2 micro-kernel with
-// 256-bit vpdpbusd (AVX512-VL), or from kPanelMinM rows the panel kernel (panel_avx512.h).
+// so 4 zmm accumulators hold 8 rows. M >= 2: the same blocks, unpacked (i2) or decoded (base3)
+// once for 4 activation rows at a time (rows_i2, rows_b3); i2 runs at vpdpbusd's rate from M = 8
+// on. base3 from kPanelMinM rows (its trits cost more to decode, so once per tile for all rows
+// pays there): an L1 unpack, then the panel kernel (panel_avx512.h).
 // Selected only when cpuid + xgetbv report AVX512F/BW/VL/VNNI.
 #if defined(__x86_64__) || defined(_M_X64)  // x86-64 builds only (an arm64 build holds the NEON files)
 #include <immintrin.h>
@@ -21,7 +21,6 @@
 namespace bn158 {
 namespace {
 
-constexpr int64_t kGemmMinM = 4;
 constexpr int64_t kChunkK = 1920;
 
 inline __m256i ld(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -158,7 +157,7 @@ void gemv_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int6
 // M >= 2 (a speculative verify, sequences decoding together, a prefill chunk): each tile block
 // is loaded and unpacked once for up to 4 activation rows, where the GEMV above runs the whole
 // tile again per row. On one core the GEMV is bound by vector ops (11 per 64 bytes, 7 of them
-// the unpacking), and the 4×2 micro-kernel spends as much on its horizontal sums.
+// the unpacking); the 4×2 ymm micro-kernel this replaced spent as much on horizontal sums.
 template <int MR>
 void tile_rows_i2(const Act& a, int64_t m0, const uint8_t* tile, const WShape& s, bool fetch, __m256i sums[MR]) {
     const __m512i m3 = _mm512_set1_epi8(3);
@@ -204,6 +203,70 @@ void rows_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int6
     }
 }
 
+// base3 with 2 <= M < kPanelMinM: as rows_i2, each tile block's trits decoded once for up to 4
+// activation rows (the GEMV decodes them again per row: 7 ops a trit per 64 bytes, 5 trits).
+template <int MR>
+inline void b3_block_rows(const uint8_t* wb, const int8_t* const xr[MR], __m512i acc[MR][4]) {
+    const __m512i k80 = _mm512_set1_epi8(char(0x80));
+    __m512i c[4];
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) c[p] = _mm512_xor_si512(ld512(wb + 64 * p), k80);
+#pragma GCC unroll 5
+    for (int n = 0; n < 5; ++n) {
+        __m512i xn[MR];
+#pragma GCC unroll 4
+        for (int m = 0; m < MR; ++m) xn[m] = bcast(xr[m] + 32 * n);
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p) {
+            const __m512i trit = b3_trit512(c[p]);
+#pragma GCC unroll 4
+            for (int m = 0; m < MR; ++m) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], trit, xn[m]);
+            c[p] = times3_512(c[p]);
+        }
+    }
+}
+
+template <int MR>
+void tile_rows_b3(const Act& a, int64_t m0, const uint8_t* tile, const uint8_t* tailbuf, const WShape& s, bool fetch,
+                  __m256i sums[MR]) {
+    __m512i acc[MR][4];
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p) acc[m][p] = _mm512_setzero_si512();
+    const int8_t* xr[MR];
+    for (int64_t kb = 0; kb < s.nfull; ++kb) {
+        if (fetch) prefetch_block(tile + kb * kB3TileBlockBytes);
+        for (int m = 0; m < MR; ++m) xr[m] = a.xp + (m0 + m) * a.ldxp + kb * kB3BlockK;
+        b3_block_rows<MR>(tile + kb * kB3TileBlockBytes, xr, acc);
+    }
+    if (s.tail_bytes) {
+        for (int m = 0; m < MR; ++m) xr[m] = a.xp + (m0 + m) * a.ldxp + s.nfull * kB3BlockK;
+        b3_block_rows<MR>(tailbuf, xr, acc);
+    }
+    for (int m = 0; m < MR; ++m) sums[m] = _mm256_sub_epi32(hsum_pairs(acc[m]), _mm256_set1_epi32(a.xsum[m0 + m]));
+}
+
+void rows_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0, int64_t t1) {
+    alignas(64) uint8_t tailbuf[8 * 32];
+    for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* tile = w + t * s.tile_bytes;
+        const int rows = int(s.N - t * kTileN < kTileN ? s.N - t * kTileN : kTileN);
+        if (s.tail_bytes) b3_tail_copy(tile, s, tailbuf);
+        for (int64_t m0 = 0; m0 < a.M; m0 += 4) {  // later groups find the tile in L1
+            __m256i sums[4];
+            const bool fetch = m0 == 0;
+            switch (a.M - m0 < 4 ? a.M - m0 : 4) {
+                case 4: tile_rows_b3<4>(a, m0, tile, tailbuf, s, fetch, sums); break;
+                case 3: tile_rows_b3<3>(a, m0, tile, tailbuf, s, fetch, sums); break;
+                case 2: tile_rows_b3<2>(a, m0, tile, tailbuf, s, fetch, sums); break;
+                default: tile_rows_b3<1>(a, m0, tile, tailbuf, s, fetch, sums); break;
+            }
+            for (int64_t m = m0; m < a.M && m < m0 + 4; ++m) store_rows(out + m * ldo + t * kTileN, sums[m - m0], rows);
+        }
+    }
+}
+
 void gemv_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
              int64_t t1) {
     alignas(64) uint8_t tailbuf[8 * 32];
@@ -237,62 +300,15 @@ inline void unpack_b3_block(const uint8_t* wb, uint8_t* d0, int64_t L) {
     }
 }
 
-template <int MR>
-inline void micro(const uint8_t* u0, const uint8_t* u1, const int8_t* x, int64_t ldx, int64_t nsteps,
-                  __m256i res[8]) {
-    __m256i acc[4][2];
-    for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-    for (int64_t st = 0; st < nsteps; ++st) {
-        const __m256i a0 = ld(u0 + 32 * st), b0 = ld(u1 + 32 * st);
-        for (int i = 0; i < MR; ++i) {
-            const __m256i y = ld(x + i * ldx + 32 * st);
-            acc[i][0] = _mm256_dpbusd_epi32(acc[i][0], a0, y);
-            acc[i][1] = _mm256_dpbusd_epi32(acc[i][1], b0, y);
-        }
-    }
-    for (int i = 0; i < 4; ++i) {
-        res[2 * i] = acc[i][0];
-        res[2 * i + 1] = acc[i][1];
-    }
-}
-
-void gemm_chunk(const Act& a, const uint8_t* ub, int64_t L, int64_t k0, bool first, int32_t* out,
-                int64_t ldo, int64_t n0, int rows) {
-    const int64_t nsteps = L / 32;
-    alignas(32) int32_t sums[8];
-    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-        const int mr = int(a.M - m0 < 4 ? a.M - m0 : 4);
-        const int8_t* x = a.xp + m0 * a.ldxp + k0;
-        for (int rp = 0; rp < 4 && 2 * rp < rows; ++rp) {
-            __m256i res[8];
-            const uint8_t* u0 = ub + (2 * rp) * L;
-            const uint8_t* u1 = ub + (2 * rp + 1) * L;
-            switch (mr) {
-                case 4: micro<4>(u0, u1, x, a.ldxp, nsteps, res); break;
-                case 3: micro<3>(u0, u1, x, a.ldxp, nsteps, res); break;
-                case 2: micro<2>(u0, u1, x, a.ldxp, nsteps, res); break;
-                default: micro<1>(u0, u1, x, a.ldxp, nsteps, res); break;
-            }
-            _mm256_store_si256(reinterpret_cast<__m256i*>(sums), hsum8(res));
-            for (int i = 0; i < mr; ++i)
-                for (int ri = 0; ri < 2; ++ri) {
-                    const int r = 2 * rp + ri;
-                    if (r >= rows) continue;
-                    int32_t* o = out + (m0 + i) * ldo + n0 + r;
-                    *o = first ? sums[2 * i + ri] - a.xsum[m0 + i] : *o + sums[2 * i + ri];
-                }
-        }
-    }
-}
-
 // ---------------------------------------------------------------- GEMM in 16-row activation panels
 // For M >= kPanelMinM the dispatcher first re-lays x (prep_panels) as panel_avx512.h describes and
 // the unpacked codes u = w + 1 play the weights there, so
 //   sum_k (x_k + 128) u_k = sum_k x_k w_k + sum_k x_k + 128 sum_k u_k
 // and out = acc - xsum[m] - 128 usum[r], with usum over the same padded k the products ran over
-// (padding meets x = 0, so it cancels exactly). The 4×2 micro-kernel above needs 2 loads + a
-// 4-level hsum per 32 products.
-constexpr int64_t kPanelMinM = 10;  // measured crossover with the 4×2 micro-kernel: M = 8 faster there, 12 here
+// (padding meets x = 0, so it cancels exactly).
+// Crossover with rows_b3, 2B4T shapes on one Zen 4 core: at M = 16 the panels 117-131 GMAC/s,
+// rows_b3 107-122; at M = 8 rows_b3 100-122, the panels (16 lanes, half idle) far less.
+constexpr int64_t kPanelMinM = 16;
 constexpr int kPanelRows = kActPanelRows;
 static_assert(kPanelRows == panel::kRows, "Act::xv panels are the panel kernel's");
 
@@ -348,12 +364,6 @@ void panel_chunk(const Act& a, const uint8_t* ub, int64_t L, int64_t k0, bool fi
     }
 }
 
-// One tile's K-chunk of codes is consumed by the panel GEMM when x was re-laid, else by the 4×2 one.
-inline void consume_chunk(const Act& a, const uint8_t* ub, int64_t L, int64_t k0, bool first, int32_t* out,
-                          int64_t ldo, int64_t n0, int rows) {
-    (a.xv ? panel_chunk : gemm_chunk)(a, ub, L, k0, first, out, ldo, n0, rows);
-}
-
 void gemm_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
              int64_t t1) {
     alignas(64) uint8_t ub[8 * kChunkK];
@@ -374,7 +384,7 @@ void gemm_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int6
                     unpack_b3_block(tailbuf, ub + b * kB3BlockK, L);
                 }
             }
-            consume_chunk(a, ub, L, b0 * kB3BlockK, b0 == 0, out, ldo, t * kTileN, rows);
+            panel_chunk(a, ub, L, b0 * kB3BlockK, b0 == 0, out, ldo, t * kTileN, rows);
         }
     }
 }
@@ -386,7 +396,7 @@ void range_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int
 
 void range_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
               int64_t t1) {
-    (a.M >= kGemmMinM ? gemm_b3 : gemv_b3)(a, w, s, out, ldo, t0, t1);
+    (a.M == 1 ? gemv_b3 : a.M < kPanelMinM ? rows_b3 : gemm_b3)(a, w, s, out, ldo, t0, t1);
 }
 
 }  // namespace
