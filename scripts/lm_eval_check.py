@@ -4,7 +4,7 @@ log-likelihoods match the ones the library computes directly (not run by CI).
 lm-eval is not a dependency of bitnet158: give this script the Python of an environment that has
 it (`pip install torch==2.13.0 && pip install 'lm-eval[api]'`), e.g.
 
-    python scripts/lm_eval_check.py --lm-eval-python /path/to/venv/bin/python [--checkpoint DIR]
+    python scripts/lm_eval_check.py --lm-eval-python /path/to/venv/bin/python [--checkpoint DIR] [--batch-size 8]
 
 What it does, all on 127.0.0.1 and local files (no hub, no datasets download):
 1. the model: `--checkpoint` (any of our directories with a tokenizer), or by default a tiny random
@@ -102,6 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lm-eval-python", required=True, help="a Python with lm-eval installed")
     ap.add_argument("--checkpoint", help="our model directory (default: a tiny random packed model)")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="lm-eval's batch size: above 1 it sends that many prompts in one /v1/completions request")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -116,6 +118,14 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         app = create_app(engine_loader(ckpt, max_concurrency=4, max_queue=64), model_name="bitnet158")
+        requests = []  # one entry per POST to /v1/completions: with --batch-size > 1, fewer than prompts
+
+        @app.middleware("http")
+        async def count_requests(request, call_next):
+            if request.url.path == "/v1/completions":
+                requests.append(request.url.path)
+            return await call_next(request)
+
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
         deadline = time.monotonic() + 120
@@ -130,7 +140,8 @@ def main() -> None:
             cmd = [args.lm_eval_python, "-m", "lm_eval", "--model", "local-completions", "--model_args",
                    f"model=bitnet158,base_url=http://127.0.0.1:{port}/v1/completions,tokenizer={tok_dir},"
                    "tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1",
-                   "--tasks", task, "--include_path", str(tmp), "--output_path", str(tmp / "out"), "--log_samples"]
+                   "--tasks", task, "--include_path", str(tmp), "--output_path", str(tmp / "out"), "--log_samples",
+                   "--batch_size", str(args.batch_size)]
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                                  env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                                       "PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "unused", "HOME": str(tmp)})
@@ -140,21 +151,22 @@ def main() -> None:
             sys.exit(f"lm_eval failed:\n{run.stderr[-3000:]}")
         print(run.stdout[-1500:])
         samples = next((tmp / "out").rglob(f"samples_{task}_*.jsonl"))
-        worst, agree, total = 0.0, 0, 0
+        worst, agree, total, scored = 0.0, 0, 0, 0
         for line in samples.read_text().splitlines():
             doc = json.loads(line)
             theirs = [float(r[0][0]) for r in doc["resps"]]
             args_ = doc["arguments"]  # a list of [context, continuation], or {"gen_args_i": {"arg_0", "arg_1"}}
             pairs = [(a["arg_0"], a["arg_1"]) for a in args_.values()] if isinstance(args_, dict) else args_
             ours = [direct_loglikelihood(model, tok, *a) for a in pairs]
+            scored += len(pairs)
             diff = max(abs(a - b) for a, b in zip(theirs, ours))
             if diff > 1e-3 and worst <= 1e-3:  # show the first disagreement
                 print(f"first mismatch: {pairs[0]!r}: lm-eval {theirs}, direct {ours}")
             worst = max(worst, diff)
             agree += int(max(range(len(ours)), key=ours.__getitem__) == max(range(len(theirs)), key=theirs.__getitem__))
             total += 1
-        print(f"{total} questions: largest |log-likelihood through the server - direct| = {worst:.2e}; "
-              f"argmax choice agrees on {agree}/{total}")
+        print(f"{total} questions ({scored} continuations scored in {len(requests)} requests): largest "
+              f"|log-likelihood through the server - direct| = {worst:.2e}; argmax choice agrees on {agree}/{total}")
         if not (worst < 1e-3 and agree == total and math.isfinite(worst)):
             sys.exit("MISMATCH")
 
