@@ -112,7 +112,9 @@ def _self_check(path: str) -> bool:
                 w = fmt.pack(codes)
                 got = _ext.matmul(x, w, fmt_name, n, k, path=path)
                 ok &= bool(np.array_equal(got, _ext.matmul(x, w, fmt_name, n, k, path="scalar")))
-        for m, n, k in ((1, 9, 200), (5, 9, 200), (6, 4, 64)):  # the int8 head: GEMV and the M > 1 kernels
+        # the int8 head: GEMV, the M > 1 blocks, and (AVX-512) the panels: two 8-row blocks and a row
+        # left over, K past a 64-byte step
+        for m, n, k in ((1, 9, 200), (5, 9, 200), (6, 4, 64), (7, 17, 200)):
             x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
             w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
             ok &= bool(np.array_equal(_ext.int8_matmul(x, w, path=path), _ext.int8_matmul(x, w, path="scalar")))
