@@ -124,8 +124,9 @@ def test_extreme_values_on_long_rows_are_exact(path, fmt):
     rng = np.random.default_rng(11)
     packer = get_format(fmt)
     for k in (2048, 2049, 4224, 6912):
-        # the GEMV, the 4×2 GEMM, (AVX-512) the 16-row panel GEMM, and past one 64-row block of the
-        # AVX2 GEMM's int16 sums over a 1280-code chunk
+        # the GEMV; the AVX2 4×2 GEMM and the AVX-512 4-row kernels (rows_i2, rows_b3); the AVX-512
+        # 16-row panel GEMM (base3 from 16 rows); past one 64-row block of the AVX2 GEMM's int16
+        # sums over a 1280-code chunk
         for m in (1, 5, 17, 70):
             n = 16
             codes = np.ones((n, k), dtype=np.int8)
