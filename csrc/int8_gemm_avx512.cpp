@@ -101,29 +101,14 @@ void int8_prep_panels(const int8_t* x, int64_t M, int64_t K, uint8_t* xv) {
 
 void int8_panels_vnni(const uint8_t* xv, const int8_t* x, int64_t M, int64_t K, const int8_t* w, int64_t N,
                       int32_t* out, int64_t n0, int64_t n1, const int32_t* xsum) {
-    const int64_t panels = (M + panel::kRows - 1) / panel::kRows, pstride = panel::kRows * K;
     const int64_t whole = n0 + (n1 - n0) / 8 * 8;
     for (int64_t n = n0; n < whole; n += 8) {
         const auto* wu = reinterpret_cast<const uint8_t*>(w + n * K);
         int32_t sub[8];
         weight_row_sums(w + n * K, K, sub);
-        for (int64_t p0 = 0; p0 < panels; p0 += panel::kMaxPanels) {
-            __m512i acc[panel::kMaxPanels][8];
-            const int64_t mb = panels - p0 < panel::kMaxPanels ? panels - p0 : panel::kMaxPanels;
-            const uint8_t* x0 = xv + p0 * pstride;
-            // the next 8 rows, while the first panel group reads these (later groups find them in cache)
-            const uint8_t* fetch = p0 == 0 && n + 16 <= whole ? wu + 8 * K : nullptr;
-            switch (mb) {
-                case 3: panel::micro<3>(x0, pstride, wu, K, K, acc, fetch); break;
-                case 2: panel::micro<2>(x0, pstride, wu, K, K, acc, fetch); break;
-                default: panel::micro<1>(x0, pstride, wu, K, K, acc, fetch); break;
-            }
-            for (int64_t i = 0; i < mb; ++i) {
-                const int64_t m0 = (p0 + i) * panel::kRows;
-                panel::store(acc[i], sub, nullptr, M - m0 < panel::kRows ? M - m0 : panel::kRows, false,
-                             out + m0 * N + n, N, 8);
-            }
-        }
+        // the next 8 rows come from memory while these are worked
+        panel::all_panels(xv, M, panel::kRows * K, wu, K, sub, nullptr, false, out + n, N, 8,
+                          n + 16 <= whole ? wu + 8 * K : nullptr);
     }
     for (int64_t n = whole; n < n1; ++n) rows<1>(x, M, K, w, N, out, &n, xsum, false);  // < 8 rows left
 }

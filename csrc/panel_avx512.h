@@ -19,13 +19,13 @@ namespace panel {
 constexpr int kRows = 16;      // activation rows per panel (int32 lanes of a zmm)
 constexpr int kMaxPanels = 3;  // 3 panels × 8 weight rows = 24 accumulators of 32 zmm
 
-// res[i][r] = sum over L (a multiple of 4) k of panel i's 16 rows × weight row r, the 8 rows at
-// w + r * ldw. The sums live in a local array written out once: accumulating into the caller's
+// res[i][r] = sum over L (a multiple of 4) k of panel i's 16 rows × weight row r, the 8 rows of
+// L bytes one after another at w. The sums live in a local array written out once: accumulating into the caller's
 // array made GCC store all 24 accumulators to the stack on every k-step. `next` (or null): 8 · L
 // bytes the caller reads next, fetched into L2 a line every other k-group, for weights that come
 // from memory (8 rows read side by side, 4 bytes at a time, keep too few lines in flight).
 template <int MB>
-inline void micro(const uint8_t* xv, int64_t pstride, const uint8_t* w, int64_t ldw, int64_t L,
+inline void micro(const uint8_t* xv, int64_t pstride, const uint8_t* w, int64_t L,
                   __m512i (&res)[kMaxPanels][8], const uint8_t* next = nullptr) {
     __m512i acc[MB][8];
 #pragma GCC unroll 3
@@ -40,7 +40,7 @@ inline void micro(const uint8_t* xv, int64_t pstride, const uint8_t* w, int64_t 
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) {
             int32_t quad;
-            std::memcpy(&quad, w + r * ldw + 4 * g, 4);
+            std::memcpy(&quad, w + r * L + 4 * g, 4);
             const __m512i wr = _mm512_set1_epi32(quad);
 #pragma GCC unroll 3
             for (int i = 0; i < MB; ++i) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], xs[i], wr);
@@ -81,6 +81,31 @@ inline void store(const __m512i acc[8], const int32_t row_sub[8], const int32_t*
             int32_t* o = out + m * ldo;
             if (accumulate) row = _mm256_add_epi32(row, _mm256_maskz_loadu_epi32(cols, o));
             _mm256_mask_storeu_epi32(o, cols, row);
+        }
+    }
+}
+
+// Every panel of x (M rows; panel p at xv + p * pstride) against the 8 weight rows at w, stored as
+// `store` does into out (activation row m at out + m * ldo); m_sub indexed by activation row. next:
+// as micro's, fetched while the first group of panels runs (later groups find w in cache).
+inline void all_panels(const uint8_t* xv, int64_t M, int64_t pstride, const uint8_t* w, int64_t L,
+                       const int32_t row_sub[8], const int32_t* m_sub, bool accumulate, int32_t* out, int64_t ldo,
+                       int rows, const uint8_t* next = nullptr) {
+    const int64_t panels = (M + kRows - 1) / kRows;
+    for (int64_t p0 = 0; p0 < panels; p0 += kMaxPanels) {
+        __m512i acc[kMaxPanels][8];
+        const int64_t mb = panels - p0 < kMaxPanels ? panels - p0 : kMaxPanels;
+        const uint8_t* x0 = xv + p0 * pstride;
+        const uint8_t* fetch = p0 == 0 ? next : nullptr;
+        switch (mb) {
+            case 3: micro<3>(x0, pstride, w, L, acc, fetch); break;
+            case 2: micro<2>(x0, pstride, w, L, acc, fetch); break;
+            default: micro<1>(x0, pstride, w, L, acc, fetch); break;
+        }
+        for (int64_t i = 0; i < mb; ++i) {
+            const int64_t m0 = (p0 + i) * kRows;
+            store(acc[i], row_sub, m_sub ? m_sub + m0 : nullptr, M - m0 < kRows ? M - m0 : kRows, accumulate,
+                  out + m0 * ldo, ldo, rows);
         }
     }
 }

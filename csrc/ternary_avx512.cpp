@@ -1,10 +1,11 @@
 // AVX-512 VNNI kernels: the structure of ternary_avx2.cpp with vpdpbusd (u8 × s8, 4 products
 // summed straight into int32, no int16 stage, no saturation). GEMV: one 64-byte load covers two
 // adjacent rows of a tile block (rows 2p, 2p+1), the 32 activations are broadcast to both halves,
-// so 4 zmm accumulators hold 8 rows. M >= 2: the same blocks, unpacked (i2) or decoded (base3)
-// once for 4 activation rows at a time (rows_i2, rows_b3); i2 runs at vpdpbusd's rate from M = 8
-// on. base3 from kPanelMinM rows (its trits cost more to decode, so once per tile for all rows
-// pays there): an L1 unpack, then the panel kernel (panel_avx512.h).
+// so 4 zmm accumulators hold 8 rows (i2 at M = 1). i2 at M >= 2 and base3 below kPanelMinM rows:
+// the same blocks, unpacked or decoded once for 4 activation rows at a time (rows_by_four); i2
+// runs at vpdpbusd's rate from M = 8 on. base3 from kPanelMinM rows (its trits cost more to
+// decode, so once per tile for all rows pays there): an L1 unpack, then the panel kernel
+// (panel_avx512.h).
 // Selected only when cpuid + xgetbv report AVX512F/BW/VL/VNNI.
 #if defined(__x86_64__) || defined(_M_X64)  // x86-64 builds only (an arm64 build holds the NEON files)
 #include <immintrin.h>
@@ -86,18 +87,6 @@ inline void i2_block(const uint8_t* wb, const int8_t* xb, __m512i acc[4]) {
     }
 }
 
-inline void b3_block(const uint8_t* wb, const int8_t* xb, __m512i acc[4]) {
-    const __m512i k80 = _mm512_set1_epi8(char(0x80));
-    const __m512i x[5] = {bcast(xb), bcast(xb + 32), bcast(xb + 64), bcast(xb + 96), bcast(xb + 128)};
-    for (int p = 0; p < 4; ++p) {
-        __m512i c = _mm512_xor_si512(ld512(wb + 64 * p), k80);
-        for (int n = 0; n < 5; ++n) {
-            acc[p] = _mm512_dpbusd_epi32(acc[p], b3_trit512(c), x[n]);
-            c = times3_512(c);
-        }
-    }
-}
-
 inline void b3_tail_copy(const uint8_t* tile, const WShape& s, uint8_t* dst) {
     std::memset(dst, 0, 8 * 32);
     const uint8_t* tail = tile + s.nfull * kB3TileBlockBytes;
@@ -155,137 +144,111 @@ void gemv_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int6
     for (int64_t t = done; t < t1; ++t) gemv_i2_lockstep<1>(a, w, s, out, ldo, t, 1);
 }
 
-// M >= 2 (a speculative verify, sequences decoding together, a prefill chunk): each tile block
-// is loaded and unpacked once for up to 4 activation rows, where the GEMV above runs the whole
-// tile again per row. On one core the GEMV is bound by vector ops (11 per 64 bytes, 7 of them
-// the unpacking); the 4×2 ymm micro-kernel this replaced spent as much on horizontal sums.
-template <int MR>
-void tile_rows_i2(const Act& a, int64_t m0, const uint8_t* tile, const WShape& s, bool fetch, __m256i sums[MR]) {
-    const __m512i m3 = _mm512_set1_epi8(3);
-    __m512i acc[MR][4];
+// i2 for M >= 2, base3 below kPanelMinM rows (a speculative verify, sequences decoding together, a
+// prefill chunk; base3 at M = 1 too): each tile block is loaded and unpacked (i2) or decoded
+// (base3) once for up to 4 activation rows, where a GEMV runs the whole tile again per row. On one
+// core the i2 GEMV is bound by vector ops (11 per 64 bytes, 7 of them the unpacking), base3's by
+// its trits (7 ops a trit per 64 bytes, 5 trits); the 4×2 ymm micro-kernel this replaced spent as
+// much on horizontal sums. A format's block loop adds one tile's products into acc[m][row pair].
+struct I2Tile {
+    static void prepare(const uint8_t*, const WShape&, uint8_t*) {}
+
+    template <int MR>
+    static void accumulate(const Act& a, int64_t m0, const uint8_t* tile, const uint8_t*, const WShape& s,
+                           bool fetch, __m512i acc[MR][4]) {
+        const __m512i m3 = _mm512_set1_epi8(3);
+        for (int64_t kb = 0; kb < s.nfull; ++kb) {
+            const uint8_t* wb = tile + kb * kI2TileBlockBytes;
+            if (fetch) prefetch_block(wb);
 #pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m)
+            for (int f = 0; f < 4; ++f) {  // field f of every byte: k = 32 f + byte
+                __m512i xf[MR];
 #pragma GCC unroll 4
-        for (int p = 0; p < 4; ++p) acc[m][p] = _mm512_setzero_si512();
-    for (int64_t kb = 0; kb < s.nfull; ++kb) {
-        const uint8_t* wb = tile + kb * kI2TileBlockBytes;
-        if (fetch) prefetch_block(wb);
+                for (int m = 0; m < MR; ++m) xf[m] = bcast(a.xp + (m0 + m) * a.ldxp + kb * kI2BlockK + 32 * f);
 #pragma GCC unroll 4
-        for (int f = 0; f < 4; ++f) {  // field f of every byte: k = 32 f + byte
-            __m512i xf[MR];
+                for (int p = 0; p < 4; ++p) {
+                    const __m512i code = _mm512_and_si512(_mm512_srli_epi16(ld512(wb + 64 * p), 2 * f), m3);
 #pragma GCC unroll 4
-            for (int m = 0; m < MR; ++m) xf[m] = bcast(a.xp + (m0 + m) * a.ldxp + kb * kI2BlockK + 32 * f);
+                    for (int m = 0; m < MR; ++m) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], code, xf[m]);
+                }
+            }
+        }
+    }
+};
+
+struct B3Tile {
+    // the tile's tail (K not whole blocks) as a whole zero-padded block
+    static void prepare(const uint8_t* tile, const WShape& s, uint8_t* tailbuf) {
+        if (s.tail_bytes) b3_tail_copy(tile, s, tailbuf);
+    }
+
+    template <int MR>
+    static void block(const uint8_t* wb, const int8_t* const xr[MR], __m512i acc[MR][4]) {
+        const __m512i k80 = _mm512_set1_epi8(char(0x80));
+        __m512i c[4];
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p) c[p] = _mm512_xor_si512(ld512(wb + 64 * p), k80);
+#pragma GCC unroll 5
+        for (int n = 0; n < 5; ++n) {
+            __m512i xn[MR];
+#pragma GCC unroll 4
+            for (int m = 0; m < MR; ++m) xn[m] = bcast(xr[m] + 32 * n);
 #pragma GCC unroll 4
             for (int p = 0; p < 4; ++p) {
-                const __m512i code = _mm512_and_si512(_mm512_srli_epi16(ld512(wb + 64 * p), 2 * f), m3);
+                const __m512i trit = b3_trit512(c[p]);
 #pragma GCC unroll 4
-                for (int m = 0; m < MR; ++m) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], code, xf[m]);
+                for (int m = 0; m < MR; ++m) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], trit, xn[m]);
+                c[p] = times3_512(c[p]);
             }
         }
     }
-    for (int m = 0; m < MR; ++m) sums[m] = _mm256_sub_epi32(hsum_pairs(acc[m]), _mm256_set1_epi32(a.xsum[m0 + m]));
-}
 
-void rows_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* tile = w + t * s.tile_bytes;
-        const int rows = int(s.N - t * kTileN < kTileN ? s.N - t * kTileN : kTileN);
-        for (int64_t m0 = 0; m0 < a.M; m0 += 4) {  // later groups find the tile in L1
-            __m256i sums[4];
-            const bool fetch = m0 == 0;
-            switch (a.M - m0 < 4 ? a.M - m0 : 4) {
-                case 4: tile_rows_i2<4>(a, m0, tile, s, fetch, sums); break;
-                case 3: tile_rows_i2<3>(a, m0, tile, s, fetch, sums); break;
-                case 2: tile_rows_i2<2>(a, m0, tile, s, fetch, sums); break;
-                default: tile_rows_i2<1>(a, m0, tile, s, fetch, sums); break;
-            }
-            for (int64_t m = m0; m < a.M && m < m0 + 4; ++m) store_rows(out + m * ldo + t * kTileN, sums[m - m0], rows);
+    template <int MR>
+    static void accumulate(const Act& a, int64_t m0, const uint8_t* tile, const uint8_t* tailbuf, const WShape& s,
+                           bool fetch, __m512i acc[MR][4]) {
+        const int8_t* xr[MR];
+        for (int64_t kb = 0; kb < s.nfull; ++kb) {
+            if (fetch) prefetch_block(tile + kb * kB3TileBlockBytes);
+            for (int m = 0; m < MR; ++m) xr[m] = a.xp + (m0 + m) * a.ldxp + kb * kB3BlockK;
+            block<MR>(tile + kb * kB3TileBlockBytes, xr, acc);
+        }
+        if (s.tail_bytes) {
+            for (int m = 0; m < MR; ++m) xr[m] = a.xp + (m0 + m) * a.ldxp + s.nfull * kB3BlockK;
+            block<MR>(tailbuf, xr, acc);
         }
     }
-}
+};
 
-// base3 with 2 <= M < kPanelMinM: as rows_i2, each tile block's trits decoded once for up to 4
-// activation rows (the GEMV decodes them again per row: 7 ops a trit per 64 bytes, 5 trits).
-template <int MR>
-inline void b3_block_rows(const uint8_t* wb, const int8_t* const xr[MR], __m512i acc[MR][4]) {
-    const __m512i k80 = _mm512_set1_epi8(char(0x80));
-    __m512i c[4];
-#pragma GCC unroll 4
-    for (int p = 0; p < 4; ++p) c[p] = _mm512_xor_si512(ld512(wb + 64 * p), k80);
-#pragma GCC unroll 5
-    for (int n = 0; n < 5; ++n) {
-        __m512i xn[MR];
-#pragma GCC unroll 4
-        for (int m = 0; m < MR; ++m) xn[m] = bcast(xr[m] + 32 * n);
-#pragma GCC unroll 4
-        for (int p = 0; p < 4; ++p) {
-            const __m512i trit = b3_trit512(c[p]);
-#pragma GCC unroll 4
-            for (int m = 0; m < MR; ++m) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], trit, xn[m]);
-            c[p] = times3_512(c[p]);
-        }
-    }
-}
-
-template <int MR>
-void tile_rows_b3(const Act& a, int64_t m0, const uint8_t* tile, const uint8_t* tailbuf, const WShape& s, bool fetch,
-                  __m256i sums[MR]) {
+template <class Tile, int MR>
+void tile_rows(const Act& a, int64_t m0, const uint8_t* tile, const uint8_t* tailbuf, const WShape& s, bool fetch,
+               __m256i sums[MR]) {
     __m512i acc[MR][4];
 #pragma GCC unroll 4
     for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
         for (int p = 0; p < 4; ++p) acc[m][p] = _mm512_setzero_si512();
-    const int8_t* xr[MR];
-    for (int64_t kb = 0; kb < s.nfull; ++kb) {
-        if (fetch) prefetch_block(tile + kb * kB3TileBlockBytes);
-        for (int m = 0; m < MR; ++m) xr[m] = a.xp + (m0 + m) * a.ldxp + kb * kB3BlockK;
-        b3_block_rows<MR>(tile + kb * kB3TileBlockBytes, xr, acc);
-    }
-    if (s.tail_bytes) {
-        for (int m = 0; m < MR; ++m) xr[m] = a.xp + (m0 + m) * a.ldxp + s.nfull * kB3BlockK;
-        b3_block_rows<MR>(tailbuf, xr, acc);
-    }
+    Tile::template accumulate<MR>(a, m0, tile, tailbuf, s, fetch, acc);
     for (int m = 0; m < MR; ++m) sums[m] = _mm256_sub_epi32(hsum_pairs(acc[m]), _mm256_set1_epi32(a.xsum[m0 + m]));
 }
 
-void rows_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0, int64_t t1) {
+template <class Tile>
+void rows_by_four(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
+                  int64_t t1) {
     alignas(64) uint8_t tailbuf[8 * 32];
     for (int64_t t = t0; t < t1; ++t) {
         const uint8_t* tile = w + t * s.tile_bytes;
         const int rows = int(s.N - t * kTileN < kTileN ? s.N - t * kTileN : kTileN);
-        if (s.tail_bytes) b3_tail_copy(tile, s, tailbuf);
+        Tile::prepare(tile, s, tailbuf);
         for (int64_t m0 = 0; m0 < a.M; m0 += 4) {  // later groups find the tile in L1
             __m256i sums[4];
             const bool fetch = m0 == 0;
             switch (a.M - m0 < 4 ? a.M - m0 : 4) {
-                case 4: tile_rows_b3<4>(a, m0, tile, tailbuf, s, fetch, sums); break;
-                case 3: tile_rows_b3<3>(a, m0, tile, tailbuf, s, fetch, sums); break;
-                case 2: tile_rows_b3<2>(a, m0, tile, tailbuf, s, fetch, sums); break;
-                default: tile_rows_b3<1>(a, m0, tile, tailbuf, s, fetch, sums); break;
+                case 4: tile_rows<Tile, 4>(a, m0, tile, tailbuf, s, fetch, sums); break;
+                case 3: tile_rows<Tile, 3>(a, m0, tile, tailbuf, s, fetch, sums); break;
+                case 2: tile_rows<Tile, 2>(a, m0, tile, tailbuf, s, fetch, sums); break;
+                default: tile_rows<Tile, 1>(a, m0, tile, tailbuf, s, fetch, sums); break;
             }
             for (int64_t m = m0; m < a.M && m < m0 + 4; ++m) store_rows(out + m * ldo + t * kTileN, sums[m - m0], rows);
-        }
-    }
-}
-
-void gemv_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
-             int64_t t1) {
-    alignas(64) uint8_t tailbuf[8 * 32];
-    for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* tile = w + t * s.tile_bytes;
-        const int rows = int(s.N - t * kTileN < kTileN ? s.N - t * kTileN : kTileN);
-        if (s.tail_bytes) b3_tail_copy(tile, s, tailbuf);
-        for (int64_t m = 0; m < a.M; ++m) {
-            const int8_t* x = a.xp + m * a.ldxp;
-            __m512i acc[4];
-            for (auto& v : acc) v = _mm512_setzero_si512();
-            for (int64_t kb = 0; kb < s.nfull; ++kb) {
-                prefetch_block(tile + kb * kB3TileBlockBytes);
-                b3_block(tile + kb * kB3TileBlockBytes, x + kb * kB3BlockK, acc);
-            }
-            if (s.tail_bytes) b3_block(tailbuf, x + s.nfull * kB3BlockK, acc);
-            store_rows(out + m * ldo + t * kTileN,
-                       _mm256_sub_epi32(hsum_pairs(acc), _mm256_set1_epi32(a.xsum[m])), rows);
         }
     }
 }
@@ -307,8 +270,8 @@ inline void unpack_b3_block(const uint8_t* wb, uint8_t* d0, int64_t L) {
 //   sum_k (x_k + 128) u_k = sum_k x_k w_k + sum_k x_k + 128 sum_k u_k
 // and out = acc - xsum[m] - 128 usum[r], with usum over the same padded k the products ran over
 // (padding meets x = 0, so it cancels exactly).
-// Crossover with rows_b3, 2B4T shapes on one Zen 4 core: at M = 16 the panels 117-131 GMAC/s,
-// rows_b3 107-122; at M = 8 rows_b3 100-122, the panels (16 lanes, half idle) far less.
+// Crossover with rows_by_four<B3Tile>, 2B4T shapes on one Zen 4 core: at M = 16 the panels 117-131 GMAC/s,
+// the 4-row kernel 107-122; at M = 8 it makes 100-122, the panels (16 lanes, half idle) far less.
 constexpr int64_t kPanelMinM = 16;
 constexpr int kPanelRows = kActPanelRows;
 static_assert(kPanelRows == panel::kRows, "Act::xv panels are the panel kernel's");
@@ -330,13 +293,13 @@ void prep_panels(const Act& a, const WShape& s, uint8_t* xv) {
     }
 }
 
-// usum[r] = sum of the L unpacked codes of tile row r.
-inline void code_row_sums(const uint8_t* ub, int64_t L, int32_t usum[8]) {
+// sub[r] = 128 × the sum of the L unpacked codes of tile row r.
+inline void code_row_sums(const uint8_t* ub, int64_t L, int32_t sub[8]) {
     for (int r = 0; r < 8; ++r) {
         __m256i acc = _mm256_setzero_si256();
         for (int64_t k = 0; k < L; k += 32) acc = _mm256_add_epi64(acc, _mm256_sad_epu8(ld(ub + r * L + k), _mm256_setzero_si256()));
         const __m128i h = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        usum[r] = int32_t(_mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1));
+        sub[r] = 128 * int32_t(_mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1));
     }
 }
 
@@ -345,24 +308,8 @@ void panel_chunk(const Act& a, const uint8_t* ub, int64_t L, int64_t k0, bool fi
                  int64_t n0, int rows) {
     int32_t sub[8];
     code_row_sums(ub, L, sub);
-    for (auto& v : sub) v *= 128;
-    const int64_t pstride = kPanelRows * a.ldxp, panels = ceil_div(a.M, kPanelRows);
     const uint8_t* xv = a.xv + kPanelRows * k0;  // k-group k0 / 4, 64 bytes each
-    for (int64_t p0 = 0; p0 < panels; p0 += panel::kMaxPanels) {
-        __m512i acc[panel::kMaxPanels][8];
-        const int64_t mb = panels - p0 < panel::kMaxPanels ? panels - p0 : panel::kMaxPanels;
-        const uint8_t* x0 = xv + p0 * pstride;
-        switch (mb) {
-            case 3: panel::micro<3>(x0, pstride, ub, L, L, acc); break;
-            case 2: panel::micro<2>(x0, pstride, ub, L, L, acc); break;
-            default: panel::micro<1>(x0, pstride, ub, L, L, acc); break;
-        }
-        for (int64_t i = 0; i < mb; ++i) {
-            const int64_t m0 = (p0 + i) * kPanelRows;
-            panel::store(acc[i], sub, first ? a.xsum + m0 : nullptr, a.M - m0 < kPanelRows ? a.M - m0 : kPanelRows,
-                         !first, out + m0 * ldo + n0, ldo, rows);
-        }
-    }
+    panel::all_panels(xv, a.M, kPanelRows * a.ldxp, ub, L, sub, first ? a.xsum : nullptr, !first, out + n0, ldo, rows);
 }
 
 void gemm_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
@@ -392,12 +339,12 @@ void gemm_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int6
 
 void range_i2(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
               int64_t t1) {
-    (a.M == 1 ? gemv_i2 : rows_i2)(a, w, s, out, ldo, t0, t1);
+    (a.M == 1 ? gemv_i2 : rows_by_four<I2Tile>)(a, w, s, out, ldo, t0, t1);
 }
 
 void range_b3(const Act& a, const uint8_t* w, const WShape& s, int32_t* out, int64_t ldo, int64_t t0,
               int64_t t1) {
-    (a.M == 1 ? gemv_b3 : a.M < kPanelMinM ? rows_b3 : gemm_b3)(a, w, s, out, ldo, t0, t1);
+    (a.M < kPanelMinM ? rows_by_four<B3Tile> : gemm_b3)(a, w, s, out, ldo, t0, t1);
 }
 
 }  // namespace
