@@ -87,6 +87,17 @@ CASES = [
     Case("logit-bias-over-100", CHAT, chat(logit_bias={"3": 100.5}), param="logit_bias"),
     Case("logit-bias-string-value", CHAT, chat(logit_bias={"3": "5"}), param="logit_bias"),
     Case("logit-bias-a-list", CHAT, chat(logit_bias=[3, 5]), param="logit_bias"),
+    Case("response-format-unknown-type", CHAT, chat(response_format={"type": "yaml"}), param="response_format"),
+    Case("response-format-a-string", COMPLETIONS, completion(response_format="json"), param="response_format"),
+    Case("json-schema-format-without-schema-object", CHAT, chat(response_format={"type": "json_schema"}),
+         param="response_format", says=("json_schema object",)),
+    Case("json-schema-invalid", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "r", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}),
+        param="response_format", says=("grammar is invalid",)),
+    Case("json-schema-unsupported-keyword", COMPLETIONS, completion(response_format={"type": "json_schema", "json_schema": {
+        "name": "r", "schema": {"not": {"type": "string"}}}}), param="response_format", says=("not",)),
+    Case("json-schema-name-with-spaces", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "my reply", "schema": {}}}), param="response_format"),
     Case("logit-bias-301-tokens", COMPLETIONS, completion(logit_bias={str(i): 1 for i in range(301)}),
          param="logit_bias"),
     Case("logit-bias-outside-vocabulary", CHAT, chat(logit_bias={"999999": -100}), param="logit_bias",

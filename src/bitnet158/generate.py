@@ -30,6 +30,7 @@ from .logprobs import MAX_LOGPROBS, TokenLogprob, token_logprobs
 from .runner import runner_for
 from .sampling import SamplingConfig, TokenSampler, as_logits
 from .stops import StopMatcher
+from .structured import Grammar, GrammarMatcher
 from .tokenizer import Tokenizer
 
 def check_logits(logits: np.ndarray, position: int) -> None:
@@ -46,7 +47,8 @@ def check_logits(logits: np.ndarray, position: int) -> None:
 class GenerationRequest:
     """One completion request, as the API, chat and server take it. `prompt` holds token ids with
     bos already in place. logprobs: None for none, k >= 0 for the chosen token's logprob and k
-    alternatives. echo: the first response also carries the prompt's own logprobs."""
+    alternatives. echo: the first response also carries the prompt's own logprobs. grammar: the
+    output must match it (`bitnet158.structured`)."""
     prompt: tuple[int, ...]
     max_tokens: int = 100
     sampling: SamplingConfig = SamplingConfig()  # frozen, so one shared default is safe
@@ -54,6 +56,7 @@ class GenerationRequest:
     seed: int | None = None
     logprobs: int | None = None
     echo: bool = False
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         # accept lists (and one bare stop string) but keep the request hashable and immutable
@@ -79,6 +82,8 @@ class GenerationRequest:
             raise ConfigError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if not isinstance(self.echo, bool):
             raise ConfigError(f"echo must be true or false, got {self.echo!r}")
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise ConfigError(f"grammar must be a bitnet158.structured.Grammar, got {type(self.grammar).__name__}")
         return self
 
 
@@ -99,9 +104,11 @@ class GenerationResponse:
 class SequenceDecoder:
     """One sequence's state machine: next-token logits in, one `GenerationResponse` out.
 
-    Samples (own generator, seeded from request.seed), stream-detokenizes, holds back text that may
-    start a stop string, and finishes on an end token (eos or end-of-turn; its text is not
-    emitted), a stop string, or max_tokens (clamped to what `context` leaves after the prompt).
+    Samples (own generator, seeded from request.seed) among the tokens the request's grammar
+    allows, stream-detokenizes, holds back text that may start a stop string, and finishes on an
+    end token (eos or end-of-turn; its text is not emitted), a stop string, a completed grammar,
+    or max_tokens (clamped to what `context` leaves after the prompt). Logprobs are the model's,
+    before the grammar's mask.
     Timing fields are 0: the caller measures them and fills them with dataclasses.replace. A
     driver (stream_request, the batching engine) runs it like this:
 
@@ -128,6 +135,7 @@ class SequenceDecoder:
         self._detok = tokenizer.streaming_detokenizer()
         self._stops = StopMatcher(request.stop)
         self._prompt_logprobs: list[TokenLogprob | None] | None = None
+        self._grammar: GrammarMatcher | None = None  # built at the first step, which knows the vocabulary
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
 
@@ -164,17 +172,25 @@ class SequenceDecoder:
             raise RuntimeError("the sequence has already finished")
         logits = as_logits(logits)
         check_logits(logits, len(self.tokens) + 1)
-        token = self._sampler(logits, draft)
+        allowed = logits
+        if self.request.grammar is not None:
+            if self._grammar is None:
+                self._grammar = GrammarMatcher(self.request.grammar, self.tokenizer, logits.shape[-1])
+            allowed = self._grammar.mask(logits)
+        token = self._sampler(allowed, draft)
         self.tokens.append(token)
+        if self._grammar is not None:
+            self._grammar.accept(token)
         logprob = None
         if self.request.logprobs is not None:
             logprob = token_logprobs(self.tokenizer, logits[None], [token], self.request.logprobs)[0]
         if token in self._end_ids:  # its text (e.g. "<|eot_id|>") is a signal, not output
             text = self._finish(self._detok.finalize(), "stop")
         else:
+            complete = self._grammar is not None and self._grammar.complete
             at_length = len(self.tokens) >= self.max_tokens
-            piece = self._detok.add(token) + (self._detok.finalize() if at_length else "")
-            text = self._finish(piece, "length" if at_length else None)
+            piece = self._detok.add(token) + (self._detok.finalize() if at_length or complete else "")
+            text = self._finish(piece, "stop" if complete else "length" if at_length else None)
         response = GenerationResponse(text, token, len(self.tokens), len(self.request.prompt), 0.0, 0.0,
                                       self.finish_reason, logprob, self._prompt_logprobs)
         self._prompt_logprobs = None  # only the first response carries the prompt's logprobs
@@ -391,13 +407,13 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], ma
                     sampling: SamplingConfig | None = None, seed: int | None = None, *,
                     stop: Sequence[str] = (), logprobs: int | None = None, echo: bool = False,
                     cache: PromptCache | None = None, drafter: Drafter | None = None,
-                    draft_tokens: DraftTokens = "auto",
-                    stats: SpeculationStats | None = None) -> Iterator[GenerationResponse]:
+                    draft_tokens: DraftTokens = "auto", stats: SpeculationStats | None = None,
+                    grammar: Grammar | None = None) -> Iterator[GenerationResponse]:
     """Stream the continuation of `prompt` (text, encoded with bos as the tokenizer wants, or
     token ids) as GenerationResponses; the last one has finish_reason set. `drafter`: speculative
-    decoding (see `stream_request`)."""
+    decoding (see `stream_request`). `grammar`: the output must match it (structured output)."""
     request = GenerationRequest(tuple(_prompt_ids(tokenizer, prompt)), max_tokens,
-                                sampling or SamplingConfig(), stop, seed, logprobs, echo)  # stop → tuple
+                                sampling or SamplingConfig(), stop, seed, logprobs, echo, grammar)  # stop → tuple
     return stream_request(model, tokenizer, request.validate(), cache=cache, drafter=drafter,
                           draft_tokens=draft_tokens, stats=stats)
 
@@ -405,8 +421,9 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], ma
 def generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 100,
              sampling: SamplingConfig | None = None, seed: int | None = None, *, stop: Sequence[str] = (),
              cache: PromptCache | None = None, drafter: Drafter | None = None,
-             draft_tokens: DraftTokens = "auto", stats: SpeculationStats | None = None) -> str:
+             draft_tokens: DraftTokens = "auto", stats: SpeculationStats | None = None,
+             grammar: Grammar | None = None) -> str:
     """The generated continuation of `prompt` as one string."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, sampling, seed,
                                                    stop=stop, cache=cache, drafter=drafter,
-                                                   draft_tokens=draft_tokens, stats=stats))
+                                                   draft_tokens=draft_tokens, stats=stats, grammar=grammar))

@@ -9,6 +9,7 @@ from ..generate import SpeculationStats, stream_generate
 from ..sampling import SamplingConfig
 from ..draft_length import check_draft_tokens
 from ..speculative import DraftModel, PromptLookup
+from ..structured import Grammar
 from .common import default_of
 from .inference import add_runtime_argument, load_model
 
@@ -35,11 +36,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a fixed K (seeded sampling repeats exactly only with a fixed K)")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT layout, or a finetune run) applied unmerged")
     p.add_argument("--quiet", action="store_true", help="no statistics line")
+    shape = p.add_mutually_exclusive_group()  # structured output: what the text must match
+    shape.add_argument("--json", action="store_true", help="the output is one JSON object")
+    shape.add_argument("--json-schema", metavar="FILE", help="the output is JSON matching this JSON schema")
+    shape.add_argument("--regex", metavar="PATTERN", help="the whole output matches this regular expression")
+    shape.add_argument("--grammar", metavar="FILE", help="the output matches this Lark grammar")
     add_runtime_argument(p)
+
+
+def grammar_of(args: argparse.Namespace) -> Grammar | None:
+    """The structured-output option given, if any (read and checked before the model loads)."""
+    if args.json:
+        return Grammar.json_object().validate()
+    if args.json_schema is not None:
+        return Grammar.json_schema(Grammar.read(args.json_schema, "JSON schema")).validate()
+    if args.regex is not None:
+        return Grammar.regex(args.regex).validate()
+    if args.grammar is not None:
+        return Grammar.lark(Grammar.read(args.grammar, "grammar")).validate()
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     draft_tokens = check_draft_tokens(args.draft_tokens)  # before the model loads
+    grammar = grammar_of(args)
     model, tokenizer = load_model(args.checkpoint, runtime=args.runtime, threads=args.threads, adapter=args.adapter,
                                   kv_dtype=args.kv_cache)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -55,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     last = None
     sys.stdout.write(args.prompt)
     for last in stream_generate(model, tokenizer, args.prompt, args.max_tokens, sampling, args.seed,
-                                drafter=drafter, draft_tokens=draft_tokens, stats=stats):
+                                drafter=drafter, draft_tokens=draft_tokens, stats=stats, grammar=grammar):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

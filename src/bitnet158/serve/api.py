@@ -32,6 +32,7 @@ from .._version import __version__
 from ..chat_template import encode_chat, stop_texts_for
 from ..errors import BitNetError, ConfigError, first_line
 from ..generate import GenerationRequest
+from ..structured import Grammar
 from ..sampling import SamplingConfig
 from ..tokenizer import Tokenizer
 from .engine import EngineStopped, QueueFull
@@ -153,7 +154,7 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, ap
         stops = tuple(dict.fromkeys(body.stop_list() + stop_texts_for(loaded.template)))
         top = (body.top_logprobs or 0) if body.logprobs else None
         gen = _generation(body, loaded, prompt, body.max_completion_tokens or body.max_tokens, stops,
-                          logprobs=top, echo=False, param="messages")
+                          logprobs=top, echo=False, param="messages", grammar=_grammar(body, loaded))
         shape = ChatShape(loaded.tokenizer, state.model_name, logprobs=top is not None)
         return await _answer(request, loaded, metrics, [gen], [shape], body.stream, body.include_usage())
 
@@ -169,10 +170,11 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, ap
                            f"(--max-concurrency + --max-queue)", param="prompt")
         max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens  # OpenAI: null is 16
         gens, shapes = [], []
+        grammar = _grammar(body, loaded)
         for one in prompts:
             prompt, prompt_text = _completion_prompt(tok, one)
             gens.append(_generation(body, loaded, prompt, max_tokens, body.stop_list(), logprobs=body.logprobs,
-                                    echo=bool(body.echo), param="prompt"))
+                                    echo=bool(body.echo), param="prompt", grammar=grammar))
             shapes.append(CompletionShape(tok, state.model_name, prompt_ids=prompt, prompt_text=prompt_text,
                                           logprobs=body.logprobs is not None, echo=bool(body.echo)))
         return await _answer(request, loaded, metrics, gens, as_batch(shapes), body.stream, body.include_usage())
@@ -229,9 +231,18 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
+def _grammar(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded) -> Grammar | None:
+    """The request's response_format as a grammar, compiled once here so that a bad schema is a 400."""
+    try:
+        grammar = body.grammar()
+        return grammar.validate(loaded.tokenizer) if grammar is not None else None
+    except ConfigError as e:
+        raise ApiError(400, first_line(e), param="response_format") from None
+
+
 def _generation(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded, prompt: list[int],
                 max_tokens: int | None, stops: tuple[str, ...], *, logprobs: int | None, echo: bool,
-                param: str) -> GenerationRequest:
+                param: str, grammar: Grammar | None) -> GenerationRequest:
     n_ctx = loaded.engine.max_len
     if len(prompt) >= n_ctx:
         raise ApiError(400, f"the prompt is too long for the context: n_prompt_tokens={len(prompt)}, n_ctx={n_ctx} "
@@ -248,7 +259,7 @@ def _generation(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=bias)
     gen = GenerationRequest(prompt=tuple(prompt), max_tokens=min(max_tokens or room, room), sampling=sampling,
-                            stop=stops, seed=body.seed, logprobs=logprobs, echo=echo)
+                            stop=stops, seed=body.seed, logprobs=logprobs, echo=echo, grammar=grammar)
     try:
         return gen.validate()
     except ConfigError as e:

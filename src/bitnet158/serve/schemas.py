@@ -4,7 +4,8 @@ which is cheaper per streamed chunk than validating a model each time).
 
 Requests are strict: OpenAI answers 400 for "0.5" where a number belongs or 1 where a boolean
 belongs, and lax coercion would accept them silently. Unknown fields are ignored, so a client that
-sends newer options (tools, response_format, ...) still gets an answer. `null` means "the default"
+sends newer options (tools, ...) still gets an answer; `response_format` is honoured (structured
+output), never ignored: a client that asks for JSON must get JSON or a 400. `null` means "the default"
 for every optional field, as some clients send every field they know. Ranges are OpenAI's; top_k,
 min_p and repetition_penalty are extensions (repetition_penalty kept within [0.01, 100], where
 logits / penalty stays finite in float32).
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from ..logprobs import MAX_LOGPROBS
 from ..sampling import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES
+from ..structured import Grammar
 
 MAX_STOP = 4            # OpenAI's limit on stop sequences
 MAX_INT = 2**31 - 1     # token counts beyond this cannot fit any context; refusing them keeps ints small
@@ -41,6 +43,33 @@ class StreamOptions(_Strict):
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute; the JSON field is still "schema"
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema", description="absent: any JSON value")
+    strict: bool | None = Field(None, description="the output always matches the schema, whatever this says")
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object (name and schema)")
+        return self
+
+    def grammar(self) -> Grammar | None:
+        if self.type == "json_object":
+            return Grammar.json_object()
+        if self.type == "json_schema" and self.json_schema is not None:
+            schema = self.json_schema.schema_
+            return Grammar.json_schema(True if schema is None else schema)
+        return None
 
 
 class ChatMessage(_Strict):
@@ -70,6 +99,7 @@ class _GenerationFields(_Strict):
     n: int | None = Field(1, description="only 1 is supported")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: structured output")
     user: str | None = None
 
     @field_validator("n")
@@ -94,6 +124,9 @@ class _GenerationFields(_Strict):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def grammar(self) -> Grammar | None:
+        return self.response_format.grammar() if self.response_format else None
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

@@ -1,0 +1,214 @@
+"""Structured output: generation constrained to a regular expression, a JSON schema or a Lark
+grammar, in the Python API and through the server's `response_format`.
+
+The references are independent of llguidance: a brute-force regex mask (every vocabulary entry
+tried against the `regex` module's partial matching) for the greedy choice at each step, and
+json.loads plus hand-written checks for schemas."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import regex
+import torch
+from engine_fixtures import GREEDY, model, tok  # noqa: F401  (module-scoped fixtures)
+from serve_helpers import running_server
+
+from bitnet158 import checkpoint
+from bitnet158.cli.serve import engine_loader
+from bitnet158.errors import ConfigError
+from bitnet158.generate import GenerationRequest, SequenceDecoder, generate, stream_generate
+from bitnet158 import save_packed
+from bitnet158.sampling import SamplingConfig
+from bitnet158.serve.api import create_app
+from bitnet158.structured import Grammar
+
+PATTERN = r"[0-9]{3}-[a-z]{2,5}"
+SCHEMA = {"type": "object",
+          "properties": {"color": {"enum": ["red", "green"]}, "ok": {"type": "boolean"},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["color", "ok", "n"], "additionalProperties": False}
+
+
+def check_schema_value(text: str) -> dict:
+    value = json.loads(text)
+    assert list(value) == ["color", "ok", "n"]  # the schema's order, compact
+    assert value["color"] in ("red", "green") and isinstance(value["ok"], bool)
+    assert isinstance(value["n"], int) and not isinstance(value["n"], bool) and 0 <= value["n"] <= 99
+    assert text == json.dumps(value, separators=(",", ":"))
+    return value
+
+
+def logits_after(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0, -1].float().numpy()
+
+
+def test_greedy_regex_picks_the_best_token_the_pattern_allows(model, tok):  # noqa: F811
+    """At every step the token is the highest-logit one among those a brute-force partial match
+    allows (and an end token only once the whole pattern matches)."""
+    prompt = tok.encode_prompt("def ")
+    responses = list(stream_generate(model, tok, prompt, 40, GREEDY, grammar=Grammar.regex(PATTERN)))
+    text = "".join(r.text for r in responses)
+    assert regex.fullmatch(PATTERN, text) and responses[-1].finish_reason == "stop"
+    ids, so_far = list(prompt), ""
+    for r in responses:
+        logits = logits_after(model, ids)
+        allowed = np.zeros(logits.shape[0], dtype=bool)
+        for t in range(tok.vocab_size):
+            if t in tok.end_ids:
+                allowed[t] = regex.fullmatch(PATTERN, so_far) is not None
+            else:
+                piece = tok.token_bytes(t).decode("utf-8", errors="replace")
+                allowed[t] = regex.fullmatch(PATTERN, so_far + piece, partial=True) is not None
+        assert r.token == int(np.argmax(np.where(allowed, logits, -np.inf)))
+        ids.append(r.token)
+        so_far += tok.token_bytes(r.token).decode("utf-8")
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2, 3])
+def test_json_schema_output_parses_and_matches(model, tok, seed):  # noqa: F811
+    sampling = GREEDY if seed is None else SamplingConfig(temperature=1.0, top_p=0.95)
+    responses = list(stream_generate(model, tok, "The ", 80, sampling, seed, grammar=Grammar.json_schema(SCHEMA)))
+    check_schema_value("".join(r.text for r in responses))
+    assert responses[-1].finish_reason == "stop"  # the closed object ends it: nothing may follow
+
+
+def test_lark_grammar_and_json_object(model, tok):  # noqa: F811
+    lark = 'start: "yes" | "no" | "maybe"'
+    assert generate(model, tok, "for ", 10, GREEDY, grammar=Grammar.lark(lark)) in ("yes", "no", "maybe")
+    text = generate(model, tok, "for ", 60, SamplingConfig(temperature=1.0), seed=5, grammar=Grammar.json_object())
+    assert text.startswith("{")  # an object, closed or cut at max_tokens
+
+
+def test_max_tokens_cuts_a_grammar_short(model, tok):  # noqa: F811
+    responses = list(stream_generate(model, tok, "The ", 3, GREEDY, grammar=Grammar.json_schema(SCHEMA)))
+    assert responses[-1].finish_reason == "length" and "".join(r.text for r in responses).startswith('{"')
+
+
+def test_logprobs_stay_the_models(model, tok):  # noqa: F811
+    """The grammar decides what may be sampled; the reported logprobs are the model's own."""
+    prompt = tuple(tok.encode_prompt("def "))
+    plain = SequenceDecoder(tok, GenerationRequest(prompt, 5, GREEDY, logprobs=2))
+    constrained = SequenceDecoder(tok, GenerationRequest(prompt, 5, GREEDY, logprobs=2, grammar=Grammar.regex("[0-9]+")))
+    logits = logits_after(model, list(prompt))
+    a, b = plain.step(logits), constrained.step(logits)
+    assert b.text.isdigit() and b.logprob.top == a.logprob.top
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: Grammar.regex("["), "regex grammar is invalid"),
+    (lambda: Grammar.json_schema({"type": "foo"}), "json_schema grammar is invalid"),
+    (lambda: Grammar.json_schema("{not json"), "not valid JSON"),
+    (lambda: Grammar.json_schema([1, 2]), "a JSON schema is an object"),
+    (lambda: Grammar.lark("start: undefined_rule"), "lark grammar is invalid"),
+    (lambda: Grammar.regex("a" * (2**20 + 1)), "at most"),
+    (lambda: Grammar("xml", "<a/>"), "grammar kind must be one of"),
+])
+def test_bad_grammars_are_one_line_errors(tok, make, fragment):  # noqa: F811
+    with pytest.raises(ConfigError) as info:
+        make().validate(tok)
+    message = str(info.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_a_hostile_pattern_is_bounded(model, tok):  # noqa: F811
+    """Nested counted repetitions compile lazily and each mask stays within llguidance's fuel."""
+    text = generate(model, tok, "def ", 8, GREEDY, grammar=Grammar.regex("(a{1,1000}){1,1000}b"))
+    assert regex.fullmatch("a*b?", text)
+
+
+# ---------------------------------------------------------------- through the server
+
+@pytest.fixture(scope="module")
+def served_dir(tmp_path_factory, model, tok):  # noqa: F811
+    path = tmp_path_factory.mktemp("structured") / "tiny"
+    save_packed(model, path, tok)
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(served_dir):
+    openai = pytest.importorskip("openai")
+    app = create_app(engine_loader(served_dir, max_concurrency=3, max_queue=4), model_name="tiny")
+    with running_server(app) as url:
+        with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+            yield c
+
+
+def test_server_json_schema_equals_generate(client, served_dir):
+    model, tk = checkpoint.load(served_dir)
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA, "strict": True}}
+    got = client.completions.create(model="tiny", prompt="The ", max_tokens=80, temperature=0,
+                                    extra_body={"response_format": fmt})
+    expected = generate(model, tk, "The ", 80, GREEDY, grammar=Grammar.json_schema(SCHEMA))
+    assert got.choices[0].text == expected and got.choices[0].finish_reason == "stop"
+    check_schema_value(expected)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "colour?"}],
+                                          max_tokens=80, temperature=0, response_format=fmt)
+    check_schema_value(chat.choices[0].message.content)
+
+
+def test_server_streams_side_by_side_each_match(client):
+    import concurrent.futures
+
+    def one(seed: int) -> str:
+        stream = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"n{seed}"}], max_tokens=80, temperature=1.0,
+            seed=seed, stream=True, response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}})
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for text in pool.map(one, range(6)):
+            check_schema_value(text)
+
+
+@pytest.mark.parametrize("fmt, fragment", [
+    ({"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "foo"}}}, "json_schema grammar is invalid"),
+    ({"type": "json_schema"}, "needs a json_schema object"),
+    ({"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}}, "name"),
+    ({"type": "yaml"}, "type"),
+    ({"type": "json_schema", "json_schema": {"name": "r", "schema": [1]}}, "schema"),
+])
+def test_server_refuses_bad_formats(client, fmt, fragment):
+    import openai
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body={"response_format": fmt})
+    assert fragment in info.value.body["message"] and info.value.body["param"].startswith("response_format")
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices  # still serving
+
+
+# ---------------------------------------------------------------- the CLI
+
+def test_cli_generate_json_schema(served_dir, tmp_path, capsys):
+    from bitnet158.cli import main
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    capsys.readouterr()
+    assert main(["generate", str(served_dir), "--prompt", "The ", "--max-tokens", "80", "--temperature", "0",
+                 "--json-schema", str(schema), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The ")
+    check_schema_value(out[len("The "):].rstrip("\n"))
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--json-schema", "missing.json"], "cannot read the JSON schema"),
+    (["--regex", "("], "regex grammar is invalid"),
+])
+def test_cli_refuses_bad_grammars(served_dir, tmp_path, capsys, monkeypatch, argv, fragment):
+    from bitnet158.cli import main
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["generate", str(served_dir), "--prompt", "x", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bitnet158: error: ") and fragment in err and "\n" not in err, err
+
+
+def test_cli_takes_one_grammar_option(served_dir, capsys):
+    from bitnet158.cli import main
+    with pytest.raises(SystemExit):
+        main(["generate", str(served_dir), "--json", "--regex", "a"])
+    assert "not allowed with argument --json" in capsys.readouterr().err
