@@ -146,6 +146,8 @@ _TOKENIZERS: "weakref.WeakKeyDictionary[Tokenizer, dict[int | None, Any]]" = wea
 
 
 def _lltokenizer(tokenizer: Tokenizer, vocab: int | None = None) -> Any:
+    if vocab == tokenizer.vocab_size:
+        vocab = None  # the same table: the server's check and its engine's matchers share one
     per_vocab = _TOKENIZERS.setdefault(tokenizer, {})
     if vocab not in per_vocab:
         llg = _llguidance()

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
@@ -154,7 +155,7 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, ap
         stops = tuple(dict.fromkeys(body.stop_list() + stop_texts_for(loaded.template)))
         top = (body.top_logprobs or 0) if body.logprobs else None
         gen = _generation(body, loaded, prompt, body.max_completion_tokens or body.max_tokens, stops,
-                          logprobs=top, echo=False, param="messages", grammar=_grammar(body, loaded))
+                          logprobs=top, echo=False, param="messages", grammar=await _grammar(body, loaded))
         shape = ChatShape(loaded.tokenizer, state.model_name, logprobs=top is not None)
         return await _answer(request, loaded, metrics, [gen], [shape], body.stream, body.include_usage())
 
@@ -170,7 +171,7 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, ap
                            f"(--max-concurrency + --max-queue)", param="prompt")
         max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens  # OpenAI: null is 16
         gens, shapes = [], []
-        grammar = _grammar(body, loaded)
+        grammar = await _grammar(body, loaded)
         for one in prompts:
             prompt, prompt_text = _completion_prompt(tok, one)
             gens.append(_generation(body, loaded, prompt, max_tokens, body.stop_list(), logprobs=body.logprobs,
@@ -231,11 +232,13 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _grammar(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded) -> Grammar | None:
-    """The request's response_format as a grammar, compiled once here so that a bad schema is a 400."""
+async def _grammar(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded) -> Grammar | None:
+    """The request's response_format as a grammar, compiled once here so that a bad schema is a 400
+    (on a worker thread: a large schema, or the first one, which reads the vocabulary, takes long
+    enough to stall every other stream's event loop)."""
     try:
         grammar = body.grammar()
-        return grammar.validate(loaded.tokenizer) if grammar is not None else None
+        return await run_in_threadpool(grammar.validate, loaded.tokenizer) if grammar is not None else None
     except ConfigError as e:
         raise ApiError(400, first_line(e), param="response_format") from None
 
