@@ -76,6 +76,20 @@ def test_json_schema_output_parses_and_matches(model, tok, seed):  # noqa: F811
     assert responses[-1].finish_reason == "stop"  # the closed object ends it: nothing may follow
 
 
+@pytest.mark.parametrize("grammar", [Grammar.json_schema(SCHEMA), Grammar.regex("(ab|[0-9]){1,12}c")])
+def test_speculation_keeps_the_grammar_and_the_tokens(model, tok, grammar):  # noqa: F811
+    """Drafts the grammar forbids have probability 0 and are rejected by the usual rule: greedy
+    output with prompt-lookup drafts equals plain greedy output under the same grammar."""
+    from bitnet158.generate import SpeculationStats
+    from bitnet158.speculative import PromptLookup
+    prompt = "ababab 1212 ababab 1212 "
+    plain = generate(model, tok, prompt, 40, GREEDY, grammar=grammar)
+    stats = SpeculationStats()
+    drafted = generate(model, tok, prompt, 40, GREEDY, grammar=grammar, drafter=PromptLookup(), draft_tokens=3,
+                       stats=stats)
+    assert drafted == plain and stats.verify_forwards > 0
+
+
 def test_lark_grammar_and_json_object(model, tok):  # noqa: F811
     lark = 'start: "yes" | "no" | "maybe"'
     assert generate(model, tok, "for ", 10, GREEDY, grammar=Grammar.lark(lark)) in ("yes", "no", "maybe")
