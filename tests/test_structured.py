@@ -226,3 +226,41 @@ def test_cli_takes_one_grammar_option(served_dir, capsys):
     with pytest.raises(SystemExit):
         main(["generate", str(served_dir), "--json", "--regex", "a"])
     assert "not allowed with argument --json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- other tokenizer families
+
+def _spm_backend(tmp_path):
+    import io
+    spm = pytest.importorskip("sentencepiece")
+    from bitnet158.interop.spm_tokenizer import sentencepiece_backend
+    from bitnet158.train.data.corpus import default_corpus
+    lines = [line for doc in default_corpus().train[:100] for line in doc.text.splitlines() if line.strip()]
+    blob = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=blob, vocab_size=400, model_type="bpe",
+                                   byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=True,
+                                   remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(blob.getvalue())
+    return sentencepiece_backend(tmp_path / "tokenizer.model"), "</s>"
+
+
+def _llama3_backend(tmp_path):
+    from hf_fixtures import llama3_like_tokenizer
+    return llama3_like_tokenizer(), "<|end_of_text|>"
+
+
+@pytest.mark.parametrize("backend", [_spm_backend, _llama3_backend], ids=["sentencepiece-byte-fallback", "llama3-like"])
+def test_imported_tokenizers_are_masked_right(tmp_path, backend):
+    """A LLaMA-style SentencePiece vocabulary (Metaspace, byte fallback) and a LLaMA 3-like
+    byte-level one: whatever the logits, the text decoded from the masked choices matches."""
+    from bitnet158.structured import GrammarMatcher
+    from bitnet158.tokenizer import Tokenizer
+    vocabulary, eos = backend(tmp_path)
+    tk = Tokenizer(vocabulary, eos_token=eos)
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        matcher, ids = GrammarMatcher(Grammar.regex(PATTERN), tk, tk.vocab_size), []
+        while not matcher.complete and len(ids) < 40:
+            ids.append(int(np.argmax(matcher.mask(rng.standard_normal(tk.vocab_size).astype(np.float32)))))
+            matcher.accept(ids[-1])
+        assert matcher.complete and regex.fullmatch(PATTERN, tk.decode(ids)), tk.decode(ids)
