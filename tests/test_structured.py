@@ -137,9 +137,15 @@ def test_a_hostile_pattern_is_bounded(model, tok):  # noqa: F811
 # ---------------------------------------------------------------- through the server
 
 @pytest.fixture(scope="module")
-def served_dir(tmp_path_factory, model, tok):  # noqa: F811
+def served_dir(tmp_path_factory, tok):  # noqa: F811
+    """The engine fixtures' shapes with room for tool definitions in the prompt (1,024 positions)."""
+    import bitnet158 as bn
+    from bitnet158.config import ModelConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, max_seq_len=1024)
     path = tmp_path_factory.mktemp("structured") / "tiny"
-    save_packed(model, path, tok)
+    save_packed(bn.pack_(bn.Transformer(cfg)).eval(), path, tok)
     return path
 
 
@@ -264,3 +270,129 @@ def test_imported_tokenizers_are_masked_right(tmp_path, backend):
             ids.append(int(np.argmax(matcher.mask(rng.standard_normal(tk.vocab_size).astype(np.float32)))))
             matcher.accept(ids[-1])
         assert matcher.complete and regex.fullmatch(PATTERN, tk.decode(ids)), tk.decode(ids)
+
+
+# ---------------------------------------------------------------- tool calls (serve/tools.py)
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "the forecast",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "Weather in Oslo?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def check_call(name: str, arguments: str) -> None:
+    args = json.loads(arguments)
+    if name == "get_weather":
+        assert set(args) == {"city", "days"} and args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7
+    else:
+        assert name == "get_time" and args in ({"zone": "UTC"}, {"zone": "CET"})
+
+
+def test_named_tool_choice_is_a_matching_call(client, served_dir):
+    from bitnet158.chat_template import encode_chat
+    reply = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, CLOCK], tool_choice=NAMED,
+                                           max_tokens=60, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    check_call(call.function.name, call.function.arguments)
+    model, tk = checkpoint.load(served_dir)  # the same prompt (tools rendered) and schema through generate()
+    prompt = encode_chat(tk, ASK, tools=[WEATHER, CLOCK])
+    expected = generate(model, tk, prompt, 60, GREEDY, grammar=Grammar.json_schema(WEATHER["function"]["parameters"]))
+    assert json.loads(call.function.arguments) == json.loads(expected)
+
+
+def test_required_tool_choice_calls_one_of_the_tools(client):
+    names = set()
+    for seed in range(4):
+        reply = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, CLOCK],
+                                               tool_choice="required", max_tokens=60, temperature=1.0, seed=seed)
+        (call,) = reply.choices[0].message.tool_calls
+        check_call(call.function.name, call.function.arguments)
+        names.add(call.function.name)
+    assert names <= {"get_weather", "get_time"}
+
+
+def test_a_streamed_call_equals_the_whole_one(client):
+    kwargs = dict(model="tiny", messages=ASK, tools=[WEATHER], tool_choice=NAMED, max_tokens=60, temperature=0)
+    whole_call = client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
+    calls, finish = [], None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            calls += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    (call,) = calls
+    assert finish == "tool_calls" and call.index == 0
+    assert (call.function.name, call.function.arguments) == (whole_call.function.name, whole_call.function.arguments)
+
+
+def test_auto_answers_plain_text_as_content_and_takes_tool_history(client):
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+                         {"id": "call_1", "type": "function",
+                          "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "4 C, snow"}]
+    reply = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], max_tokens=12,
+                                           temperature=0)
+    choice = reply.choices[0]
+    assert choice.message.tool_calls is None and choice.message.content and choice.finish_reason in ("stop", "length")
+
+
+def _responses(pieces: list[str], finish: str = "stop") -> list:
+    from bitnet158.generate import GenerationResponse
+    return [GenerationResponse(piece, 0, i + 1, 3, 0.0, 0.0, finish if i == len(pieces) - 1 else None)
+            for i, piece in enumerate(pieces)]
+
+
+def test_auto_shape_turns_a_tagged_json_answer_into_a_call(tok):  # noqa: F811
+    from bitnet158.serve.responses import ToolCallShape
+    shape = ToolCallShape(tok, "tiny", logprobs=False, names=["get_weather"], forced=False)
+    pieces = [" <tool", "_call>", '{"name": "get_weather", ', '"arguments": {"city": "Oslo", "days": 2}}', "</tool_call>"]
+    chunks = [shape.add(r) for r in _responses(pieces)]
+    assert chunks[:-1] == [None] * 4  # held back while it may become a call
+    delta = chunks[-1]["choices"][0]["delta"]["tool_calls"][0]
+    assert delta["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 2}'}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert shape.whole()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_auto_shape_streams_text_once_it_cannot_be_a_call(tok):  # noqa: F811
+    from bitnet158.serve.responses import ToolCallShape
+    shape = ToolCallShape(tok, "tiny", logprobs=False, names=["get_weather"], forced=False)
+    chunks = [shape.add(r) for r in _responses([" ", "It", " snows", " {not a call}"])]
+    assert chunks[0] is None and chunks[1]["choices"][0]["delta"] == {"content": " It"}
+    assert [c["choices"][0]["delta"] for c in chunks[2:]] == [{"content": " snows"}, {"content": " {not a call}"}]
+    assert shape.whole()["choices"][0]["message"] == {"role": "assistant", "content": " It snows {not a call}"}
+
+
+def test_an_unknown_or_cut_call_stays_text(tok):  # noqa: F811
+    from bitnet158.serve.responses import ToolCallShape
+    for pieces, finish in (([' {"name": "rm_rf", "arguments": {}}'], "stop"), (['{"city": "Os'], "length")):
+        shape = ToolCallShape(tok, "tiny", logprobs=False, names=["get_weather"], forced=finish == "length",
+                              named="get_weather" if finish == "length" else None)
+        for r in _responses(pieces, finish):
+            shape.add(r)
+        choice = shape.whole()["choices"][0]
+        assert choice["message"]["content"] == pieces[0] and choice["finish_reason"] == finish
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"tool_choice": "required"}, "required needs tools"),
+    ({"tools": [CLOCK], "tool_choice": NAMED}, "not one of the tools"),
+    ({"tools": [WEATHER, WEATHER]}, "share a name"),
+    ({"tools": [{"type": "function", "function": {"name": "bad", "parameters": {"not": {}}}}], "tool_choice": "required"},
+     "grammar is invalid"),
+    ({"tools": [WEATHER], "tool_choice": NAMED, "response_format": {"type": "json_object"}}, "forced tool call"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "name"),
+])
+def test_bad_tool_requests_are_400s(client, changes, fragment):
+    import openai
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=ASK, max_tokens=4, **changes)
+    assert fragment in info.value.body["message"], info.value.body

@@ -57,8 +57,13 @@ ROLES = ("system", "user", "assistant", "tool")
 # goes on to write the user's next line itself; DEFAULT_TEMPLATE_STOPS ends the answer there.
 # `{{ '\n' }}` instead of a literal newline: trim_blocks eats the newline that follows a tag.
 DEFAULT_CHAT_TEMPLATE = (
+    "{% if tools %}System: Functions you may call. To call one, answer with only a JSON object "
+    "{\"name\": ..., \"arguments\": {...}}.{{ '\\n' }}"
+    "{% for tool in tools %}{{ tool['function'] | tojson }}{{ '\\n' }}{% endfor %}{% endif %}"
     "{% for message in messages %}"
     "{{ message['role'] | capitalize }}: {{ message['content'] | trim }}"
+    "{% if 'tool_calls' in message %}{% for call in message['tool_calls'] %}"
+    "{{ call['function'] | tojson }}{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' and eos_token is defined %}{{ eos_token }}{% endif %}"
     "{{ '\\n' }}"
     "{% endfor %}"

@@ -33,14 +33,14 @@ from .._version import __version__
 from ..chat_template import encode_chat, stop_texts_for
 from ..errors import BitNetError, ConfigError, first_line
 from ..generate import GenerationRequest
-from ..structured import Grammar
 from ..sampling import SamplingConfig
+from ..structured import Grammar
 from ..tokenizer import Tokenizer
 from .engine import EngineStopped, QueueFull
 from .http_errors import ApiError, BodyLimit, error_response, validation_message
 from .metrics import RequestTracker, ServerMetrics
 from .fanout import Merged, submit_all
-from .responses import ChatShape, CompletionShape, Shape, as_batch, usage_chunk, whole
+from .responses import ChatShape, CompletionShape, Shape, ToolCallShape, as_batch, usage_chunk, whole
 from .schemas import (
     DEFAULT_COMPLETION_TOKENS,
     ChatCompletion,
@@ -53,11 +53,13 @@ from .schemas import (
     Health,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     Text,
     TokenizeRequest,
     Tokens,
 )
 from .state import Loaded, ServerState
+from .tools import forced_grammar, template_tools
 
 log = logging.getLogger("bitnet158.serve")
 
@@ -147,16 +149,22 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, ap
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         loaded = state.ready()
         state.check_model(body.model)
+        tools, forced = body.active_tools(), body.forced_tools()
         try:
-            prompt = encode_chat(loaded.tokenizer, [_message(m) for m in body.messages], loaded.template)
+            prompt = encode_chat(loaded.tokenizer, [_message(m) for m in body.messages], loaded.template,
+                                 tools=template_tools(tools))
         except ConfigError as e:
             raise ApiError(400, first_line(e), param="messages") from None
         # the default transcript template also ends an answer where the model starts the next turn
         stops = tuple(dict.fromkeys(body.stop_list() + stop_texts_for(loaded.template)))
         top = (body.top_logprobs or 0) if body.logprobs else None
+        named = forced[0].function.name if isinstance(body.tool_choice, NamedToolChoice) else None
+        grammar = await _grammar(body, loaded, forced_grammar(forced, named is not None) if forced else None)
         gen = _generation(body, loaded, prompt, body.max_completion_tokens or body.max_tokens, stops,
-                          logprobs=top, echo=False, param="messages", grammar=await _grammar(body, loaded))
-        shape = ChatShape(loaded.tokenizer, state.model_name, logprobs=top is not None)
+                          logprobs=top, echo=False, param="messages", grammar=grammar)
+        shape = ChatShape(loaded.tokenizer, state.model_name, logprobs=top is not None) if not tools else \
+            ToolCallShape(loaded.tokenizer, state.model_name, logprobs=top is not None,
+                          names=[t.function.name for t in tools], forced=bool(forced), named=named)
         return await _answer(request, loaded, metrics, [gen], [shape], body.stream, body.include_usage())
 
     @app.post("/v1/completions", dependencies=v1, response_class=JSONResponse,
@@ -227,20 +235,23 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     content: Any = m.content if isinstance(m.content, str) else \
         [p.model_dump() for p in m.content] if m.content is not None else ""  # null: an assistant's tool call
     out = {"role": "system" if m.role == "developer" else m.role, "content": content}
-    if m.name is not None:
-        out["name"] = m.name
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if getattr(m, key) is not None:
+            out[key] = getattr(m, key)
     return out
 
 
-async def _grammar(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded) -> Grammar | None:
-    """The request's response_format as a grammar, compiled once here so that a bad schema is a 400
-    (on a worker thread: a large schema, or the first one, which reads the vocabulary, takes long
-    enough to stall every other stream's event loop)."""
+async def _grammar(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded,
+                   forced: Grammar | None = None) -> Grammar | None:
+    """The request's response_format (or a forced tool call's schema) as a grammar, compiled once
+    here so that a bad schema is a 400 (on a worker thread: a large schema, or the first one, which
+    reads the vocabulary, takes long enough to stall every other stream's event loop)."""
+    param = "tools" if forced is not None else "response_format"
     try:
-        grammar = body.grammar()
+        grammar = forced or body.grammar()
         return await run_in_threadpool(grammar.validate, loaded.tokenizer) if grammar is not None else None
     except ConfigError as e:
-        raise ApiError(400, first_line(e), param="response_format") from None
+        raise ApiError(400, first_line(e), param=param) from None
 
 
 def _generation(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded, prompt: list[int],

@@ -9,6 +9,7 @@ answer, so both paths share one walk.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 from ..generate import GenerationResponse
 from ..logprobs import TokenLogprob, token_text
 from ..tokenizer import Tokenizer
+from .tools import may_become_call, new_call, parse_call
 
 # OpenAI reports -9999.0 for a token the model gives no chance at all; JSON has no -Infinity
 FLOOR_LOGPROB = -9999.0
@@ -126,6 +128,59 @@ class ChatShape(Shape):
                   "logprobs": {"content": self.entries} if self.logprobs else None,
                   "finish_reason": self.last.finish_reason if self.last else None}
         return {**self._head(self.object_whole), "choices": [choice]}
+
+
+class ToolCallShape(ChatShape):
+    """A chat answer that may be a tool call (serve/tools.py). Forced (`named`: the text is that
+    function's arguments; else {"name", "arguments"}): held whole until it ends. Auto: held back
+    only while it may still become a call, then streamed as text. A call that does not parse (cut
+    by max_tokens) is answered as the text it is."""
+
+    def __init__(self, tokenizer: Tokenizer, model: str, *, logprobs: bool, names: Sequence[str], forced: bool,
+                 named: str | None = None):
+        super().__init__(tokenizer, model, logprobs=logprobs)
+        self.names, self.forced, self.named = list(names), forced, named
+        self.holding = True
+        self.call: dict[str, Any] | None = None
+
+    def _decide(self, text: str) -> dict[str, Any] | None:
+        if self.named is None:
+            parsed = parse_call(text, self.names)
+            return new_call(*parsed) if parsed else None
+        try:
+            arguments = json.loads(text)
+        except ValueError:
+            return None
+        return new_call(self.named, arguments) if isinstance(arguments, dict) else None
+
+    def add(self, response: GenerationResponse) -> dict[str, Any] | None:
+        if not self.holding:
+            return super().add(response)
+        self.last = response
+        self.text.append(response.text)
+        if self.logprobs:
+            lp = self._shown_logprob(response)
+            self.entries += [self._entry(lp)] if lp is not None else []
+        entries = self.entries if self.logprobs else None  # nothing was sent yet: all of them
+        text = "".join(self.text)
+        if response.finish_reason is None:
+            if self.forced or may_become_call(text):
+                return None
+            self.holding = False  # plainly text: what was held, then the rest as it comes
+            return self._chunk({"content": text}, entries, None)
+        self.holding = False
+        self.call = self._decide(text)
+        if self.call is not None:
+            return self._chunk({"tool_calls": [{"index": 0, **self.call}]}, entries, "tool_calls")
+        return self._chunk({"content": text} if text else {}, entries, response.finish_reason)
+
+    def whole(self) -> dict[str, Any]:
+        body = super().whole()
+        if self.call is not None:
+            choice = body["choices"][0]
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": [self.call]}
+            choice["finish_reason"] = "tool_calls"
+        return body
 
 
 class CompletionShape(Shape):

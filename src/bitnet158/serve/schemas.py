@@ -27,6 +27,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator's seed can ho
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 MAX_PROMPTS = 64        # prompts in one /v1/completions batch
+MAX_TOOLS = 128         # OpenAI's limit on functions in one request
 
 StopText = Annotated[str, StringConstraints(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
@@ -77,6 +78,32 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS, description="an assistant's earlier calls")
+    tool_call_id: str | None = Field(None, description="which call a tool message answers")
+
+
+FunctionName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class FunctionDefinition(_Strict):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments object")
+    strict: bool | None = Field(None, description="forced calls always match `parameters`, whatever this says")
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class _GenerationFields(_Strict):
@@ -137,6 +164,35 @@ class ChatCompletionRequest(_GenerationFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="required or a named function: the answer is a call, its arguments matching the schema")
+    parallel_tool_calls: bool | None = Field(None, description="at most one call is made either way")
+
+    @model_validator(mode="after")
+    def _tools_agree(self) -> "ChatCompletionRequest":
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two functions share a name")
+        choice = self.tool_choice
+        if choice == "required" and not names:
+            raise ValueError("tool_choice: required needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: {choice.function.name!r} is not one of the tools")
+        if self.forced_tools() and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: a forced tool call already decides the answer's format")
+        return self
+
+    def active_tools(self) -> list[Tool]:
+        """The tools the model is shown: all of them unless tool_choice is none."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
+
+    def forced_tools(self) -> list[Tool]:
+        """The tools one of which the answer must call: the named one, all for required, none otherwise."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return [t for t in self.tools or [] if t.function.name == choice.function.name]
+        return list(self.tools or []) if choice == "required" else []
 
     @field_validator("top_logprobs")
     @classmethod
