@@ -96,6 +96,14 @@ CASES = [
         param="response_format", says=("grammar is invalid",)),
     Case("json-schema-unsupported-keyword", COMPLETIONS, completion(response_format={"type": "json_schema", "json_schema": {
         "name": "r", "schema": {"not": {"type": "string"}}}}), param="response_format", says=("not",)),
+    Case("tool-choice-required-without-tools", CHAT, chat(tool_choice="required"), says=("needs tools",)),
+    Case("tool-choice-names-a-missing-tool", CHAT, chat(tools=[{"type": "function", "function": {"name": "a"}}],
+                                                       tool_choice={"type": "function", "function": {"name": "b"}}),
+         says=("not one of the tools",)),
+    Case("tools-not-a-list", CHAT, chat(tools={"type": "function"}), param="tools"),
+    Case("tool-of-unknown-type", CHAT, chat(tools=[{"type": "retrieval", "function": {"name": "a"}}]), param="tools"),
+    Case("tool-choice-unknown-word", CHAT, chat(tools=[{"type": "function", "function": {"name": "a"}}],
+                                                tool_choice="always"), param="tool_choice"),
     Case("json-schema-name-with-spaces", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
         "name": "my reply", "schema": {}}}), param="response_format"),
     Case("logit-bias-301-tokens", COMPLETIONS, completion(logit_bias={str(i): 1 for i in range(301)}),
