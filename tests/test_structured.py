@@ -171,6 +171,29 @@ def test_server_json_schema_equals_generate(client, served_dir):
     check_schema_value(chat.choices[0].message.content)
 
 
+def test_openai_parse_with_a_pydantic_model(client):
+    """The client's own structured-output path: a pydantic model sent as a strict json_schema
+    (with $defs and a nested list), parsed back into the model by the client."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Item(BaseModel):
+        kind: Literal["fruit", "tool"]
+        count: int = Field(ge=0, le=9)
+
+    class Basket(BaseModel):
+        owner: Literal["ann", "bob"]
+        items: list[Item] = Field(max_length=3)
+
+    for seed in range(3):
+        reply = client.chat.completions.parse(model="tiny", messages=[{"role": "user", "content": "basket?"}],
+                                              response_format=Basket, max_tokens=120, temperature=1.0, seed=seed)
+        message = reply.choices[0].message
+        assert reply.choices[0].finish_reason == "stop" and isinstance(message.parsed, Basket), message.content
+        assert Basket.model_validate_json(message.content) == message.parsed
+
+
 def test_server_streams_side_by_side_each_match(client):
     import concurrent.futures
 
