@@ -367,6 +367,24 @@ def test_auto_answers_plain_text_as_content_and_takes_tool_history(client):
     assert choice.message.tool_calls is None and choice.message.content and choice.finish_reason in ("stop", "length")
 
 
+def test_tool_history_reaches_the_template_as_objects(client, served_dir):
+    """/tokenize renders as chat does: the tools block, and an earlier call's JSON-text arguments
+    as an object (what transformers' templates expect); its count is the chat's prompt_tokens."""
+    import httpx
+    history = ASK + [{"role": "assistant", "content": "", "tool_calls": [
+                         {"id": "call_1", "type": "function",
+                          "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "4 C"}]
+    url = str(client.base_url).removesuffix("/v1/").removesuffix("/v1")
+    got = httpx.post(url + "/tokenize", json={"messages": history, "tools": [WEATHER]}, timeout=30).json()
+    _, tk = checkpoint.load(served_dir)
+    text = tk.decode(got["tokens"])
+    assert '{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}' in text
+    assert '"name": "get_weather", "description": "the forecast"' in text and text.endswith("Tool: 4 C\nAssistant:")
+    reply = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], max_tokens=1, temperature=0)
+    assert reply.usage.prompt_tokens == got["count"]
+
+
 def _responses(pieces: list[str], finish: str = "stop") -> list:
     from bitnet158.generate import GenerationResponse
     return [GenerationResponse(piece, 0, i + 1, 3, 0.0, 0.0, finish if i == len(pieces) - 1 else None)

@@ -196,7 +196,8 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, ap
         if body.messages is not None:
             try:
                 ids = encode_chat(loaded.tokenizer, [_message(m) for m in body.messages], loaded.template,
-                                  add_generation_prompt=body.add_generation_prompt is not False)
+                                  add_generation_prompt=body.add_generation_prompt is not False,
+                                  tools=template_tools(body.tools or []))
             except ConfigError as e:
                 raise ApiError(400, first_line(e), param="messages") from None
         else:
@@ -235,10 +236,25 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     content: Any = m.content if isinstance(m.content, str) else \
         [p.model_dump() for p in m.content] if m.content is not None else ""  # null: an assistant's tool call
     out = {"role": "system" if m.role == "developer" else m.role, "content": content}
-    for key in ("name", "tool_calls", "tool_call_id"):
+    for key in ("name", "tool_call_id"):
         if getattr(m, key) is not None:
             out[key] = getattr(m, key)
+    if m.tool_calls is not None:
+        out["tool_calls"] = [_template_call(call) for call in m.tool_calls]
     return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An earlier tool call as chat templates expect it: OpenAI sends the arguments as JSON text,
+    transformers' templates (LLaMA 3.1's `arguments | tojson`) take them as an object."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call  # not JSON: the template gets the text it was sent
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 async def _grammar(body: ChatCompletionRequest | CompletionRequest, loaded: Loaded,

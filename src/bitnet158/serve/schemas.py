@@ -330,6 +330,7 @@ class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS, description="rendered with messages, as chat does")
     add_generation_prompt: bool | None = True
 
     @model_validator(mode="after")
