@@ -351,9 +351,9 @@ def test_a_streamed_call_equals_the_whole_one(client):
         for choice in chunk.choices:
             calls += choice.delta.tool_calls or []
             finish = choice.finish_reason or finish
-    (call,) = calls
-    assert finish == "tool_calls" and call.index == 0
-    assert (call.function.name, call.function.arguments) == (whole_call.function.name, whole_call.function.arguments)
+    assert finish == "tool_calls" and len(calls) > 1 and {c.index for c in calls} == {0}  # streamed in pieces
+    assert calls[0].function.name == whole_call.function.name
+    assert "".join(c.function.arguments for c in calls) == whole_call.function.arguments
 
 
 def test_auto_answers_plain_text_as_content_and_takes_tool_history(client):
@@ -414,13 +414,30 @@ def test_auto_shape_streams_text_once_it_cannot_be_a_call(tok):  # noqa: F811
 
 def test_an_unknown_or_cut_call_stays_text(tok):  # noqa: F811
     from bitnet158.serve.responses import ToolCallShape
-    for pieces, finish in (([' {"name": "rm_rf", "arguments": {}}'], "stop"), (['{"city": "Os'], "length")):
-        shape = ToolCallShape(tok, "tiny", logprobs=False, names=["get_weather"], forced=finish == "length",
-                              named="get_weather" if finish == "length" else None)
+    for pieces, finish, forced in (([' {"name": "rm_rf", "arguments": {}}'], "stop", False),
+                                   (['{"name": "get_weather", "arguments": {"ci'], "length", True)):
+        shape = ToolCallShape(tok, "tiny", logprobs=False, names=["get_weather"], forced=forced)
         for r in _responses(pieces, finish):
             shape.add(r)
         choice = shape.whole()["choices"][0]
         assert choice["message"]["content"] == pieces[0] and choice["finish_reason"] == finish
+
+
+def test_a_named_call_streams_its_arguments(tok):  # noqa: F811
+    """OpenAI's streamed call: id, type and name with the first fragment, then fragments; a call cut
+    by max_tokens stays a call with finish_reason length."""
+    from bitnet158.serve.responses import ToolCallShape
+    for finish, expected in (("stop", "tool_calls"), ("length", "length")):
+        shape = ToolCallShape(tok, "tiny", logprobs=False, names=["get_weather"], forced=True, named="get_weather")
+        pieces = ['{"city"', ':"Oslo"', ',"days":2}']
+        chunks = [shape.add(r) for r in _responses(pieces, finish)]
+        parts = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks]
+        assert parts[0]["id"].startswith("call_") and parts[0]["function"] == {"name": "get_weather", "arguments": '{"city"'}
+        assert parts[1:] == [{"index": 0, "function": {"arguments": p}} for p in pieces[1:]]
+        assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, expected]
+        choice = shape.whole()["choices"][0]
+        assert choice["finish_reason"] == expected and choice["message"]["content"] is None
+        assert choice["message"]["tool_calls"][0]["function"]["arguments"] == "".join(pieces)
 
 
 @pytest.mark.parametrize("changes, fragment", [

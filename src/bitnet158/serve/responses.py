@@ -9,7 +9,6 @@ answer, so both paths share one walk.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
@@ -131,10 +130,12 @@ class ChatShape(Shape):
 
 
 class ToolCallShape(ChatShape):
-    """A chat answer that may be a tool call (serve/tools.py). Forced (`named`: the text is that
-    function's arguments; else {"name", "arguments"}): held whole until it ends. Auto: held back
-    only while it may still become a call, then streamed as text. A call that does not parse (cut
-    by max_tokens) is answered as the text it is."""
+    """A chat answer that may be a tool call (serve/tools.py). A named call: the text is its
+    arguments, streamed as they come (the id and name first, as OpenAI streams a call; cut by
+    max_tokens, it ends with finish_reason "length"). "required": the text is {"name",
+    "arguments"}, held whole until it ends. Auto: held back only while it may still become a
+    call, then streamed as text. A "required" or auto call that does not parse (cut by
+    max_tokens, an unknown tool) is answered as the text it is."""
 
     def __init__(self, tokenizer: Tokenizer, model: str, *, logprobs: bool, names: Sequence[str], forced: bool,
                  named: str | None = None):
@@ -143,17 +144,33 @@ class ToolCallShape(ChatShape):
         self.holding = True
         self.call: dict[str, Any] | None = None
 
-    def _decide(self, text: str) -> dict[str, Any] | None:
-        if self.named is None:
-            parsed = parse_call(text, self.names)
-            return new_call(*parsed) if parsed else None
-        try:
-            arguments = json.loads(text)
-        except ValueError:
+    def _named(self, response: GenerationResponse) -> dict[str, Any] | None:
+        first = self.call is None
+        if first:
+            self.call = new_call(self.named or "", "")
+        self.last = response
+        self.text.append(response.text)
+        self.call["function"]["arguments"] += response.text
+        entries = None
+        if self.logprobs:
+            lp = self._shown_logprob(response)
+            entries = [self._entry(lp)] if lp is not None else []
+            self.entries += entries
+        if not first and not response.text and not entries and response.finish_reason is None:
             return None
-        return new_call(self.named, arguments) if isinstance(arguments, dict) else None
+        part: dict[str, Any] = {"index": 0, "function": {"arguments": response.text}}
+        if first:
+            part = {"index": 0, "id": self.call["id"], "type": "function",
+                    "function": {"name": self.named, "arguments": response.text}}
+        return self._chunk({"tool_calls": [part]}, entries, self._call_finish(response.finish_reason))
+
+    @staticmethod
+    def _call_finish(reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" else reason  # a completed call; else "length" (cut) or None
 
     def add(self, response: GenerationResponse) -> dict[str, Any] | None:
+        if self.named is not None:
+            return self._named(response)
         if not self.holding:
             return super().add(response)
         self.last = response
@@ -169,7 +186,8 @@ class ToolCallShape(ChatShape):
             self.holding = False  # plainly text: what was held, then the rest as it comes
             return self._chunk({"content": text}, entries, None)
         self.holding = False
-        self.call = self._decide(text)
+        parsed = parse_call(text, self.names)
+        self.call = new_call(*parsed) if parsed else None
         if self.call is not None:
             return self._chunk({"tool_calls": [{"index": 0, **self.call}]}, entries, "tool_calls")
         return self._chunk({"content": text} if text else {}, entries, response.finish_reason)
@@ -179,7 +197,7 @@ class ToolCallShape(ChatShape):
         if self.call is not None:
             choice = body["choices"][0]
             choice["message"] = {"role": "assistant", "content": None, "tool_calls": [self.call]}
-            choice["finish_reason"] = "tool_calls"
+            choice["finish_reason"] = self._call_finish(self.last.finish_reason if self.last else None)
         return body
 
 
