@@ -121,3 +121,11 @@ def test_convert_memory_benchmark_runs_every_step_on_a_tiny_model():
                   "export gguf tq2_0", "import gguf → i2", "export hf (packed)", "import hf (packed)"):
         assert label in out, label
     assert "ratio = (peak − baseline)" in out
+
+
+def test_structured_benchmark_runs_on_a_tiny_model(tmp_path):
+    out = run("structured.py", "--preset", "tiny", "--vocab", "600", "--corpus-chars", "300000", "--tokens", "6",
+              "--threads", "1", "--runs", "1", "--json", str(tmp_path / "g.json"))
+    assert "grammar ms/token" in out and "json_schema" in out
+    doc = json.loads((tmp_path / "g.json").read_text())
+    assert set(doc["tok_s"]) == {"none", "json_schema", "regex"} and all(v[0] > 0 for v in doc["grammar_ms"].values())
