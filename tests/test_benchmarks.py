@@ -128,4 +128,5 @@ def test_structured_benchmark_runs_on_a_tiny_model(tmp_path):
               "--threads", "1", "--runs", "1", "--json", str(tmp_path / "g.json"))
     assert "grammar ms/token" in out and "json_schema" in out
     doc = json.loads((tmp_path / "g.json").read_text())
-    assert set(doc["tok_s"]) == {"none", "json_schema", "regex"} and all(v[0] > 0 for v in doc["grammar_ms"].values())
+    assert set(doc["tok_s"]) == {"none", "json_schema", "regex", "keyed"}
+    assert all(v[0] > 0 for v in doc["grammar_ms"].values())

@@ -87,7 +87,44 @@ def test_speculation_keeps_the_grammar_and_the_tokens(model, tok, grammar):  # n
     stats = SpeculationStats()
     drafted = generate(model, tok, prompt, 40, GREEDY, grammar=grammar, drafter=PromptLookup(), draft_tokens=3,
                        stats=stats)
-    assert drafted == plain and stats.verify_forwards > 0
+    assert drafted == plain
+
+
+KEYED = {"type": "object", "properties": {"customer_identifier": {"type": "integer", "minimum": 0, "maximum": 9},
+                                          "delivery_is_express": {"type": "boolean"},
+                                          "destination": {"enum": ["warehouse_north", "warehouse_south"]}},
+         "required": ["customer_identifier", "delivery_is_express", "destination"], "additionalProperties": False}
+
+
+def one_by_one(model, tok, prompt: str, max_tokens: int, sampling: SamplingConfig, seed, grammar) -> list[int]:  # noqa: F811
+    """The reference: a decoder fed one forward per token (no drafts, no forced tokens)."""
+    from bitnet158.generate import PromptCache
+    request = GenerationRequest(tuple(tok.encode_prompt(prompt)), max_tokens, sampling, seed=seed, grammar=grammar)
+    decoder, cache = SequenceDecoder(tok, request), PromptCache(model)
+    response = decoder.step(cache.prefill(model, request.prompt)[-1])
+    while not decoder.finished:
+        response = decoder.step(cache.feed(model, decoder.next_input))
+    assert response.finish_reason == "stop"
+    return decoder.tokens
+
+
+@pytest.mark.parametrize("sampling, seed", [(GREEDY, None), (SamplingConfig(temperature=1.0), 3),
+                                            (SamplingConfig(temperature=0.7, top_k=20), 11)])
+def test_forced_tokens_run_in_one_forward_and_change_nothing(model, tok, monkeypatch, sampling, seed):  # noqa: F811
+    """A schema's keys are forced: they are checked in one forward instead of one each, and the
+    tokens (seeded sampling included) equal one-forward-per-token decoding's."""
+    from bitnet158.generate import PromptCache
+    grammar = Grammar.json_schema(KEYED)
+    expected = one_by_one(model, tok, "The ", 120, sampling, seed, grammar)
+    forwards = []
+    for name in ("feed", "feed_many"):
+        original = getattr(PromptCache, name)
+        monkeypatch.setattr(PromptCache, name, lambda self, *a, _f=original, **k: forwards.append(1) or _f(self, *a, **k))
+    got = [r.token for r in stream_generate(model, tok, "The ", 120, sampling, seed, grammar=grammar)]
+    assert got == expected
+    check = json.loads(tok.decode(got))
+    assert set(check) == set(KEYED["properties"])
+    assert len(forwards) < len(got) / 2  # most tokens were forced
 
 
 def test_lark_grammar_and_json_object(model, tok):  # noqa: F811
@@ -150,12 +187,32 @@ def served_dir(tmp_path_factory, tok):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def client(served_dir):
-    openai = pytest.importorskip("openai")
+def served(served_dir):
     app = create_app(engine_loader(served_dir, max_concurrency=3, max_queue=4), model_name="tiny")
     with running_server(app) as url:
-        with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
-            yield c
+        yield url, app.state.server.engine
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def test_the_engine_checks_forced_tokens_several_a_forward(client, served, served_dir):
+    """Through the batching engine too: a keyed schema's forced tokens ride in the same forward as
+    the sequence's next token, and the answer equals one-forward-per-token decoding."""
+    engine = served[1]
+    model, tk = checkpoint.load(served_dir)
+    before = sum(engine.batch_sizes.values()) + engine.mixed_forwards
+    reply = client.completions.create(model="tiny", prompt="The ", max_tokens=200, temperature=0,
+                                      extra_body={"response_format": {"type": "json_schema",
+                                                                      "json_schema": {"name": "k", "schema": KEYED}}})
+    forwards = sum(engine.batch_sizes.values()) + engine.mixed_forwards - before
+    expected = one_by_one(model, tk, "The ", 200, GREEDY, None, Grammar.json_schema(KEYED))
+    assert reply.choices[0].text == tk.decode(expected) and reply.usage.completion_tokens == len(expected)
+    assert forwards < len(expected) / 2
 
 
 def test_server_json_schema_equals_generate(client, served_dir):

@@ -143,6 +143,10 @@ class SequenceDecoder:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def forced_tokens(self) -> list[int]:
+        """Tokens the request's grammar forces after those sampled so far (none without one)."""
+        return self._grammar.forced() if self._grammar is not None and not self.finished else []
+
     @property
     def next_input(self) -> int:
         """The id to feed the model next: the token sampled last."""
@@ -325,15 +329,23 @@ class SpeculationStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+MAX_FORCED_TOKENS = 16  # grammar-forced tokens checked in one forward
+
+
 def _next_rows(model, cache: PromptCache, decoder: SequenceDecoder, context: int, drafter: Drafter | None,
-               length: DraftLength, stats: SpeculationStats | None) -> tuple[list[tuple[np.ndarray, int | None]], int]:
+               length: DraftLength, stats: SpeculationStats | None
+               ) -> tuple[list[tuple[np.ndarray, int | None]], int, bool]:
     """The logits to decide the next tokens from, each with the draft token proposed for it: one
     row without a draft; with one, the rows of a single forward over the last token and the draft.
-    Also how many tokens were drafted."""
+    Also how many tokens were drafted, and whether the draft is the grammar's forced tokens (taken
+    first: they need no drafter, and the model's choice among the tokens the grammar allows there
+    is sampled as it would be without them)."""
     token = decoder.next_input
-    k = 0
-    if drafter is not None:
-        k = min(length.choose(), decoder.max_tokens - len(decoder.tokens) - 1, context - len(cache.tokens) - 1)
+    room = min(decoder.max_tokens - len(decoder.tokens) - 1, context - len(cache.tokens) - 1)
+    forced = decoder.forced_tokens()[:max(0, min(room, MAX_FORCED_TOKENS))]
+    if forced:
+        return list(zip(cache.feed_many(model, [token] + forced), forced + [None])), len(forced), True
+    k = min(length.choose(), room) if drafter is not None else 0
     draft = drafter.propose(cache.tokens + [token], k)[:k] if k > 0 else []  # k > 0 only with a drafter
     if not draft:
         rows = [(cache.feed(model, token), None)]
@@ -342,7 +354,7 @@ def _next_rows(model, cache: PromptCache, decoder: SequenceDecoder, context: int
             stats.drafted += len(draft)
             stats.verify_forwards += 1
         rows = list(zip(cache.feed_many(model, [token] + draft), draft + [None]))
-    return rows, len(draft)
+    return rows, len(draft), False
 
 
 def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
@@ -357,7 +369,9 @@ def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
     as many as pay on this machine and text so far, see `draft_length`): the tokens are decided
     row by row as without it (greedy: the same tokens; sampling: the same distribution) until one
     differs from the draft; the cache then drops the rows after it. `stats` collects the
-    acceptance."""
+    acceptance. Under a grammar the tokens it forces (a schema's keys and punctuation) are checked
+    the same way, drafter or not, and sampled as without them, so even a seeded sampled run gives
+    the same tokens."""
     cache, context = _prepare(model, cache, request.prompt)
     decoder = SequenceDecoder(tokenizer, request, context=context)
     start = time.perf_counter()
@@ -366,12 +380,12 @@ def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
         decoder.prompt_logprobs(logits)
     rows: list[tuple[np.ndarray, int | None]] = [(logits[-1], None)]
     length = draft_length(draft_tokens)
-    drafted, iterations, started, first = 0, 0, 0.0, None
+    drafted, iterations, started, first, forced = 0, 0, 0.0, None, False
     while True:
         base = len(cache.tokens) - len(rows)  # cached tokens before the rows' inputs
         used = accepted = 0
         for row_logits, draft in rows:
-            response = decoder.step(row_logits, draft)
+            response = decoder.step(row_logits, None if forced else draft)
             used += 1
             now = time.perf_counter()
             if first is None:
@@ -383,7 +397,7 @@ def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
                 break
             if draft is not None:
                 accepted += 1
-        if stats is not None:
+        if stats is not None and not forced:
             stats.accepted += accepted
         if len(rows) > 1:  # rows after the first differing token were computed from a wrong input
             cache.truncate(base + used)
@@ -392,7 +406,7 @@ def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
         # An iteration is timed whole, drafting, forward and deciding its tokens, from one start to
         # the next: the draft length is chosen on what a token really costs. The first two are not
         # (the prefill's row, then a first step that warms up plans and caches).
-        if drafter is not None:
+        if drafter is not None and not forced:  # forced iterations say nothing about the drafter
             now = time.perf_counter()
             iterations += 1
             if iterations > 2:
@@ -400,7 +414,7 @@ def stream_request(model, tokenizer: Tokenizer, request: GenerationRequest, *,
             if drafted:
                 length.judged(accepted, rejected=accepted < drafted)
             started = now
-        rows, drafted = _next_rows(model, cache, decoder, context, drafter, length, stats)
+        rows, drafted, forced = _next_rows(model, cache, decoder, context, drafter, length, stats)
 
 
 def stream_generate(model, tokenizer: Tokenizer, prompt: str | Sequence[int], max_tokens: int = 100,

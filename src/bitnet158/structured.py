@@ -191,6 +191,12 @@ class GrammarMatcher:
             raise GenerationError(f"token {token} does not continue the grammar: "
                                   f"{_message(self._matcher.get_error())}")
 
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces next, whatever the model says (JSON keys and punctuation
+        of a schema): worth checking in one forward, as speculative drafts are."""
+        return [int(t) for t in _guarded("the grammar could not continue", GenerationError,
+                                         self._matcher.compute_ff_tokens)]
+
     @property
     def complete(self) -> bool:
         """The grammar is matched and allows nothing more (not even more of the same)."""

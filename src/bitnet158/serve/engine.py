@@ -35,7 +35,7 @@ from typing import Any
 
 from ..config import kv_cache_bytes
 from ..errors import BitNetError, ConfigError
-from ..generate import GenerationRequest, GenerationResponse, SequenceDecoder
+from ..generate import MAX_FORCED_TOKENS, GenerationRequest, GenerationResponse, SequenceDecoder
 from ..runner import runner_for
 from ..memory import available_memory
 from ..tokenizer import Tokenizer
@@ -247,7 +247,7 @@ class Engine:
             if not stream.cancelled:
                 self._admit(stream, submitted)
         rows = [seq for seq in self._active if not seq.prefilling]
-        segments = [(seq.slot, [seq.decoder.next_input]) for seq in rows]
+        segments = [(seq.slot, [seq.decoder.next_input] + self._forced(seq)) for seq in rows]
         budget = self.prefill_chunk
         for seq in self._active:
             if not seq.prefilling or budget <= 0:
@@ -263,6 +263,15 @@ class Engine:
             segments.append((seq.slot, seq.pending[:take]))
         if segments:
             self._forward(rows, segments)
+
+    def _forced(self, seq: _Sequence) -> list[int]:
+        """The tokens seq's grammar forces after its last one, as many as fit (checked in this
+        forward beside its next token, as generate() checks them)."""
+        room = min(seq.decoder.max_tokens - len(seq.decoder.tokens) - 1, self.max_len - len(seq.fed) - 1)
+        try:
+            return seq.decoder.forced_tokens()[:max(0, min(room, MAX_FORCED_TOKENS))]
+        except Exception:  # the grammar failed: its next step reports that to the sequence alone
+            return []
 
     def _admit(self, stream: RequestStream, submitted: float) -> None:
         prompt = stream.request.prompt
@@ -304,9 +313,9 @@ class Engine:
         out_rows, at = [], 0
         for seq, (_, tokens) in zip(rows, segments):
             at += len(tokens)
-            whole_echo = seq.prefilling and seq.stream.request.echo
+            every_row = not seq.prefilling or seq.stream.request.echo  # forced tokens / an echo: all rows
             if not seq.prefilling or len(tokens) == len(seq.pending):  # a token to choose after this forward
-                out_rows.extend(range(at - len(tokens), at) if whole_echo else [at - 1])
+                out_rows.extend(range(at - len(tokens), at) if every_row else [at - 1])
         decoding = sum(not seq.prefilling for seq in rows)
         ids = [t for _, tokens in segments for t in tokens]
         binding = self.cache.bind_rows([(slot, len(tokens)) for slot, tokens in segments], out_rows)
@@ -326,17 +335,17 @@ class Engine:
             self.mixed_forwards += 1
         got = 0
         for seq, (_, tokens) in zip(rows, segments):
+            if not seq.prefilling:
+                self._decode(seq, tokens, logits[got:got + len(tokens)])
+                got += len(tokens)
+                continue
             seq.fed.extend(tokens)
-            if seq.prefilling:
-                del seq.pending[:len(tokens)]
-                if seq.pending:
-                    continue  # more of its prompt next step
-                first = True
-            else:
-                first = False
+            del seq.pending[:len(tokens)]
+            if seq.pending:
+                continue  # more of its prompt next step
             try:
                 prompt_logprobs = None
-                if first and seq.stream.request.echo:
+                if seq.stream.request.echo:
                     prompt_logprobs = seq.decoder.prompt_logprobs(logits[got:got + len(tokens)])
                     got += len(tokens)
                     response = seq.decoder.step(logits[got - 1])
@@ -347,10 +356,34 @@ class Engine:
                 self._release(seq)
                 seq.stream._deliver(e)
                 continue
-            if first:
-                seq.first_token = time.perf_counter()
-                response = dataclasses.replace(response, prompt_logprobs=prompt_logprobs)
+            seq.first_token = time.perf_counter()
+            self._emit(seq, dataclasses.replace(response, prompt_logprobs=prompt_logprobs))
+
+    def _decode(self, seq: _Sequence, tokens: list[int], row_logits: Any) -> None:
+        """A decoding sequence's rows: its last token, then any tokens its grammar forced. Each row's
+        token is sampled as without them; at the first that differs from the forced one (or the end)
+        the rows after it were computed from a wrong input, and the slot forgets them."""
+        base = len(seq.fed)
+        seq.fed.extend(tokens)
+        for i in range(len(tokens)):
+            try:
+                response = seq.decoder.step(row_logits[i])
+            except Exception as e:  # one sequence's failure ends that sequence, not the engine
+                self._keep_fed(seq, base + i + 1)
+                self._release(seq)
+                seq.stream._deliver(e)
+                return
+            stop = response.finish_reason is not None or (i + 1 < len(tokens) and response.token != tokens[i + 1])
+            if stop:
+                self._keep_fed(seq, base + i + 1)
             self._emit(seq, response)
+            if stop:
+                return
+
+    def _keep_fed(self, seq: _Sequence, n: int) -> None:
+        if n < len(seq.fed):
+            del seq.fed[n:]
+            self.cache.truncate(seq.slot, n)
 
     def _emit(self, seq: _Sequence, response: GenerationResponse) -> None:
         now = time.perf_counter()
