@@ -460,6 +460,41 @@ def test_auto_shape_turns_a_tagged_json_answer_into_a_call(tok):  # noqa: F811
     assert shape.whole()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
+@pytest.mark.parametrize("text, expected", [
+    ('{"name": "get_weather", "arguments": {"city": "Oslo"}}', [("get_weather", {"city": "Oslo"})]),
+    ('{"name": "get_time", "parameters": {"zone": "UTC"}}', [("get_time", {"zone": "UTC"})]),  # LLaMA 3.1's key
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n'
+     '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>',
+     [("get_weather", {"city": "Oslo"}), ("get_time", {"zone": "CET"})]),
+    ('[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Paris"}}]',
+     [("get_time", {}), ("get_weather", {"city": "Paris"})]),
+    ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call> and then some text', None),
+    ('{"name": "get_time", "arguments": {}} trailing', None),
+    ('{"name": "delete_all", "arguments": {}}', None),
+    ('{"name": "get_time", "arguments": "zone=UTC"}', None),
+    ('[]', None),
+    ('<tool_call>{"name": "get_time", "arguments": {}}', None),
+])
+def test_parse_calls(text, expected):
+    from bitnet158.serve.tools import parse_calls
+    assert parse_calls(text, ["get_weather", "get_time"]) == expected
+
+
+@pytest.mark.parametrize("parallel, n", [(True, 2), (False, 1)])
+def test_auto_shape_returns_parallel_calls(tok, parallel, n):  # noqa: F811
+    from bitnet158.serve.responses import ToolCallShape
+    shape = ToolCallShape(tok, "tiny", logprobs=False, names=["get_weather", "get_time"], forced=False,
+                          parallel=parallel)
+    text = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}</tool_call>'
+            '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>')
+    last = [shape.add(r) for r in _responses([text[:30], text[30:]])][-1]
+    parts = last["choices"][0]["delta"]["tool_calls"]
+    assert [p["index"] for p in parts] == list(range(n)) and parts[0]["function"]["name"] == "get_weather"
+    calls = shape.whole()["choices"][0]["message"]["tool_calls"]
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"][:n]
+    assert len({c["id"] for c in calls}) == n
+
+
 def test_auto_shape_streams_text_once_it_cannot_be_a_call(tok):  # noqa: F811
     from bitnet158.serve.responses import ToolCallShape
     shape = ToolCallShape(tok, "tiny", logprobs=False, names=["get_weather"], forced=False)

@@ -164,7 +164,8 @@ def create_app(load: Callable[[], tuple[Any, Tokenizer]], *, model_name: str, ap
                           logprobs=top, echo=False, param="messages", grammar=grammar)
         shape = ChatShape(loaded.tokenizer, state.model_name, logprobs=top is not None) if not tools else \
             ToolCallShape(loaded.tokenizer, state.model_name, logprobs=top is not None,
-                          names=[t.function.name for t in tools], forced=bool(forced), named=named)
+                          names=[t.function.name for t in tools], forced=bool(forced), named=named,
+                          parallel=body.parallel_tool_calls is not False)
         return await _answer(request, loaded, metrics, [gen], [shape], body.stream, body.include_usage())
 
     @app.post("/v1/completions", dependencies=v1, response_class=JSONResponse,

@@ -18,7 +18,7 @@ from typing import Any
 from ..generate import GenerationResponse
 from ..logprobs import TokenLogprob, token_text
 from ..tokenizer import Tokenizer
-from .tools import may_become_call, new_call, parse_call
+from .tools import may_become_call, new_call, parse_calls
 
 # OpenAI reports -9999.0 for a token the model gives no chance at all; JSON has no -Infinity
 FLOOR_LOGPROB = -9999.0
@@ -138,11 +138,12 @@ class ToolCallShape(ChatShape):
     max_tokens, an unknown tool) is answered as the text it is."""
 
     def __init__(self, tokenizer: Tokenizer, model: str, *, logprobs: bool, names: Sequence[str], forced: bool,
-                 named: str | None = None):
+                 named: str | None = None, parallel: bool = True):
         super().__init__(tokenizer, model, logprobs=logprobs)
-        self.names, self.forced, self.named = list(names), forced, named
+        self.names, self.forced, self.named, self.parallel = list(names), forced, named, parallel
         self.holding = True
-        self.call: dict[str, Any] | None = None
+        self.call: dict[str, Any] | None = None  # a named call, built as it streams
+        self.calls: list[dict[str, Any]] = []
 
     def _named(self, response: GenerationResponse) -> dict[str, Any] | None:
         first = self.call is None
@@ -186,17 +187,19 @@ class ToolCallShape(ChatShape):
             self.holding = False  # plainly text: what was held, then the rest as it comes
             return self._chunk({"content": text}, entries, None)
         self.holding = False
-        parsed = parse_call(text, self.names)
-        self.call = new_call(*parsed) if parsed else None
-        if self.call is not None:
-            return self._chunk({"tool_calls": [{"index": 0, **self.call}]}, entries, "tool_calls")
+        parsed = parse_calls(text, self.names) or []
+        self.calls = [new_call(*c) for c in parsed[:None if self.parallel else 1]]
+        if self.calls:
+            parts = [{"index": i, **call} for i, call in enumerate(self.calls)]
+            return self._chunk({"tool_calls": parts}, entries, "tool_calls")
         return self._chunk({"content": text} if text else {}, entries, response.finish_reason)
 
     def whole(self) -> dict[str, Any]:
         body = super().whole()
-        if self.call is not None:
+        calls = [self.call] if self.call is not None else self.calls
+        if calls:
             choice = body["choices"][0]
-            choice["message"] = {"role": "assistant", "content": None, "tool_calls": [self.call]}
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
             choice["finish_reason"] = self._call_finish(self.last.finish_reason if self.last else None)
         return body
 

@@ -167,7 +167,7 @@ class ChatCompletionRequest(_GenerationFields):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="required or a named function: the answer is a call, its arguments matching the schema")
-    parallel_tool_calls: bool | None = Field(None, description="at most one call is made either way")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call (forced calls are one anyway)")
 
     @model_validator(mode="after")
     def _tools_agree(self) -> "ChatCompletionRequest":

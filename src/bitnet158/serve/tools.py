@@ -5,9 +5,11 @@
   object {"name": one of the tools, "arguments": that tool's parameters}. So even a model never
   trained for tools returns a call whose arguments match the schema.
 - "auto" (the default when tools are given): the tools are rendered into the prompt (the chat
-  template's `tools` variable) and the model decides. An answer that is one JSON object
-  {"name": a tool, "arguments" (or "parameters"): {...}}, bare or inside <tool_call>...</tool_call>
-  (the LLaMA 3.1 and Hermes conventions), is returned as a call; anything else is text.
+  template's `tools` variable) and the model decides. An answer made only of calls is returned
+  as calls: a JSON object {"name": a tool, "arguments" (or "parameters"): {...}} (LLaMA 3.1), a
+  JSON list of them, or one or more <tool_call>...</tool_call> blocks holding one each (Hermes,
+  Qwen; several are parallel calls); anything else is text. With parallel_tool_calls false only
+  the first of several is kept.
 """
 
 from __future__ import annotations
@@ -48,19 +50,37 @@ def new_call(name: str, arguments: Any) -> dict[str, Any]:
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": text}}
 
 
-def parse_call(text: str, names: Sequence[str]) -> tuple[str, Any] | None:
-    """(name, arguments) when `text` is one call of a known tool, else None."""
-    body = text.strip()
-    if body.startswith(TOOL_CALL_OPEN) and body.endswith(TOOL_CALL_CLOSE):
-        body = body[len(TOOL_CALL_OPEN):-len(TOOL_CALL_CLOSE)].strip()
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
+def _one_call(value: Any, names: Sequence[str]) -> tuple[str, Any] | None:
     if not isinstance(value, dict) or value.get("name") not in names:
         return None
     arguments = value.get("arguments", value.get("parameters"))
     return (value["name"], arguments) if isinstance(arguments, dict) else None
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def parse_calls(text: str, names: Sequence[str]) -> list[tuple[str, Any]] | None:
+    """[(name, arguments), ...] when `text` is nothing but calls of known tools, else None."""
+    body = text.strip()
+    if body.startswith(TOOL_CALL_OPEN):
+        blocks = []
+        while body.startswith(TOOL_CALL_OPEN):
+            end = body.find(TOOL_CALL_CLOSE)
+            if end < 0:
+                return None
+            blocks.append(body[len(TOOL_CALL_OPEN):end])
+            body = body[end + len(TOOL_CALL_CLOSE):].lstrip()
+        values = [_json(b) for b in blocks] if not body else [None]
+    else:
+        value = _json(body)
+        values = value if isinstance(value, list) and value else [value]
+    calls = [_one_call(v, names) for v in values]
+    return calls if all(c is not None for c in calls) else None  # type: ignore[return-value]
 
 
 def may_become_call(text: str) -> bool:
