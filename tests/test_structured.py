@@ -495,6 +495,14 @@ def test_auto_shape_returns_parallel_calls(tok, parallel, n):  # noqa: F811
     assert len({c["id"] for c in calls}) == n
 
 
+@pytest.mark.parametrize("text, could", [("", True), ("  ", True), ("<tool", True), ("<tool_call>{", True),
+                                         ("{", True), ("[", True), ("[ {", True), ("[1", False), ("<b>", False),
+                                         ("It", False), ("- [x]", False)])
+def test_what_may_still_become_a_call(text, could):
+    from bitnet158.serve.tools import may_become_call
+    assert may_become_call(text) is could
+
+
 def test_auto_shape_streams_text_once_it_cannot_be_a_call(tok):  # noqa: F811
     from bitnet158.serve.responses import ToolCallShape
     shape = ToolCallShape(tok, "tiny", logprobs=False, names=["get_weather"], forced=False)

@@ -87,4 +87,7 @@ def may_become_call(text: str) -> bool:
     """Could an answer that starts with `text` still turn out to be a call? (Text is held back
     from a stream while it could.)"""
     start = text.lstrip()
+    if start.startswith("["):  # a list of calls: "[{" ...
+        rest = start[1:].lstrip()
+        return not rest or rest.startswith("{")
     return start.startswith("{") or start.startswith(TOOL_CALL_OPEN) or TOOL_CALL_OPEN.startswith(start)
