@@ -251,6 +251,27 @@ def test_openai_parse_with_a_pydantic_model(client):
         assert Basket.model_validate_json(message.content) == message.parsed
 
 
+def test_forced_rows_beside_other_requests_change_no_answer(client, served_dir):
+    """Constrained and free requests at once (the engine mixes forced rows, plain decode rows and
+    prefill chunks in one forward): each answer equals generate()'s for the same request."""
+    import concurrent.futures
+    model, tk = checkpoint.load(served_dir)
+    fmt = {"type": "json_schema", "json_schema": {"name": "k", "schema": KEYED}}
+    jobs = [(f"{word} ", i % 2 == 0) for i, word in enumerate(["The", "def", "for", "with", "print", "return"])]
+
+    def one(job):
+        prompt, constrained = job
+        extra = {"response_format": fmt} if constrained else {}
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=120, temperature=0,
+                                         extra_body=extra).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(one, jobs))
+    for (prompt, constrained), answer in zip(jobs, answers):
+        grammar = Grammar.json_schema(KEYED) if constrained else None
+        assert answer == generate(model, tk, prompt, 120, GREEDY, grammar=grammar)
+
+
 def test_server_streams_side_by_side_each_match(client):
     import concurrent.futures
 
