@@ -33,6 +33,9 @@ from .stops import StopMatcher
 from .structured import Grammar, GrammarMatcher
 from .tokenizer import Tokenizer
 
+MAX_FORCED_TOKENS = 16  # grammar-forced tokens checked in one forward
+
+
 def check_logits(logits: np.ndarray, position: int) -> None:
     """GenerationError unless next-token logits are all finite. Sampling would fail with a bare
     RuntimeError (multinomial) and greedy argmax would silently pick a NaN's index, so a model
@@ -143,9 +146,14 @@ class SequenceDecoder:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def forced_tokens(self) -> list[int]:
-        """Tokens the request's grammar forces after those sampled so far (none without one)."""
-        return self._grammar.forced() if self._grammar is not None and not self.finished else []
+    def forced_tokens(self, positions_left: int) -> list[int]:
+        """Tokens the request's grammar forces after those sampled so far (none without one), as
+        many as a forward over the next input and them may check: at most MAX_FORCED_TOKENS, and
+        within max_tokens and the `positions_left` in the sequence's cache."""
+        if self._grammar is None or self.finished:
+            return []
+        room = min(self.max_tokens - len(self.tokens), positions_left) - 1
+        return self._grammar.forced()[:max(0, min(room, MAX_FORCED_TOKENS))]
 
     @property
     def next_input(self) -> int:
@@ -329,9 +337,6 @@ class SpeculationStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-MAX_FORCED_TOKENS = 16  # grammar-forced tokens checked in one forward
-
-
 def _next_rows(model, cache: PromptCache, decoder: SequenceDecoder, context: int, drafter: Drafter | None,
                length: DraftLength, stats: SpeculationStats | None
                ) -> tuple[list[tuple[np.ndarray, int | None]], int, bool]:
@@ -341,10 +346,10 @@ def _next_rows(model, cache: PromptCache, decoder: SequenceDecoder, context: int
     first: they need no drafter, and the model's choice among the tokens the grammar allows there
     is sampled as it would be without them)."""
     token = decoder.next_input
-    room = min(decoder.max_tokens - len(decoder.tokens) - 1, context - len(cache.tokens) - 1)
-    forced = decoder.forced_tokens()[:max(0, min(room, MAX_FORCED_TOKENS))]
+    forced = decoder.forced_tokens(context - len(cache.tokens))
     if forced:
         return list(zip(cache.feed_many(model, [token] + forced), forced + [None])), len(forced), True
+    room = min(decoder.max_tokens - len(decoder.tokens), context - len(cache.tokens)) - 1
     k = min(length.choose(), room) if drafter is not None else 0
     draft = drafter.propose(cache.tokens + [token], k)[:k] if k > 0 else []  # k > 0 only with a drafter
     if not draft:

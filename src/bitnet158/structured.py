@@ -165,11 +165,8 @@ class GrammarMatcher:
         self.vocab = vocab
         self._matcher = _guarded(f"the {grammar.kind} grammar is invalid", ConfigError, lambda: llg.LLMatcher(
             _lltokenizer(tokenizer, vocab), grammar._compiled(llg), limits=_limits(llg), log_level=0))
-        self._check(f"the {grammar.kind} grammar is invalid")
-
-    def _check(self, what: str) -> None:
         if self._matcher.is_error():
-            raise ConfigError(f"{what}: {_message(self._matcher.get_error())}")
+            raise ConfigError(f"the {grammar.kind} grammar is invalid: {_message(self._matcher.get_error())}")
 
     def allowed(self) -> np.ndarray:
         """A bool per vocabulary entry: may it come next?"""

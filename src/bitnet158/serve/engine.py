@@ -35,7 +35,7 @@ from typing import Any
 
 from ..config import kv_cache_bytes
 from ..errors import BitNetError, ConfigError
-from ..generate import MAX_FORCED_TOKENS, GenerationRequest, GenerationResponse, SequenceDecoder
+from ..generate import GenerationRequest, GenerationResponse, SequenceDecoder
 from ..runner import runner_for
 from ..memory import available_memory
 from ..tokenizer import Tokenizer
@@ -267,9 +267,8 @@ class Engine:
     def _forced(self, seq: _Sequence) -> list[int]:
         """The tokens seq's grammar forces after its last one, as many as fit (checked in this
         forward beside its next token, as generate() checks them)."""
-        room = min(seq.decoder.max_tokens - len(seq.decoder.tokens) - 1, self.max_len - len(seq.fed) - 1)
         try:
-            return seq.decoder.forced_tokens()[:max(0, min(room, MAX_FORCED_TOKENS))]
+            return seq.decoder.forced_tokens(self.max_len - len(seq.fed))
         except Exception:  # the grammar failed: its next step reports that to the sequence alone
             return []
 

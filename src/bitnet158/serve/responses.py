@@ -109,14 +109,19 @@ class ChatShape(Shape):
     def opening(self) -> list[dict[str, Any]]:
         return [self._chunk({"role": "assistant", "content": ""}, None, None)]
 
-    def add(self, response: GenerationResponse) -> dict[str, Any] | None:
+    def _record(self, response: GenerationResponse) -> list[dict[str, Any]] | None:
+        """Keep the response's text and logprob entry; the new entries (None without logprobs)."""
         self.last = response
         self.text.append(response.text)
-        entries = None
-        if self.logprobs:
-            lp = self._shown_logprob(response)
-            entries = [self._entry(lp)] if lp is not None else []
-            self.entries += entries
+        if not self.logprobs:
+            return None
+        lp = self._shown_logprob(response)
+        entries = [self._entry(lp)] if lp is not None else []
+        self.entries += entries
+        return entries
+
+    def add(self, response: GenerationResponse) -> dict[str, Any] | None:
+        entries = self._record(response)
         if not response.text and not entries and response.finish_reason is None:
             return None  # half a character so far: nothing to show yet
         delta = {"content": response.text} if response.text else {}
@@ -149,14 +154,8 @@ class ToolCallShape(ChatShape):
         first = self.call is None
         if first:
             self.call = new_call(self.named or "", "")
-        self.last = response
-        self.text.append(response.text)
+        entries = self._record(response)
         self.call["function"]["arguments"] += response.text
-        entries = None
-        if self.logprobs:
-            lp = self._shown_logprob(response)
-            entries = [self._entry(lp)] if lp is not None else []
-            self.entries += entries
         if not first and not response.text and not entries and response.finish_reason is None:
             return None
         part: dict[str, Any] = {"index": 0, "function": {"arguments": response.text}}
@@ -174,11 +173,7 @@ class ToolCallShape(ChatShape):
             return self._named(response)
         if not self.holding:
             return super().add(response)
-        self.last = response
-        self.text.append(response.text)
-        if self.logprobs:
-            lp = self._shown_logprob(response)
-            self.entries += [self._entry(lp)] if lp is not None else []
+        self._record(response)
         entries = self.entries if self.logprobs else None  # nothing was sent yet: all of them
         text = "".join(self.text)
         if response.finish_reason is None:
